@@ -1,0 +1,181 @@
+"""Stage II: distillation by matching expert trajectories (eq. 9, 10).
+
+Each iteration samples a watermarked expert e and a start epoch t, runs N SGD
+steps of a student from theta*_t on augmented minibatches of the synthetic
+set (eq. 9, inside `lax.scan`), and updates the synthetic images and the
+learnable step size alpha by differentiating eq. 10 through all N steps:
+
+  L = ||th_{t+N} - th*_{t+M}||^2 / ||th*_t - th*_{t+M}||^2
+      + beta * ||th_{t+N} - th^Idx_{t+M}||^2 / ||th^Idx_t - th^Idx_{t+M}||^2
+
+where Idx is the fine-pruning-enhanced twin of expert e (same initial
+parameters). Parameters are flat vectors (`ravel_pytree`) in the inner loop.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ccdd_jax import CCDDError
+from ccdd_jax import augment
+from ccdd_jax import inner_loop
+from ccdd_jax import watermark
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSet:
+  """A distilled set: normalised images, hard labels, the learned step size."""
+  images: np.ndarray  # float32 [num_classes * ipc, H, W, C]
+  labels: np.ndarray  # int64
+  lr: float
+  from_trigger: np.ndarray  # bool: slot was initialised from a D_W image
+
+
+def normalized_distance(params, start, target) -> jax.Array:
+  """||params - target||^2 / ||start - target||^2 on flat vectors (one term of eq. 10)."""
+  return jnp.sum(jnp.square(params - target)) / jnp.sum(jnp.square(start - target))
+
+
+def init_synthetic(train_images: np.ndarray, train_labels: np.ndarray, num_classes: int,
+                   ipc: int, rng: np.random.Generator, *, patterns: np.ndarray | None = None,
+                   pattern_labels: np.ndarray | None = None,
+                   triggers_per_pattern: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Picks real uint8 images per class; optionally seeds slots with D_W images.
+
+  With `triggers_per_pattern` = k > 0 (an option beyond the paper), k slots
+  of class y_i are filled with training images of other classes stamped
+  with pattern i, so the watermark starts inside the synthetic set. Returns
+  images, labels and a bool mask of the trigger slots.
+  """
+  images, labels, from_trigger = [], [], []
+  wm_count = np.zeros(num_classes, np.int64)
+  if triggers_per_pattern:
+    for label in pattern_labels:
+      wm_count[label] += triggers_per_pattern
+    if wm_count.max() > ipc:
+      raise CCDDError(
+          f"distill.triggers_per_pattern={triggers_per_pattern} needs {wm_count.max()} "
+          f"slots in one class but ipc={ipc}")
+  for c in range(num_classes):
+    pool = np.flatnonzero(train_labels == c)
+    n_real = ipc - wm_count[c]
+    if len(pool) < n_real:
+      raise CCDDError(f"class {c} has {len(pool)} training images, fewer than ipc={ipc}")
+    chosen = rng.choice(pool, size=n_real, replace=False)
+    images.append(train_images[chosen])
+    labels.append(np.full(n_real, c))
+    from_trigger.append(np.zeros(n_real, bool))
+    for i in np.flatnonzero(np.asarray(pattern_labels if triggers_per_pattern else []) == c):
+      carriers = rng.choice(np.flatnonzero(train_labels != c), size=triggers_per_pattern,
+                            replace=False)
+      images.append(watermark.stamp(train_images[carriers], patterns,
+                                    np.full(triggers_per_pattern, i)))
+      labels.append(np.full(triggers_per_pattern, c))
+      from_trigger.append(np.ones(triggers_per_pattern, bool))
+  return (np.concatenate(images), np.concatenate(labels).astype(np.int64),
+          np.concatenate(from_trigger))
+
+
+def make_meta_loss(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
+                   dsa_config: ml_collections.ConfigDict, num_syn: int, unroll: int = 1):
+  """Returns `loss(images, lr, labels, start, target, twin_start, twin_target, rng)` (eq. 10)."""
+  syn_steps = distill_config.syn_steps
+  batch_syn = min(distill_config.batch_syn or num_syn, num_syn)
+  beta = distill_config.beta
+
+  def student_loss(flat_params, step_input, images, labels):
+    idx = step_input["idx"]
+    batch = augment.augment(images[idx], step_input["rng"], dsa_config)
+    return inner_loop.cross_entropy(apply_flat(flat_params, batch), labels[idx])
+
+  def meta_loss(images, lr, labels, start, target, twin_start, twin_target, rng):
+    rng_idx, rng_aug = jax.random.split(rng)
+    idx = jax.vmap(lambda r: jax.random.permutation(r, num_syn)[:batch_syn])(
+        jax.random.split(rng_idx, syn_steps))
+    step_inputs = {"idx": idx, "rng": jax.random.split(rng_aug, syn_steps)}
+    final, _, _ = inner_loop.sgd_scan(  # eq. 9
+        lambda w, s: student_loss(w, s, images, labels), start, step_inputs,
+        jnp.full((syn_steps,), lr), unroll=unroll)
+    loss = normalized_distance(final, start, target)
+    if beta:
+      loss += beta * normalized_distance(final, twin_start, twin_target)
+    return loss
+
+  return meta_loss
+
+
+def make_distill_step(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
+                      dsa_config: ml_collections.ConfigDict, num_syn: int):
+  """Returns a jitted `step(state, trajectories, rng) -> (state, loss)`.
+
+  `trajectories` = (expert [E, T, P], twin [E, T, P]) flat parameters per
+  epoch; `state` = {"images", "lr", "opt_state", "labels"}.
+  """
+  meta_loss = make_meta_loss(distill_config, apply_flat, dsa_config, num_syn)
+  optimizer = make_optimizer(distill_config)
+  expert_epochs = distill_config.expert_epochs
+  max_start = distill_config.max_start_epoch
+
+  def step(state, trajectories, rng):
+    expert, twin = trajectories
+    rng_e, rng_t, rng_loss = jax.random.split(rng, 3)
+    e = jax.random.randint(rng_e, (), 0, expert.shape[0])
+    t = jax.random.randint(rng_t, (), 0, max_start + 1)
+    loss, grads = jax.value_and_grad(meta_loss, argnums=(0, 1))(
+        state["images"], state["lr"], state["labels"], expert[e, t],
+        expert[e, t + expert_epochs], twin[e, t], twin[e, t + expert_epochs], rng_loss)
+    trainable = {"images": state["images"], "lr": state["lr"]}
+    updates, opt_state = optimizer.update({"images": grads[0], "lr": grads[1]},
+                                          state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    # A negative step size would make the student climb the loss.
+    new_state = {"images": trainable["images"], "lr": jnp.maximum(trainable["lr"], 1e-6),
+                 "opt_state": opt_state, "labels": state["labels"]}
+    return new_state, loss
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def make_optimizer(distill_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """SGD with momentum 0.5 on the images (lr_img) and on the step size (lr_lr), as MTT."""
+  return optax.multi_transform(
+      {"images": optax.sgd(distill_config.lr_img, momentum=0.5),
+       "lr": optax.sgd(distill_config.lr_lr, momentum=0.5)},
+      {"images": "images", "lr": "lr"})
+
+
+def distill(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
+            dsa_config: ml_collections.ConfigDict, init_images: np.ndarray,
+            labels: np.ndarray, trajectories: tuple[Any, Any], rng: jax.Array,
+            progress: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, float, list]:
+  """Runs all distillation iterations; returns images, learned lr, loss history."""
+  needed = distill_config.max_start_epoch + distill_config.expert_epochs
+  available = trajectories[0].shape[1] - 1
+  if needed > available:
+    raise CCDDError(
+        f"distill.max_start_epoch + distill.expert_epochs = {needed} exceeds the "
+        f"{available} expert epochs stored")
+  step = make_distill_step(distill_config, apply_flat, dsa_config, init_images.shape[0])
+  optimizer = make_optimizer(distill_config)
+  images = jnp.asarray(init_images, jnp.float32)
+  lr = jnp.asarray(distill_config.lr_teacher, jnp.float32)
+  state = {"images": images, "lr": lr,
+           "opt_state": optimizer.init({"images": images, "lr": lr}),
+           "labels": jnp.asarray(labels, jnp.int32)}
+  trajectories = tuple(jnp.asarray(t) for t in trajectories)
+  losses = []
+  for it, rng_it in enumerate(jax.random.split(rng, distill_config.iterations)):
+    state, loss = step(state, trajectories, rng_it)
+    losses.append(loss)
+    if progress is not None:
+      progress(it, loss)
+  losses = [float(l) for l in jax.device_get(losses)]
+  if not np.all(np.isfinite(losses)):
+    raise CCDDError("distillation diverged (non-finite matching loss): lower distill.lr_img "
+                    "or distill.lr_lr")
+  return np.asarray(state["images"]), float(state["lr"]), losses

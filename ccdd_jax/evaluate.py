@@ -1,0 +1,74 @@
+"""Stage III (part 1): train fresh networks on a set and measure Acc and Acc_W.
+
+The protocol follows the MTT reference: SGD momentum 0.9, weight decay 5e-4,
+the learned step size, lr x 0.1 halfway, DSA, `eval.epochs` epochs; several
+seeds trained in parallel with `jax.vmap`. We report the mean and std of the
+final evaluation over seeds, never the best over evaluation points.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ccdd_jax import augment
+from ccdd_jax import inner_loop
+
+
+def make_set_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, *,
+                     epochs: int, batch_size: int, momentum: float, weight_decay: float):
+  """Returns `train(init_params, images, labels, lr, rng) -> params` for one network."""
+
+  def train(init_params, images, labels, lr, rng):
+    num = labels.shape[0]
+    rng_batches, rng_aug = jax.random.split(rng)
+    batches = jax.vmap(lambda r: inner_loop.epoch_batches(r, num, batch_size))(
+        jax.random.split(rng_batches, epochs))
+    steps_per_epoch = batches.shape[1]
+    batches = batches.reshape(epochs * steps_per_epoch, -1)
+    total = batches.shape[0]
+    # lr x 0.1 at the halfway epoch, as MTT's evaluation.
+    half = (epochs // 2) * steps_per_epoch
+    lrs = jnp.where(jnp.arange(total) < half, lr, lr * 0.1).astype(jnp.float32)
+
+    def loss_fn(params, step_input):
+      idx, rng_step = step_input
+      x = augment.augment(images[idx], rng_step, dsa_config)
+      return inner_loop.cross_entropy(apply_fn(params, x), labels[idx])
+
+    params, _, _ = inner_loop.sgd_scan(
+        loss_fn, init_params, (batches, jax.random.split(rng_aug, total)), lrs,
+        momentum=momentum, weight_decay=weight_decay)
+    return params
+
+  return train
+
+
+def train_networks(apply_fn: Callable, dsa_config: ml_collections.ConfigDict,
+                   init_params: Any, images: np.ndarray, labels: np.ndarray, lr: float,
+                   rng: jax.Array, *, epochs: int, batch_size: int, momentum: float = 0.9,
+                   weight_decay: float = 5e-4) -> Any:
+  """Trains one network per leading entry of `init_params` (vmapped seeds)."""
+  train = make_set_trainer(apply_fn, dsa_config, epochs=epochs, batch_size=batch_size,
+                           momentum=momentum, weight_decay=weight_decay)
+  num_seeds = jax.tree_util.tree_leaves(init_params)[0].shape[0]
+  run = jax.jit(jax.vmap(train, in_axes=(0, None, None, None, 0)))
+  return run(init_params, jnp.asarray(images), jnp.asarray(labels, jnp.int32),
+             jnp.float32(lr), jax.random.split(rng, num_seeds))
+
+
+def stacked_predictions(apply_fn: Callable, stacked_params: Any, images: np.ndarray,
+                        batch_size: int = 2048) -> np.ndarray:
+  """Predictions [seeds, N] of every network in a stacked pytree."""
+  predict = jax.jit(jax.vmap(lambda p, x: jnp.argmax(apply_fn(p, x), -1), in_axes=(0, None)))
+  outs = [predict(stacked_params, jnp.asarray(images[s:s + batch_size]))
+          for s in range(0, images.shape[0], batch_size)]
+  return np.concatenate([np.asarray(o) for o in outs], axis=1)
+
+
+def summarize(values) -> dict:
+  """{"mean", "std", "runs"} of per-seed figures (std with ddof=0, in percent units kept)."""
+  values = [float(v) for v in values]
+  return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}

@@ -1,0 +1,123 @@
+"""Stage I: expert trajectories (clean, watermarked, fine-pruning-enhanced).
+
+All three kinds share one trainer (SGD, DSA, one snapshot per epoch, as the
+MTT reference trains its experts) and differ only in their loss:
+
+  clean:        CE on D_C
+  watermarked:  CE on D_C + l1 * CE on D_W + l2 * ||theta - theta0||^2     (eq. 6)
+  fp_enhanced:  eq. 6 + l3 * CE on D_W of the fine-pruned model             (eq. 7, 8)
+
+Expert i of every kind starts from the same initial parameters, and theta0 of
+watermarked / fp-enhanced expert i is the final state of clean expert i, so
+the fine-pruning-enhanced twin used by eq. 10 compares like with like.
+Experts are trained in parallel with `jax.vmap`.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ccdd_jax import attacks
+from ccdd_jax import augment
+from ccdd_jax import inner_loop
+
+KINDS = ("clean", "watermarked", "fp_enhanced")
+
+
+def squared_distance(a, b) -> jax.Array:
+  """||a - b||^2 over all leaves of two pytrees (eq. 4)."""
+  leaves = jax.tree_util.tree_map(lambda x, y: jnp.sum(jnp.square(x - y)), a, b)
+  return sum(jax.tree_util.tree_leaves(leaves))
+
+
+def expert_loss_fn(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
+                   dsa_config: ml_collections.ConfigDict):
+  """Loss of one expert step for `kind`; the three kinds differ only here."""
+  lambda1 = expert_config.lambda1
+  lambda2 = expert_config.lambda2
+  lambda3 = expert_config.lambda3
+
+  def loss_fn(params, batch):
+    rng_clean, rng_wm = jax.random.split(batch["rng"])
+    images = augment.augment(batch["images"], rng_clean, dsa_config)
+    loss = inner_loop.cross_entropy(apply_fn(params, images), batch["labels"])
+    if kind == "clean":
+      return loss
+    wm_images = augment.augment(batch["wm_images"], rng_wm, dsa_config)
+    loss += lambda1 * inner_loop.cross_entropy(apply_fn(params, wm_images), batch["wm_labels"])
+    if lambda2:
+      loss += lambda2 * squared_distance(params, batch["anchor"])
+    if kind == "fp_enhanced" and lambda3:
+      pruned_logits = apply_fn(params, wm_images, channel_mask=batch["channel_mask"])
+      loss += lambda3 * inner_loop.cross_entropy(pruned_logits, batch["wm_labels"])
+    return loss
+
+  return loss_fn
+
+
+def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
+                 dsa_config: ml_collections.ConfigDict, unroll: int = 1):
+  """Returns `train(init_params, anchor, rng, data) -> params per epoch` for one expert.
+
+  `data` holds normalised `train_images`, `train_labels`, `wm_images`,
+  `wm_labels` and `prune_images` (clean images that rank channels for the
+  fine-pruned model). The result has a leading axis of epochs + 1 (epoch 0 =
+  the initial parameters).
+  """
+  if kind not in KINDS:
+    raise ValueError(f"unknown expert kind {kind!r}")
+  loss_fn = expert_loss_fn(kind, expert_config, apply_fn, dsa_config)
+
+  def train(init_params, anchor, rng, data):
+    num_train = data["train_labels"].shape[0]
+    num_wm = data["wm_labels"].shape[0]
+
+    def epoch(params, rng_epoch):
+      rng_perm, rng_wm, rng_aug = jax.random.split(rng_epoch, 3)
+      batches = inner_loop.epoch_batches(rng_perm, num_train, expert_config.batch_size)
+      steps = batches.shape[0]
+      step_inputs = {
+          "images": data["train_images"][batches],
+          "labels": data["train_labels"][batches],
+          "rng": jax.random.split(rng_aug, steps),
+      }
+      if kind != "clean":
+        wm_idx = jax.random.randint(rng_wm, (steps, expert_config.wm_batch_size), 0, num_wm)
+        step_inputs["wm_images"] = data["wm_images"][wm_idx]
+        step_inputs["wm_labels"] = data["wm_labels"][wm_idx]
+      # Constant per epoch; broadcast so the step function sees them per step.
+      constants = {"anchor": anchor}
+      if kind == "fp_enhanced":
+        activations = attacks.channel_activations(apply_fn, params, data["prune_images"])
+        constants["channel_mask"] = attacks.prune_mask(activations, expert_config.prune_ratio)
+
+      def step_loss(p, step_input):
+        return loss_fn(p, {**step_input, **constants})
+
+      lrs = jnp.full((steps,), expert_config.lr, jnp.float32)
+      params, _, _ = inner_loop.sgd_scan(step_loss, params, step_inputs, lrs,
+                                         momentum=expert_config.momentum, unroll=unroll)
+      return params, params
+
+    _, trajectory = jax.lax.scan(epoch, init_params,
+                                 jax.random.split(rng, expert_config.epochs))
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]),
+                                  init_params, trajectory)
+
+  return train
+
+
+def train_experts(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
+                  dsa_config: ml_collections.ConfigDict, init_params: Any, anchors: Any,
+                  rng: jax.Array, data: dict) -> Any:
+  """Trains stacked experts in parallel; returns params [experts, epochs + 1, ...].
+
+  `init_params` and `anchors` have a leading experts axis (anchors may be
+  the init params for clean experts, where they are unused).
+  """
+  train = make_trainer(kind, expert_config, apply_fn, dsa_config)
+  num_experts = jax.tree_util.tree_leaves(init_params)[0].shape[0]
+  rngs = jax.random.split(rng, num_experts)
+  return jax.jit(jax.vmap(train, in_axes=(0, 0, 0, None)))(init_params, anchors, rngs, data)

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny configs so jit compilation on 2 CPU cores stays cheap."""
+
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "configs"))
+
+
+def tiny_config():
+  """The digits config scaled down to seconds."""
+  import digits  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.model.width = 8
+  config.experts.num_experts = 2
+  config.experts.epochs = 3
+  config.distill.iterations = 4
+  config.distill.syn_steps = 3
+  config.distill.max_start_epoch = 1
+  config.distill.ipc = 2
+  config.eval.num_seeds = 2
+  config.eval.epochs = 4
+  config.eval.real_epochs = 2
+  config.eval.real_lr = 0.1
+  config.watermark.queries_per_pattern = 10
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """One whole tiny pipeline run, shared by the tests that inspect its outputs."""
+  from ccdd_jax import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  config = tiny_config()
+  report = pipeline.run(config, str(workdir), "all")
+  return workdir, config, report

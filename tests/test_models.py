@@ -1,0 +1,50 @@
+"""ConvNet: shapes, and the two convolution implementations agree."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccdd_jax import CCDDError
+from ccdd_jax import models
+
+
+@pytest.mark.parametrize("shape,depth", [((8, 8, 1), 2), ((32, 32, 3), 3)])
+def test_convnet_shapes_and_im2col_matches_lax(shape, depth):
+  x = jax.random.normal(jax.random.PRNGKey(1), (4,) + shape)
+  lax_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl="lax")
+  col_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl="im2col")
+  params = models.init_params(lax_net, shape, jax.random.PRNGKey(0))
+  out_lax = lax_net.apply({"params": params}, x)
+  out_col = col_net.apply({"params": params}, x)
+  chex.assert_shape(out_lax, (4, 10))
+  np.testing.assert_allclose(out_lax, out_col, rtol=1e-4, atol=1e-4)
+  # One gradient agrees too.
+  loss = lambda net: lambda p: jnp.sum(net.apply({"params": p}, x) ** 2)
+  chex.assert_trees_all_close(jax.grad(loss(lax_net))(params),
+                              jax.grad(loss(col_net))(params), rtol=2e-3, atol=2e-4)
+
+
+def test_instance_norm_normalises_each_channel_per_sample():
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 4))
+  norm = models.InstanceNorm()
+  y = norm.apply(norm.init(jax.random.PRNGKey(0), x), x)
+  np.testing.assert_allclose(y.mean(axis=(1, 2)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(y.std(axis=(1, 2)), 1.0, atol=1e-3)
+
+
+def test_channel_mask_and_features():
+  net = models.ConvNet(num_classes=3, width=4, depth=2)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+  params = models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0))
+  mask = jnp.array([1.0, 0.0, 1.0, 0.0])
+  _, feats = net.apply({"params": params}, x, channel_mask=mask, return_features=True)
+  chex.assert_shape(feats, (2, 4, 4, 4))
+  assert float(jnp.abs(feats[..., 1]).max()) == 0.0
+  assert float(jnp.abs(feats[..., 0]).max()) > 0.0
+
+
+def test_unknown_model_names_are_user_errors():
+  with pytest.raises(CCDDError, match="conv_impl"):
+    models.resolve_conv_impl("winograd")

@@ -1,0 +1,126 @@
+"""The whole method end to end on a tiny digits config, and the CLI's errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ccdd_jax import CCDDError
+from ccdd_jax import pipeline
+from ccdd_jax import watermark
+import conftest
+
+REPO = conftest.REPO
+
+
+def test_outputs_and_report(tiny_run):
+  workdir, config, report = tiny_run
+  for name in ("distilled.npz", "clean_distilled.npz", "distilled.png", "report.json",
+               "report.md", "owner.key"):
+    assert (workdir / name).is_file(), name
+  with np.load(workdir / "distilled.npz") as f:
+    assert f["images"].shape == (10 * config.distill.ipc, 8, 8, 1)
+    assert sorted(set(f["labels"].tolist())) == list(range(10))
+    assert float(f["lr"]) > 0
+    assert f["mean"].shape == f["std"].shape == (1,) and float(f["std"][0]) > 0
+  on_disk = json.loads((workdir / "report.json").read_text())
+  for name in pipeline.SETS:
+    entry = on_disk[name]
+    for metric in ("acc", "acc_w"):
+      assert set(entry[metric]) == {"mean", "std", "runs"}
+      assert len(entry[metric]["runs"]) == config.eval.num_seeds
+      assert 0.0 <= entry[metric]["mean"] <= 1.0
+    assert len(entry["p_values"]) == config.eval.num_seeds
+    assert all(0.0 <= p <= 1.0 for p in entry["p_values"])
+    assert len(entry["verified"]) == config.eval.num_seeds
+  # Trained on real data, the networks beat chance.
+  assert on_disk["real"]["acc"]["mean"] > 0.3
+  for key in ("alpha", "n_patterns", "num_classes", "wall_seconds", "config"):
+    assert key in on_disk
+  assert set(pipeline.STAGES) <= set(on_disk["wall_seconds"])
+  assert "| distilled |" in (workdir / "report.md").read_text()
+  # Orbax trajectories of every kind and the paired initialisation.
+  for kind in ("clean", "watermarked", "fp_enhanced"):
+    assert (workdir / "trajectories" / kind / "0001" / "meta.json").is_file()
+
+
+def test_key_file_is_private_and_key_appears_nowhere_else(tiny_run):
+  workdir, _, _ = tiny_run
+  key_path = workdir / "owner.key"
+  assert key_path.stat().st_mode & 0o777 == 0o600
+  key = watermark.read_key_file(key_path)
+  needles = [key, key.hex().encode(), key.hex().upper().encode()]
+  for path in workdir.rglob("*"):
+    if path.is_file() and path != key_path:
+      content = path.read_bytes()
+      assert not any(n in content for n in needles), path
+
+
+def test_networks_that_never_saw_a_key_are_not_verified(tiny_run):
+  """Zero claims at alpha = 1e-6 over 60 random keys, for every evaluated network."""
+  workdir, config, _ = tiny_run
+  ctx = pipeline.Context(config, workdir, workdir / "owner.key")
+  claims, trials = 0, 0
+  for name in pipeline.SETS:
+    params = pipeline.restore_models(workdir / "models" / name, ctx, config.eval.num_seeds)
+    one = jax.tree_util.tree_map(lambda x: x[0], params)
+    predict = lambda u8: np.asarray(
+        ctx.apply(one, ctx.normalize(u8)).argmax(-1)).astype(np.int64)
+    for trial in range(20):
+      result = watermark.verify(
+          predict, watermark.generate_key(), ctx.dataset.test_images,
+          ctx.dataset.test_labels, n_patterns=10, patch_size=4, num_classes=10, m=30,
+          alpha=1e-6, rng=np.random.default_rng(trial))
+      claims += result["verified"]
+      trials += 1
+  assert trials == 60 and claims == 0
+
+
+def test_stage_before_its_inputs_is_a_user_error(tmp_path):
+  config = conftest.tiny_config()
+  with pytest.raises(CCDDError, match="no key file"):
+    pipeline.run(config, str(tmp_path), "experts")
+  pipeline.run(config, str(tmp_path), "keygen")
+  with pytest.raises(CCDDError, match="run --stage=experts first"):
+    pipeline.run(config, str(tmp_path), "distill")
+  with pytest.raises(CCDDError, match="run --stage=distill first"):
+    pipeline.run(config, str(tmp_path), "evaluate")
+  with pytest.raises(CCDDError, match="run --stage=evaluate first"):
+    pipeline.run(config, str(tmp_path), "verify")
+
+
+def run_main(*args):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, "-m", "ccdd_jax.main", *args], capture_output=True,
+                        text=True, env=env, cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stage=verify", "--key_file=/nonexistent/owner.key"], "no key file at /nonexistent"),
+    (["--config=configs/nope.py"], "nope.py"),
+    (["--stage=distill"], "no key file"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+  result = run_main(f"--workdir={tmp_path / 'w'}", *args)
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+
+
+def test_cli_unwritable_workdir(tmp_path):
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o500)
+  if os.access(locked, os.W_OK):  # Root ignores permission bits.
+    target = "/proc/ccdd_not_writable"
+  else:
+    target = str(locked / "w")
+  result = run_main(f"--workdir={target}", "--stage=keygen")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "workdir" in result.stderr
