@@ -419,7 +419,7 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
 
 
 def augment(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None,
-            strategy: Optional[str] = None) -> Array:
+            strategy: Optional[str] = None, family_rng: Optional[PRNGKey] = None) -> Array:
   """Applies one randomly chosen DSA family of `strategy` (default params.strategy).
 
   Siamese: the same `rng` on batches of the same shape applies exactly the same
@@ -427,6 +427,8 @@ def augment(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None,
   synthetic batch identically. The family is chosen with `lax.switch`, so the
   function traces once and works under jit, vmap, scan and (nested) grad;
   under vmap over keys the switch becomes a select that evaluates every family.
+  Pass a `family_rng` that is not vmapped (shared by all vmapped members) to
+  keep a real switch there: it then picks the family, `rng` the parameters.
   """
   params = as_params(params)
   names = parse_strategy(params.strategy if strategy is None else strategy)
@@ -434,15 +436,16 @@ def augment(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None,
   _check_images(images)
   if not names:
     return images
-  return _augment_with_families(images, rng, params=params, names=names)
+  if family_rng is None:
+    family_rng, rng = jax.random.split(rng)
+  return _augment_with_families(images, rng, family_rng, params=params, names=names)
 
 
 # Jitted so that eager calls reuse one compiled switch instead of re-tracing the
 # branches every call; inside an outer trace it is simply inlined.
 @functools.partial(jax.jit, static_argnames=("params", "names"))
-def _augment_with_families(images: Array, rng: PRNGKey, params: DSAConfig,
-                           names: tuple[str, ...]) -> Array:
-  family_rng, op_rng = jax.random.split(rng)
+def _augment_with_families(images: Array, op_rng: PRNGKey, family_rng: PRNGKey,
+                           params: DSAConfig, names: tuple[str, ...]) -> Array:
   branches = [functools.partial(FAMILIES[name], params=params) for name in names]
   if len(branches) == 1:
     return branches[0](images, op_rng)

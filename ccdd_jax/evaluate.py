@@ -19,9 +19,12 @@ from ccdd_jax import inner_loop
 
 def make_set_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, *,
                      epochs: int, batch_size: int, momentum: float, weight_decay: float):
-  """Returns `train(init_params, images, labels, lr, rng) -> params` for one network."""
+  """Returns `train(init_params, images, labels, lr, rng, family_rng) -> params`.
 
-  def train(init_params, images, labels, lr, rng):
+  `family_rng` picks the DSA family per step; it is shared by vmapped seeds.
+  """
+
+  def train(init_params, images, labels, lr, rng, family_rng):
     num = labels.shape[0]
     rng_batches, rng_aug = jax.random.split(rng)
     batches = jax.vmap(lambda r: inner_loop.epoch_batches(r, num, batch_size))(
@@ -34,12 +37,13 @@ def make_set_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, 
     lrs = jnp.where(jnp.arange(total) < half, lr, lr * 0.1).astype(jnp.float32)
 
     def loss_fn(params, step_input):
-      idx, rng_step = step_input
-      x = augment.augment(images[idx], rng_step, dsa_config)
+      idx, rng_step, family_step = step_input
+      x = augment.augment(images[idx], rng_step, dsa_config, family_rng=family_step)
       return inner_loop.cross_entropy(apply_fn(params, x), labels[idx])
 
     params, _, _ = inner_loop.sgd_scan(
-        loss_fn, init_params, (batches, jax.random.split(rng_aug, total)), lrs,
+        loss_fn, init_params,
+        (batches, jax.random.split(rng_aug, total), jax.random.split(family_rng, total)), lrs,
         momentum=momentum, weight_decay=weight_decay)
     return params
 
@@ -54,9 +58,10 @@ def train_networks(apply_fn: Callable, dsa_config: ml_collections.ConfigDict,
   train = make_set_trainer(apply_fn, dsa_config, epochs=epochs, batch_size=batch_size,
                            momentum=momentum, weight_decay=weight_decay)
   num_seeds = jax.tree_util.tree_leaves(init_params)[0].shape[0]
-  run = jax.jit(jax.vmap(train, in_axes=(0, None, None, None, 0)))
+  run = jax.jit(jax.vmap(train, in_axes=(0, None, None, None, 0, None)))
+  rng, family_rng = jax.random.split(rng)
   return run(init_params, jnp.asarray(images), jnp.asarray(labels, jnp.int32),
-             jnp.float32(lr), jax.random.split(rng, num_seeds))
+             jnp.float32(lr), jax.random.split(rng, num_seeds), family_rng)
 
 
 def stacked_predictions(apply_fn: Callable, stacked_params: Any, images: np.ndarray,

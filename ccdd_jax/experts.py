@@ -41,11 +41,12 @@ def expert_loss_fn(kind: str, expert_config: ml_collections.ConfigDict, apply_fn
 
   def loss_fn(params, batch):
     rng_clean, rng_wm = jax.random.split(batch["rng"])
-    images = augment.augment(batch["images"], rng_clean, dsa_config)
+    family_clean, family_wm = jax.random.split(batch["family_rng"])
+    images = augment.augment(batch["images"], rng_clean, dsa_config, family_rng=family_clean)
     loss = inner_loop.cross_entropy(apply_fn(params, images), batch["labels"])
     if kind == "clean":
       return loss
-    wm_images = augment.augment(batch["wm_images"], rng_wm, dsa_config)
+    wm_images = augment.augment(batch["wm_images"], rng_wm, dsa_config, family_rng=family_wm)
     loss += lambda1 * inner_loop.cross_entropy(apply_fn(params, wm_images), batch["wm_labels"])
     if lambda2:
       loss += lambda2 * squared_distance(params, batch["anchor"])
@@ -59,7 +60,10 @@ def expert_loss_fn(kind: str, expert_config: ml_collections.ConfigDict, apply_fn
 
 def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
                  dsa_config: ml_collections.ConfigDict, unroll: int = 1):
-  """Returns `train(init_params, anchor, rng, data) -> params per epoch` for one expert.
+  """Returns `train(init_params, anchor, rng, family_rng, data) -> params per epoch`.
+
+  `family_rng` picks the DSA family of each step; share it across vmapped
+  experts so that only the chosen family is computed (see augment.augment).
 
   `data` holds normalised `train_images`, `train_labels`, `wm_images`,
   `wm_labels` and `prune_images` (clean images that rank channels for the
@@ -70,11 +74,12 @@ def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
     raise ValueError(f"unknown expert kind {kind!r}")
   loss_fn = expert_loss_fn(kind, expert_config, apply_fn, dsa_config)
 
-  def train(init_params, anchor, rng, data):
+  def train(init_params, anchor, rng, family_rng, data):
     num_train = data["train_labels"].shape[0]
     num_wm = data["wm_labels"].shape[0]
 
-    def epoch(params, rng_epoch):
+    def epoch(params, rngs):
+      rng_epoch, family_epoch = rngs
       rng_perm, rng_wm, rng_aug = jax.random.split(rng_epoch, 3)
       batches = inner_loop.epoch_batches(rng_perm, num_train, expert_config.batch_size)
       steps = batches.shape[0]
@@ -82,6 +87,7 @@ def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
           "images": data["train_images"][batches],
           "labels": data["train_labels"][batches],
           "rng": jax.random.split(rng_aug, steps),
+          "family_rng": jax.random.split(family_epoch, steps),
       }
       if kind != "clean":
         wm_idx = jax.random.randint(rng_wm, (steps, expert_config.wm_batch_size), 0, num_wm)
@@ -102,7 +108,8 @@ def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
       return params, params
 
     _, trajectory = jax.lax.scan(epoch, init_params,
-                                 jax.random.split(rng, expert_config.epochs))
+                                 (jax.random.split(rng, expert_config.epochs),
+                                  jax.random.split(family_rng, expert_config.epochs)))
     return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]),
                                   init_params, trajectory)
 
@@ -119,5 +126,7 @@ def train_experts(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
   """
   train = make_trainer(kind, expert_config, apply_fn, dsa_config)
   num_experts = jax.tree_util.tree_leaves(init_params)[0].shape[0]
+  rng, family_rng = jax.random.split(rng)
   rngs = jax.random.split(rng, num_experts)
-  return jax.jit(jax.vmap(train, in_axes=(0, 0, 0, None)))(init_params, anchors, rngs, data)
+  return jax.jit(jax.vmap(train, in_axes=(0, 0, 0, None, None)))(
+      init_params, anchors, rngs, family_rng, data)
