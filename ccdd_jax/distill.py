@@ -82,8 +82,12 @@ def init_synthetic(train_images: np.ndarray, train_labels: np.ndarray, num_class
 
 
 def make_meta_loss(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
-                   dsa_config: ml_collections.ConfigDict, num_syn: int, unroll: int = 1):
-  """Returns `loss(images, lr, labels, start, target, twin_start, twin_target, rng)` (eq. 10)."""
+                   dsa_config: ml_collections.ConfigDict, num_syn: int, unroll: int = 1,
+                   with_terms: bool = False):
+  """Returns `loss(images, lr, labels, start, target, twin_start, twin_target, rng)` (eq. 10).
+
+  With `with_terms` it returns (loss, (expert term, twin term)).
+  """
   syn_steps = distill_config.syn_steps
   batch_syn = min(distill_config.batch_syn or num_syn, num_syn)
   beta = distill_config.beta
@@ -101,22 +105,23 @@ def make_meta_loss(distill_config: ml_collections.ConfigDict, apply_flat: Callab
     final, _, _ = inner_loop.sgd_scan(  # eq. 9
         lambda w, s: student_loss(w, s, images, labels), start, step_inputs,
         jnp.full((syn_steps,), lr), unroll=unroll)
-    loss = normalized_distance(final, start, target)
-    if beta:
-      loss += beta * normalized_distance(final, twin_start, twin_target)
-    return loss
+    expert_term = normalized_distance(final, start, target)
+    twin_term = (normalized_distance(final, twin_start, twin_target) if beta
+                 else jnp.zeros_like(expert_term))
+    loss = expert_term + beta * twin_term
+    return (loss, (expert_term, twin_term)) if with_terms else loss
 
   return meta_loss
 
 
 def make_distill_step(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
                       dsa_config: ml_collections.ConfigDict, num_syn: int):
-  """Returns a jitted `step(state, trajectories, rng) -> (state, loss)`.
+  """Returns a jitted `step(state, trajectories, rng) -> (state, [loss, expert, twin])`.
 
   `trajectories` = (expert [E, T, P], twin [E, T, P]) flat parameters per
   epoch; `state` = {"images", "lr", "opt_state", "labels"}.
   """
-  meta_loss = make_meta_loss(distill_config, apply_flat, dsa_config, num_syn)
+  meta_loss = make_meta_loss(distill_config, apply_flat, dsa_config, num_syn, with_terms=True)
   optimizer = make_optimizer(distill_config)
   expert_epochs = distill_config.expert_epochs
   max_start = distill_config.max_start_epoch
@@ -126,7 +131,7 @@ def make_distill_step(distill_config: ml_collections.ConfigDict, apply_flat: Cal
     rng_e, rng_t, rng_loss = jax.random.split(rng, 3)
     e = jax.random.randint(rng_e, (), 0, expert.shape[0])
     t = jax.random.randint(rng_t, (), 0, max_start + 1)
-    loss, grads = jax.value_and_grad(meta_loss, argnums=(0, 1))(
+    (loss, terms), grads = jax.value_and_grad(meta_loss, argnums=(0, 1), has_aux=True)(
         state["images"], state["lr"], state["labels"], expert[e, t],
         expert[e, t + expert_epochs], twin[e, t], twin[e, t + expert_epochs], rng_loss)
     trainable = {"images": state["images"], "lr": state["lr"]}
@@ -136,7 +141,7 @@ def make_distill_step(distill_config: ml_collections.ConfigDict, apply_flat: Cal
     # A negative step size would make the student climb the loss.
     new_state = {"images": trainable["images"], "lr": jnp.maximum(trainable["lr"], 1e-6),
                  "opt_state": opt_state, "labels": state["labels"]}
-    return new_state, loss
+    return new_state, jnp.stack([loss, *terms])
 
   return jax.jit(step, donate_argnums=(0,))
 
@@ -152,8 +157,12 @@ def make_optimizer(distill_config: ml_collections.ConfigDict) -> optax.GradientT
 def distill(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
             dsa_config: ml_collections.ConfigDict, init_images: np.ndarray,
             labels: np.ndarray, trajectories: tuple[Any, Any], rng: jax.Array,
-            progress: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, float, list]:
-  """Runs all distillation iterations; returns images, learned lr, loss history."""
+            progress: Callable[[int, float], None] | None = None
+           ) -> tuple[np.ndarray, float, np.ndarray]:
+  """Runs all distillation iterations; returns images, learned lr, history [it, 3].
+
+  The history holds eq. 10's total and its two terms (expert, twin) per iteration.
+  """
   needed = distill_config.max_start_epoch + distill_config.expert_epochs
   available = trajectories[0].shape[1] - 1
   if needed > available:
@@ -173,8 +182,8 @@ def distill(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
     state, loss = step(state, trajectories, rng_it)
     losses.append(loss)
     if progress is not None:
-      progress(it, loss)
-  losses = [float(l) for l in jax.device_get(losses)]
+      progress(it, loss[0])
+  losses = np.asarray(jax.device_get(losses), np.float64)
   if not np.all(np.isfinite(losses)):
     raise CCDDError("distillation diverged (non-finite matching loss): lower distill.lr_img "
                     "or distill.lr_lr")

@@ -198,11 +198,14 @@ def stage_distill(ctx: Context) -> dict:
              mean=ds.mean, std=ds.std, from_trigger=from_trigger, losses=np.asarray(losses))
     save_grid(ctx.workdir / f"{name}.png", images, labels, ds, from_trigger,
               title=f"{name} ({ds.name}, IPC {dcfg.ipc})")
-    summary[name] = {"lr": lr, "loss_first": float(np.mean(losses[:10])),
-                     "loss_last": float(np.mean(losses[-10:])),
+    first, last = losses[:20].mean(axis=0), losses[-20:].mean(axis=0)
+    summary[name] = {"lr": lr, "loss_first": float(first[0]), "loss_last": float(last[0]),
+                     "expert_term_first": float(first[1]), "expert_term_last": float(last[1]),
+                     "twin_term_first": float(first[2]), "twin_term_last": float(last[2]),
                      "seconds": time.time() - start}
-    log(f"[distill] {name}: matching loss {summary[name]['loss_first']:.3f} -> "
-        f"{summary[name]['loss_last']:.3f}, learned lr {lr:.4g} ({time.time() - start:.0f} s)")
+    log(f"[distill] {name}: eq. 10 loss {first[0]:.3f} -> {last[0]:.3f} (expert term "
+        f"{first[1]:.3f} -> {last[1]:.3f}, twin term {first[2]:.3f} -> {last[2]:.3f}), "
+        f"learned lr {lr:.4g} ({time.time() - start:.0f} s)")
   write_json(ctx.workdir / "distill.json", summary)
   return summary
 
@@ -227,14 +230,16 @@ def stage_evaluate(ctx: Context) -> dict:
     start = time.time()
     if name == "real":
       images, labels, lr, epochs = ctx.train_x, ds.train_labels, ecfg.real_lr, ecfg.real_epochs
+      batch_size = ecfg.real_batch_size
     else:
       s = sets[name]
       images, labels, lr, epochs = s["images"], s["labels"], float(s["lr"]), ecfg.epochs
+      batch_size = ecfg.batch_size
     log(f"[evaluate] {name}: {ecfg.num_seeds} networks x {epochs} epochs on "
         f"{len(labels)} images (lr {lr:.4g}) ...")
     params = evaluate_lib.train_networks(
         ctx.apply, cfg.dsa, init, images, labels, lr, jax.random.fold_in(ctx.rng, 4),
-        epochs=epochs, batch_size=ecfg.batch_size, momentum=ecfg.momentum,
+        epochs=epochs, batch_size=batch_size, momentum=ecfg.momentum,
         weight_decay=ecfg.weight_decay)
     params = jax.device_get(params)
     save_models(ctx.workdir / "models" / name, params)

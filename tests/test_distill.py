@@ -127,7 +127,9 @@ def test_distill_reduces_matching_loss_and_checks_epochs():
   noisy = images + 0.5 * jax.random.normal(jax.random.PRNGKey(9), images.shape)
   out, lr, losses = distill.distill(cfg, apply_flat, NO_AUG, np.asarray(noisy),
                                     np.asarray(labels), (expert, expert), jax.random.PRNGKey(0))
-  assert np.mean(losses[-5:]) < np.mean(losses[:5])
+  chex.assert_shape(losses, (30, 3))
+  assert np.mean(losses[-5:, 0]) < np.mean(losses[:5, 0])
+  np.testing.assert_allclose(losses[:, 0], losses[:, 1])  # beta = 0: no twin term.
   chex.assert_shape(out, images.shape)
   with pytest.raises(CCDDError, match="exceeds"):
     distill.distill(distill_config(max_start_epoch=1), apply_flat, NO_AUG, np.asarray(images),

@@ -1,0 +1,134 @@
+r"""Sweeps the watermark's weight (lambda1 of eq. 6, beta of eq. 10) and tabulates
+Acc against Acc_W, as a markdown table and a plot.
+
+  python launch/tradeoff.py --config configs/digits.py --root runs/tradeoff \
+      --lambda1 0,0.25,0.5,1,2,4 --beta 0,0.25,0.5,1,2 [--set distill.iterations=200]
+
+Every run uses one key (<root>/owner.key). The lambda1 sweep trains experts
+for each value (everything else from the config); the beta sweep reuses the
+experts of the config's own lambda1 (trained once under <root>/experts_base)
+and reruns distillation, evaluation and verification for each beta.
+Writes <root>/tradeoff.md, <root>/tradeoff.json and <root>/tradeoff.png.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+
+from ccdd_jax import pipeline
+
+
+def load_config(path: str, overrides: list[str]):
+  """get_config() of a config file, with key=value overrides (values parsed as JSON)."""
+  spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    key, value = item.split("=", 1)
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(json.loads(value))
+  return config
+
+
+def row(name: str, value: float, report: dict) -> dict:
+  """One table row from a run's report."""
+  d = report["distilled"]
+  return {"sweep": name, "value": value, "acc": d["acc"], "acc_w": d["acc_w"],
+          "verified": sum(d["verified"]), "seeds": len(d["verified"]),
+          "median_p": float(np.median(d["p_values"])),
+          "expert_acc": report["experts"].get("watermarked", {}).get("acc", {}).get("mean"),
+          "expert_acc_w": report["experts"].get("watermarked", {}).get("acc_w", {}).get("mean"),
+          "clean_acc": report["clean_distilled"]["acc"]["mean"]}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/digits.py")
+  parser.add_argument("--root", required=True)
+  parser.add_argument("--lambda1", default="0,0.25,0.5,1,2,4")
+  parser.add_argument("--beta", default="0,0.25,0.5,1,2")
+  parser.add_argument("--set", action="append", default=[],
+                      help="config override key=value, e.g. distill.iterations=200")
+  args = parser.parse_args()
+  root = pathlib.Path(args.root)
+  root.mkdir(parents=True, exist_ok=True)
+  key_file = str(root / "owner.key")
+  rows = []
+
+  for value in [float(v) for v in args.lambda1.split(",") if v]:
+    config = load_config(args.config, args.set)
+    config.experts.lambda1 = value
+    workdir = root / f"lambda1_{value:g}"
+    print(f"== lambda1 = {value:g} -> {workdir}", file=sys.stderr, flush=True)
+    rows.append(row("lambda1", value, pipeline.run(config, str(workdir), "all", key_file)))
+    write_outputs(root, rows)
+
+  config = load_config(args.config, args.set)
+  base = root / "experts_base"
+  if not (base / "experts.json").is_file():
+    pipeline.run(config, str(base), "keygen", key_file)
+    pipeline.run(config, str(base), "experts", key_file)
+  for value in [float(v) for v in args.beta.split(",") if v]:
+    config = load_config(args.config, args.set)
+    config.distill.beta = value
+    workdir = root / f"beta_{value:g}"
+    print(f"== beta = {value:g} -> {workdir}", file=sys.stderr, flush=True)
+    workdir.mkdir(exist_ok=True)
+    if not (workdir / "trajectories").exists():
+      os.symlink((base / "trajectories").resolve(), workdir / "trajectories")
+    shutil.copy(base / "experts.json", workdir / "experts.json")
+    for stage in ("distill", "evaluate"):
+      pipeline.run(config, str(workdir), stage, key_file)
+    rows.append(row("beta", value, pipeline.run(config, str(workdir), "verify", key_file)))
+    write_outputs(root, rows)
+
+
+def write_outputs(root: pathlib.Path, rows: list) -> None:
+  """tradeoff.json, tradeoff.md (table) and tradeoff.png (Acc vs Acc_W)."""
+  (root / "tradeoff.json").write_text(json.dumps(rows, indent=2) + "\n")
+  lines = ["| sweep | value | Acc | Acc_W | verified | median p | wm expert Acc / Acc_W | "
+           "clean distilled Acc |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    expert = (f"{100 * r['expert_acc']:.1f} / {100 * r['expert_acc_w']:.1f}"
+              if r["expert_acc"] is not None else "–")
+    lines.append(f"| {r['sweep']} | {r['value']:g} | {pipeline.fmt_pct(r['acc'])} | "
+                 f"{pipeline.fmt_pct(r['acc_w'])} | {r['verified']}/{r['seeds']} | "
+                 f"{r['median_p']:.2g} | {expert} | {100 * r['clean_acc']:.1f}% |")
+  (root / "tradeoff.md").write_text("\n".join(lines) + "\n")
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for sweep, marker in (("lambda1", "o"), ("beta", "s")):
+    pts = [r for r in rows if r["sweep"] == sweep]
+    if not pts:
+      continue
+    x = [100 * r["acc_w"]["mean"] for r in pts]
+    y = [100 * r["acc"]["mean"] for r in pts]
+    ax.errorbar(x, y, xerr=[100 * r["acc_w"]["std"] for r in pts],
+                yerr=[100 * r["acc"]["std"] for r in pts], marker=marker, capsize=2,
+                label={"lambda1": "λ1 (eq. 6)", "beta": "β (eq. 10)"}[sweep])
+    for r, xi, yi in zip(pts, x, y):
+      ax.annotate(f"{r['value']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
+                  fontsize=7)
+  ax.set_xlabel("Acc_W of networks trained on the distilled set (%)")
+  ax.set_ylabel("Acc on the test split (%)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(root / "tradeoff.png", dpi=120)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()
