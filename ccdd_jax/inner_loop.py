@@ -52,10 +52,3 @@ def epoch_batches(rng: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
   perm = jax.random.permutation(rng, num_examples)
   return perm[:steps * batch_size].reshape(steps, batch_size)
 
-
-def predict(apply_fn, params, images, batch_size: int = 1024) -> jax.Array:
-  """Class predictions in batches (host loop; images are a device or numpy array)."""
-  outs = []
-  for start in range(0, images.shape[0], batch_size):
-    outs.append(jnp.argmax(apply_fn(params, images[start:start + batch_size]), axis=-1))
-  return jnp.concatenate(outs) if outs else jnp.zeros((0,), jnp.int32)

@@ -199,13 +199,21 @@ def stage_distill(ctx: Context) -> dict:
     save_grid(ctx.workdir / f"{name}.png", images, labels, ds, from_trigger,
               title=f"{name} ({ds.name}, IPC {dcfg.ipc})")
     first, last = losses[:20].mean(axis=0), losses[-20:].mean(axis=0)
-    summary[name] = {"lr": lr, "loss_first": float(first[0]), "loss_last": float(last[0]),
+    visibility = watermark.trigger_visibility(
+        data_lib.denormalize(images, ds.mean, ds.std), patterns)
+    summary[name] = {"trigger_visibility": {
+                         "mean": float(visibility.mean()),
+                         "trigger_slots": float(visibility[from_trigger].mean())
+                                          if from_trigger.any() else None,
+                         "real_slots": float(visibility[~from_trigger].mean())},
+                     "lr": lr, "loss_first": float(first[0]), "loss_last": float(last[0]),
                      "expert_term_first": float(first[1]), "expert_term_last": float(last[1]),
                      "twin_term_first": float(first[2]), "twin_term_last": float(last[2]),
                      "seconds": time.time() - start}
     log(f"[distill] {name}: eq. 10 loss {first[0]:.3f} -> {last[0]:.3f} (expert term "
         f"{first[1]:.3f} -> {last[1]:.3f}, twin term {first[2]:.3f} -> {last[2]:.3f}), "
-        f"learned lr {lr:.4g} ({time.time() - start:.0f} s)")
+        f"learned lr {lr:.4g}, trigger visibility {visibility.mean():.2f} "
+        f"({time.time() - start:.0f} s)")
   write_json(ctx.workdir / "distill.json", summary)
   return summary
 

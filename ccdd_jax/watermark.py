@@ -301,6 +301,25 @@ def verification_queries(num_images: int, n_patterns: int, m: Optional[int],
   return carrier_ids.astype(np.int64), pattern_ids
 
 
+def trigger_visibility(pixels: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+  """How much each image's top-left corner looks like a trigger: max over patterns of
+  the cosine similarity of the mean-centred corner and pattern (1 = a stamped copy).
+
+  `pixels` are images in [0, 1] or uint8 [N, H, W, C]; returns float [N].
+  """
+  patterns = _check_images(patterns, "patterns").astype(np.float64)
+  p = patterns.shape[1]
+  pixels = np.asarray(pixels, np.float64)
+  if pixels.max() > 1.0:
+    pixels = pixels / 255.0
+  corners = pixels[:, :p, :p, :].reshape(len(pixels), -1)
+  flat = (patterns / 255.0).reshape(len(patterns), -1)
+  corners = corners - corners.mean(axis=1, keepdims=True)
+  flat = flat - flat.mean(axis=1, keepdims=True)
+  norms = np.linalg.norm(corners, axis=1, keepdims=True) * np.linalg.norm(flat, axis=1)
+  return np.max(corners @ flat.T / np.maximum(norms, 1e-12), axis=1)
+
+
 # ----------------------------------------------------------------------------
 # Statistics (Stage III; replaces eq. 11).
 # ----------------------------------------------------------------------------

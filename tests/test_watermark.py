@@ -691,3 +691,16 @@ def test_verify_with_all_images_and_float_images_rejected():
     watermark.verify(lambda b: np.zeros(len(b), np.int64), TEST_KEY, images,
                      labels, n_patterns=3, patch_size=4, num_classes=10, m=31,
                      rng=rng)
+
+
+def test_trigger_visibility_is_one_for_stamped_copies_and_low_for_noise():
+  rng = np.random.default_rng(0)
+  patterns = rng.integers(0, 256, size=(3, 4, 4, 1), dtype=np.uint8)
+  images = rng.integers(0, 256, size=(50, 8, 8, 1), dtype=np.uint8)
+  stamped = watermark.stamp(images[:5], patterns, np.array([0, 1, 2, 0, 1]))
+  np.testing.assert_allclose(watermark.trigger_visibility(stamped, patterns), 1.0, atol=1e-9)
+  # Unrelated corners: 16-dimensional random vectors rarely align (max of 3 cosines).
+  assert watermark.trigger_visibility(images, patterns).mean() < 0.5
+  # Float pixels in [0, 1] give the same answer as uint8.
+  np.testing.assert_allclose(watermark.trigger_visibility(stamped / 255.0, patterns), 1.0,
+                             atol=1e-9)

@@ -1,0 +1,69 @@
+"""The three expert kinds differ only in their loss (eq. 6, 8) and share their init."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ccdd_jax import attacks
+from ccdd_jax import experts
+from ccdd_jax import inner_loop
+from ccdd_jax import models
+from ccdd_jax import trajectories
+
+NO_AUG = ml_collections.ConfigDict({"strategy": "none"})
+
+
+def setup():
+  net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl="lax")
+  apply = models.make_apply(net)
+  params = models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0))
+  anchor = jax.tree_util.tree_map(lambda p: p + 0.1, params)
+  rng = jax.random.PRNGKey(1)
+  batch = {"images": jax.random.normal(rng, (6, 8, 8, 1)), "labels": jnp.array([0, 1, 2] * 2),
+           "wm_images": jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 1)),
+           "wm_labels": jnp.array([1, 1, 2, 2]), "anchor": anchor,
+           "channel_mask": jnp.array([1.0, 0.0, 1.0, 0.0]),
+           "rng": jax.random.PRNGKey(3), "family_rng": jax.random.PRNGKey(4)}
+  cfg = ml_collections.ConfigDict(dict(lambda1=2.0, lambda2=0.5, lambda3=3.0))
+  return apply, params, batch, cfg
+
+
+def test_losses_are_eq6_and_eq8():
+  apply, params, batch, cfg = setup()
+  ce_clean = inner_loop.cross_entropy(apply(params, batch["images"]), batch["labels"])
+  ce_wm = inner_loop.cross_entropy(apply(params, batch["wm_images"]), batch["wm_labels"])
+  ce_pruned = inner_loop.cross_entropy(
+      apply(params, batch["wm_images"], channel_mask=batch["channel_mask"]), batch["wm_labels"])
+  anchor = experts.squared_distance(params, batch["anchor"])
+  n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+  np.testing.assert_allclose(anchor, 0.01 * n_params, rtol=1e-4)
+  loss = lambda kind: experts.expert_loss_fn(kind, cfg, apply, NO_AUG)(params, batch)
+  np.testing.assert_allclose(loss("clean"), ce_clean, rtol=1e-5)
+  np.testing.assert_allclose(loss("watermarked"), ce_clean + 2.0 * ce_wm + 0.5 * anchor,
+                             rtol=1e-5)
+  np.testing.assert_allclose(loss("fp_enhanced"),
+                             ce_clean + 2.0 * ce_wm + 0.5 * anchor + 3.0 * ce_pruned, rtol=1e-5)
+
+
+def test_prune_mask_removes_least_active_channels():
+  mask = attacks.prune_mask(jnp.array([0.5, 0.1, 0.9, 0.0, 0.3]), 0.4)
+  np.testing.assert_array_equal(mask, [1, 0, 1, 0, 1])
+
+
+def test_expert_kinds_share_their_initial_parameters(tiny_run):
+  workdir, config, _ = tiny_run
+  root = workdir / "trajectories"
+  net = models.build_model(config.model, 10)
+  like = jax.eval_shape(lambda: models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0)))
+  for index in range(config.experts.num_experts):
+    first = [trajectories.restore_params(root, kind, index, 0, like) for kind in experts.KINDS]
+    last = [trajectories.restore_params(root, kind, index, config.experts.epochs, like)
+            for kind in experts.KINDS]
+    for other in first[1:]:
+      jax.tree_util.tree_map(np.testing.assert_array_equal, first[0], other)
+    # Their losses differ, so their trajectories do.
+    diff = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), last[0], last[1])
+    assert max(jax.tree_util.tree_leaves(diff)) > 0
+    meta = trajectories.read_meta(root, "watermarked", index)
+    assert 0.0 <= meta["acc_w"] <= 1.0 and 0.0 <= meta["test_acc"] <= 1.0
