@@ -8,6 +8,19 @@ Convolutions can be computed with `lax.conv_general_dilated` ("lax") or as
 im2col patches followed by a matmul ("im2col"). Both give the same numbers;
 XLA:CPU differentiates the im2col form much faster inside a rolled
 `lax.scan`, so "auto" picks im2col on CPU and lax convolutions elsewhere.
+
+`ResNet18`, `VGG11` and `AlexNet` follow the dataset-condensation benchmark
+networks of DC/MTT for 32x32 inputs. Their `norm` is "instance" (the default,
+used for distillation), "batch" or "none" (ResNet18 and VGG11; AlexNet has no
+norm layers, as in the reference). Training loops here are pure
+`apply(params, x)` functions without mutable state, so "batch" norm is
+stateless: it always normalises with the CURRENT batch's per-channel mean and
+variance over N, H and W (affine, no running averages). That works inside
+`lax.scan`, but at test time it normalises with the test batch's statistics,
+which only approximates eval-mode batch norm (that needs running statistics).
+All networks take `channel_mask` (multiplies the channels of the last conv
+block's post-activation features, for fine-pruning) and `return_features`
+(returns (logits, those features)).
 """
 
 from typing import Any, Callable
@@ -32,16 +45,18 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
 
 class Conv3x3(nn.Module):
-  """3x3 'SAME' convolution with bias; same parameters for both implementations."""
+  """3x3 'SAME' convolution (bias optional); same parameters for both implementations."""
   features: int
   conv_impl: str = "lax"
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     in_features = x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, in_features, self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,))
+            if self.use_bias else None)
     if self.conv_impl == "im2col":
       # Patches come out feature-major: (in_features, kh, kw).
       patches = jax.lax.conv_general_dilated_patches(
@@ -51,7 +66,7 @@ class Conv3x3(nn.Module):
     else:
       y = jax.lax.conv_general_dilated(
           x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + bias
+    return y + bias if self.use_bias else y
 
 
 class InstanceNorm(nn.Module):
@@ -66,6 +81,44 @@ class InstanceNorm(nn.Module):
     mean = jnp.mean(x, axis=(1, 2), keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class BatchStatsNorm(nn.Module):
+  """Stateless batch norm: per-channel statistics of the current batch over N, H, W."""
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
+    mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2), keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def _norm(norm: str, name: str) -> Callable[[jax.Array], jax.Array]:
+  """The norm layer `norm` names ("instance", "batch" or "none")."""
+  if norm == "instance":
+    return InstanceNorm(name=name)
+  if norm == "batch":
+    return BatchStatsNorm(name=name)
+  if norm == "none":
+    return lambda x: x
+  raise CCDDError(f"unknown model.norm {norm!r}: use instance, batch or none")
+
+
+def _pad(p: int):
+  """Symmetric spatial padding of `p` pixels for `nn.Conv`."""
+  return ((p, p), (p, p))
+
+
+def _head(x, num_classes, features, return_features):
+  """Flattens `x` into the dense head; returns logits (and `features` if asked)."""
+  logits = nn.Dense(num_classes, name="head")(x.reshape(x.shape[0], -1))
+  if return_features:
+    return logits, features
+  return logits
 
 
 class ConvNet(nn.Module):
@@ -96,6 +149,106 @@ class ConvNet(nn.Module):
     return logits
 
 
+class BasicBlock(nn.Module):
+  """ResNet basic block: two 3x3 convs with norm, projection shortcut when the shape changes."""
+  features: int
+  stride: int = 1
+  norm: str = "instance"
+  conv_impl: str = "lax"
+
+  @nn.compact
+  def __call__(self, x):
+    if self.stride == 1:
+      y = Conv3x3(self.features, self.conv_impl, use_bias=False, name="conv_0")(x)
+    else:
+      y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), _pad(1),
+                  use_bias=False, name="conv_0")(x)
+    y = nn.relu(_norm(self.norm, "norm_0")(y))
+    y = Conv3x3(self.features, self.conv_impl, use_bias=False, name="conv_1")(y)
+    y = _norm(self.norm, "norm_1")(y)
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.features:
+      shortcut = nn.Conv(self.features, (1, 1), (self.stride, self.stride), "VALID",
+                         use_bias=False, name="shortcut_conv")(x)
+      shortcut = _norm(self.norm, "shortcut_norm")(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNet18(nn.Module):
+  """DC's ResNet18 for 32x32: 3x3 stem, 4 stages of 2 basic blocks, global average pooling."""
+  num_classes: int
+  norm: str = "instance"
+  conv_impl: str = "lax"
+
+  @nn.compact
+  def __call__(self, x, channel_mask=None, return_features=False):
+    x = Conv3x3(64, self.conv_impl, use_bias=False, name="stem_conv")(x)
+    x = nn.relu(_norm(self.norm, "stem_norm")(x))
+    for stage, width in enumerate((64, 128, 256, 512)):
+      for block in range(2):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(width, stride, self.norm, self.conv_impl,
+                       name=f"stage{stage}_block{block}")(x)
+    if channel_mask is not None:
+      x = x * channel_mask  # Fine-pruning masks the last block's channels.
+    features = x
+    x = jnp.mean(x, axis=(1, 2))
+    return _head(x, self.num_classes, features, return_features)
+
+
+VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG11(nn.Module):
+  """DC's VGG11: 3x3 conv -> norm -> ReLU blocks with 2x2 max pooling, then a dense head."""
+  num_classes: int
+  norm: str = "instance"
+  conv_impl: str = "lax"
+
+  @nn.compact
+  def __call__(self, x, channel_mask=None, return_features=False):
+    last_conv = max(i for i, v in enumerate(VGG11_CFG) if v != "M")
+    features = None
+    for i, v in enumerate(VGG11_CFG):
+      if v == "M":
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        continue
+      if i == 0 and x.shape[-1] == 1:  # As DC: 28x28 grey images are padded to 34x34.
+        x = nn.Conv(v, (3, 3), padding=_pad(3), name=f"conv_{i}")(x)
+      else:
+        x = Conv3x3(v, self.conv_impl, name=f"conv_{i}")(x)
+      x = nn.relu(_norm(self.norm, f"norm_{i}")(x))
+      if i == last_conv:
+        if channel_mask is not None:
+          x = x * channel_mask  # Fine-pruning masks the last conv layer's channels.
+        features = x
+    return _head(x, self.num_classes, features, return_features)
+
+
+class AlexNet(nn.Module):
+  """DC's AlexNet for 32x32 (no norm layers): five convs, three 2x2 max pools, dense head."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, channel_mask=None, return_features=False):
+    pad = 4 if x.shape[-1] == 1 else 2  # As DC: 28x28 grey images get 4, RGB 32x32 gets 2.
+    x = nn.relu(nn.Conv(128, (5, 5), padding=_pad(pad), name="conv_0")(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Conv(192, (5, 5), padding=_pad(2), name="conv_1")(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Conv(256, (3, 3), padding=_pad(1), name="conv_2")(x))
+    x = nn.relu(nn.Conv(192, (3, 3), padding=_pad(1), name="conv_3")(x))
+    x = nn.relu(nn.Conv(192, (3, 3), padding=_pad(1), name="conv_4")(x))
+    if channel_mask is not None:
+      x = x * channel_mask  # Fine-pruning masks the last conv layer's channels.
+    features = x
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return _head(x, self.num_classes, features, return_features)
+
+
+MODEL_NAMES = ("convnet", "resnet18", "vgg11", "alexnet")
+
+
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """Builds the network a config names."""
   name = model_config.name
@@ -103,7 +256,15 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn
     return ConvNet(num_classes=num_classes, width=model_config.width,
                    depth=model_config.depth, norm=model_config.norm,
                    conv_impl=resolve_conv_impl(model_config.conv_impl))
-  raise CCDDError(f"unknown model.name {name!r}: available: convnet")
+  if name == "alexnet":
+    return AlexNet(num_classes=num_classes)
+  norm = model_config.get("norm", "instance")
+  conv_impl = resolve_conv_impl(model_config.get("conv_impl", "auto"))
+  if name == "resnet18":
+    return ResNet18(num_classes=num_classes, norm=norm, conv_impl=conv_impl)
+  if name == "vgg11":
+    return VGG11(num_classes=num_classes, norm=norm, conv_impl=conv_impl)
+  raise CCDDError(f"unknown model.name {name!r}: available: {', '.join(MODEL_NAMES)}")
 
 
 def init_params(model: nn.Module, image_shape, rng: jax.Array) -> Params:

@@ -439,11 +439,32 @@ def report_markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks settings that would otherwise fail late (after hours of expert training)."""
+  def require(ok: bool, message: str):
+    if not ok:
+      raise CCDDError(f"invalid config: {message}")
+  d, e, w, v = config.distill, config.experts, config.watermark, config.eval
+  require(d.ipc >= 1, f"distill.ipc = {d.ipc} must be >= 1")
+  require(d.iterations >= 1 and d.syn_steps >= 1, "distill.iterations and syn_steps must be >= 1")
+  require(d.max_start_epoch + d.expert_epochs <= e.epochs,
+          f"distill.max_start_epoch + distill.expert_epochs = "
+          f"{d.max_start_epoch + d.expert_epochs} exceeds experts.epochs = {e.epochs}")
+  require(e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and epochs must be >= 1")
+  require(w.n_patterns >= 1, f"watermark.n_patterns = {w.n_patterns} must be >= 1")
+  require(0.0 < w.ratio <= 1.0, f"watermark.ratio = {w.ratio} must be in (0, 1]")
+  require(0.0 < w.alpha < 1.0, f"watermark.alpha = {w.alpha} must be in (0, 1)")
+  require(v.num_seeds >= 1 and v.epochs >= 1, "eval.num_seeds and eval.epochs must be >= 1")
+  require(min(d.beta, e.lambda1, e.lambda2, e.lambda3) >= 0.0,
+          "distill.beta and experts.lambda1..3 must be >= 0")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, stage: str = "all",
         key_file: str | None = None) -> dict:
   """Runs one stage or all of them; returns the report (or the stage's summary)."""
   if stage != "all" and stage not in STAGES:
     raise CCDDError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)} or all")
+  validate_config(config)
   workdir = pathlib.Path(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,57 @@
+"""Every config file loads, validates and builds its model; paper values in place."""
+
+import importlib.util
+import pathlib
+
+import jax
+import pytest
+
+from ccdd_jax import CCDDError
+from ccdd_jax import models
+from ccdd_jax import pipeline
+from ccdd_jax import settings
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").glob("*.py"))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_every_paper_setting_has_a_config_file():
+  names = {p.stem for p in CONFIGS}
+  for dataset, ipc in settings.MTT_SETTINGS:
+    assert f"{dataset}_ipc{ipc}" in names
+  assert "digits" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_validates_and_builds_its_model(path):
+  config = load(path)
+  pipeline.validate_config(config)
+  side = 8 if config.data.name == "digits" else (64 if "tinyimagenet" in path.stem else 32)
+  channels = 1 if config.data.name == "digits" else 3
+  model = models.build_model(config.model, 10)
+  shapes = jax.eval_shape(lambda: models.init_params(model, (side, side, channels),
+                                                     jax.random.PRNGKey(0)))
+  assert jax.tree_util.tree_leaves(shapes)
+
+
+def test_paper_values():
+  c = load(next(p for p in CONFIGS if p.stem == "cifar10_ipc10"))
+  assert (c.distill.syn_steps, c.distill.expert_epochs, c.distill.max_start_epoch) == (30, 2, 20)
+  assert (c.distill.lr_img, c.distill.lr_lr, c.distill.lr_teacher) == (100.0, 1e-5, 0.001)
+  assert c.watermark.n_patterns == 10 and c.watermark.ratio == 0.1
+  t = load(next(p for p in CONFIGS if p.stem == "tinyimagenet_ipc50"))
+  assert t.model.depth == 4 and t.watermark.n_patterns == 5 and t.distill.batch_syn == 300
+  assert load(next(p for p in CONFIGS if p.stem == "cifar100_ipc50")).distill.syn_steps == 80
+
+
+def test_invalid_config_is_a_one_line_error():
+  config = load(next(p for p in CONFIGS if p.stem == "digits"))
+  config.distill.max_start_epoch = 30
+  with pytest.raises(CCDDError, match="exceeds experts.epochs"):
+    pipeline.validate_config(config)

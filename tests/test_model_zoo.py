@@ -1,0 +1,112 @@
+"""The DC/MTT benchmark networks: shapes, channel masks, batch norm, meta-gradients."""
+
+import chex
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ccdd_jax import CCDDError
+from ccdd_jax import distill
+from ccdd_jax import models
+
+NO_AUG = ml_collections.ConfigDict({"strategy": "none"})
+IMAGE_SHAPE = (32, 32, 3)
+
+ZOO = {
+    "resnet18": lambda: models.ResNet18(num_classes=10, conv_impl="im2col"),
+    "resnet18_batch": lambda: models.ResNet18(num_classes=10, norm="batch", conv_impl="im2col"),
+    "vgg11": lambda: models.VGG11(num_classes=10, conv_impl="im2col"),
+    "vgg11_batch": lambda: models.VGG11(num_classes=10, norm="batch", conv_impl="lax"),
+    "alexnet": lambda: models.AlexNet(num_classes=10),
+}
+FEATURE_SHAPES = {"resnet18": (2, 4, 4, 512), "resnet18_batch": (2, 4, 4, 512),
+                  "vgg11": (2, 2, 2, 512), "vgg11_batch": (2, 2, 2, 512),
+                  "alexnet": (2, 8, 8, 192)}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_logits_features_and_channel_mask(name):
+  net = ZOO[name]()
+  params = models.init_params(net, IMAGE_SHAPE, jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + IMAGE_SHAPE)
+  apply = models.make_apply(net)
+  chex.assert_shape(apply(params, x), (2, 10))
+  logits, features = apply(params, x, return_features=True)
+  chex.assert_shape(logits, (2, 10))
+  chex.assert_shape(features, FEATURE_SHAPES[name])
+  assert float(jnp.max(features)) > 0
+  mask = jnp.ones(features.shape[-1]).at[: features.shape[-1] // 2].set(0.0)
+  masked_logits, masked = apply(params, x, channel_mask=mask, return_features=True)
+  assert float(jnp.max(jnp.abs(masked[..., : features.shape[-1] // 2]))) == 0.0
+  np.testing.assert_allclose(masked[..., features.shape[-1] // 2:],
+                             features[..., features.shape[-1] // 2:], rtol=1e-6)
+  assert not np.allclose(masked_logits, logits)
+
+
+def test_batch_stats_norm_normalises_over_the_batch():
+  norm = models.BatchStatsNorm()
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 5, 5, 6))
+  params = norm.init(jax.random.PRNGKey(1), x)
+  y = norm.apply(params, x)
+  np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(jnp.var(y, axis=(0, 1, 2)), 1.0, rtol=1e-3)
+  # Unlike instance norm, single samples keep their offsets relative to the batch.
+  assert float(jnp.max(jnp.abs(jnp.mean(y, axis=(1, 2))))) > 1e-2
+
+
+def test_conv3x3_without_bias_matches_between_implementations():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 3))
+  lax_conv = models.Conv3x3(4, "lax", use_bias=False)
+  params = lax_conv.init(jax.random.PRNGKey(1), x)
+  assert "bias" not in params["params"]
+  np.testing.assert_allclose(lax_conv.apply(params, x),
+                             models.Conv3x3(4, "im2col", use_bias=False).apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "alexnet"])
+def test_meta_loss_gradient_reaches_the_images(name):
+  net = ZOO[name]()
+  params = models.init_params(net, IMAGE_SHAPE, jax.random.PRNGKey(0))
+  flat, unravel = ravel_pytree(params)
+  apply_flat = lambda w, x: net.apply({"params": unravel(w)}, x)
+  cfg = ml_collections.ConfigDict(dict(syn_steps=2, batch_syn=0, beta=0.0))
+  meta = distill.make_meta_loss(cfg, apply_flat, NO_AUG, num_syn=4)
+  images = jax.random.normal(jax.random.PRNGKey(1), (4,) + IMAGE_SHAPE)
+  labels = jnp.array([0, 1, 2, 3])
+  target = flat + 0.01 * jax.random.normal(jax.random.PRNGKey(2), flat.shape)
+  loss_fn = lambda imgs: meta(imgs, jnp.float32(0.01), labels, flat, target, flat, target,
+                              jax.random.PRNGKey(3))
+  loss, grad = jax.jit(jax.value_and_grad(loss_fn))(images)
+  assert np.isfinite(float(loss))
+  chex.assert_shape(grad, images.shape)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+  assert float(jnp.max(jnp.abs(grad))) > 0
+
+
+def test_build_model_names_and_errors():
+  for name, cls in [("resnet18", models.ResNet18), ("vgg11", models.VGG11),
+                    ("alexnet", models.AlexNet)]:
+    net = models.build_model(ml_collections.ConfigDict({"name": name, "norm": "batch"}), 10)
+    assert isinstance(net, cls)
+  net = models.build_model(ml_collections.ConfigDict({"name": "vgg11"}), 10)
+  assert net.norm == "instance"
+  with pytest.raises(CCDDError, match="available: convnet, resnet18, vgg11, alexnet"):
+    models.build_model(ml_collections.ConfigDict({"name": "lenet"}), 10)
+  net = models.build_model(ml_collections.ConfigDict({"name": "resnet18", "norm": "layer"}), 10)
+  with pytest.raises(CCDDError, match="norm"):
+    models.init_params(net, IMAGE_SHAPE, jax.random.PRNGKey(0))
+
+
+def test_convnet_depth4_on_64x64():
+  cfg = ml_collections.ConfigDict({"name": "convnet", "width": 8, "depth": 4,
+                                   "norm": "instance", "conv_impl": "lax"})
+  net = models.build_model(cfg, 10)
+  params = models.init_params(net, (64, 64, 3), jax.random.PRNGKey(0))
+  logits, features = net.apply({"params": params}, jnp.ones((2, 64, 64, 3)), return_features=True)
+  chex.assert_shape(logits, (2, 10))
+  chex.assert_shape(features, (2, 8, 8, 8))
+  chex.assert_shape(params["head"]["kernel"], (4 * 4 * 8, 10))
