@@ -179,12 +179,14 @@ class ResNet18(nn.Module):
   num_classes: int
   norm: str = "instance"
   conv_impl: str = "lax"
+  width: int = 64  # Stem/first-stage width; DC uses 64 (stages: 1x, 2x, 4x, 8x).
 
   @nn.compact
   def __call__(self, x, channel_mask=None, return_features=False):
-    x = Conv3x3(64, self.conv_impl, use_bias=False, name="stem_conv")(x)
+    x = Conv3x3(self.width, self.conv_impl, use_bias=False, name="stem_conv")(x)
     x = nn.relu(_norm(self.norm, "stem_norm")(x))
-    for stage, width in enumerate((64, 128, 256, 512)):
+    for stage in range(4):
+      width = self.width * 2 ** stage
       for block in range(2):
         stride = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(width, stride, self.norm, self.conv_impl,
@@ -204,6 +206,7 @@ class VGG11(nn.Module):
   num_classes: int
   norm: str = "instance"
   conv_impl: str = "lax"
+  width: int = 64  # First conv's width; DC uses 64 (the others scale with it).
 
   @nn.compact
   def __call__(self, x, channel_mask=None, return_features=False):
@@ -213,6 +216,7 @@ class VGG11(nn.Module):
       if v == "M":
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
+      v = v * self.width // 64
       if i == 0 and x.shape[-1] == 1:  # As DC: 28x28 grey images are padded to 34x34.
         x = nn.Conv(v, (3, 3), padding=_pad(3), name=f"conv_{i}")(x)
       else:

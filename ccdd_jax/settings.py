@@ -49,6 +49,10 @@ def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
   config.data.name = data_name  # Or "folder" with data.root = an image-folder tree / .tar.gz.
   config.data.root = ""
   config.data.tfds_data_dir = ""
+  config.data.image_size = 0  # 0: keep the images' own size.
+  config.data.train_subset_per_class = 0  # 0: all; k: the first k files per class.
+  config.data.test_subset_per_class = 0
+  config.data.cache_dir = ""  # "": ~/.cache/ccdd_jax (decoded uint8 .npz).
   config.data.test_fraction = 0.2  # Only used by data sets without a test split.
   config.data.split_seed = 0
 
