@@ -69,32 +69,29 @@ class Conv3x3(nn.Module):
     return y + bias if self.use_bias else y
 
 
-class InstanceNorm(nn.Module):
+class _AffineNorm(nn.Module):
+  """Normalises over `reduce_axes` per channel, then an affine map per channel."""
+  reduce_axes: tuple = (1, 2)
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
+    mean = jnp.mean(x, axis=self.reduce_axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=self.reduce_axes, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class InstanceNorm(_AffineNorm):
   """Per-sample, per-channel normalisation over H and W with an affine map."""
-  epsilon: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x):
-    features = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (features,))
-    bias = self.param("bias", nn.initializers.zeros, (features,))
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+  reduce_axes: tuple = (1, 2)
 
 
-class BatchStatsNorm(nn.Module):
+class BatchStatsNorm(_AffineNorm):
   """Stateless batch norm: per-channel statistics of the current batch over N, H, W."""
-  epsilon: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x):
-    features = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (features,))
-    bias = self.param("bias", nn.initializers.zeros, (features,))
-    mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2), keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+  reduce_axes: tuple = (0, 1, 2)
 
 
 def _norm(norm: str, name: str) -> Callable[[jax.Array], jax.Array]:
