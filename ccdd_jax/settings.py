@@ -35,19 +35,14 @@ DATASETS = {
 }
 
 
-def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
-  """The full config of one cell of the paper's Table 1."""
-  if (dataset, ipc) not in MTT_SETTINGS:
-    raise ValueError(f"no paper setting for {dataset} IPC {ipc}")
-  syn_steps, expert_epochs, max_start, lr_img, lr_lr, lr_teacher, batch_syn = (
-      MTT_SETTINGS[(dataset, ipc)])
-  data_name, n_patterns, depth = DATASETS[dataset]
+def base_config() -> ml_collections.ConfigDict:
+  """Every config field with the MTT reference's defaults; configs override values."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = data_name  # Or "folder" with data.root = an image-folder tree / .tar.gz.
-  config.data.root = ""
+  config.data.name = "digits"  # digits | folder | tinyimagenet | tfds:<name>
+  config.data.root = ""  # An image-folder tree / .tar.gz, or the Tiny ImageNet root.
   config.data.tfds_data_dir = ""
   config.data.image_size = 0  # 0: keep the images' own size.
   config.data.train_subset_per_class = 0  # 0: all; k: the first k files per class.
@@ -59,19 +54,20 @@ def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "convnet"
   config.model.width = 128
-  config.model.depth = depth
+  config.model.depth = 3
   config.model.norm = "instance"
-  config.model.conv_impl = "auto"
+  config.model.conv_impl = "auto"  # im2col on CPU, lax convolutions on GPU/TPU.
 
+  # DSA as in the MTT reference (one family per call, per-sample parameters).
   config.dsa = ml_collections.ConfigDict()
   config.dsa.strategy = "color_crop_cutout_flip_scale_rotate"
 
   config.watermark = ml_collections.ConfigDict()
-  config.watermark.n_patterns = n_patterns
-  config.watermark.patch_size = 0  # Half the image side: 16 on 32x32, 32 on 64x64.
-  config.watermark.ratio = 0.1
-  config.watermark.queries_per_pattern = 100
-  config.watermark.alpha = 1e-6
+  config.watermark.n_patterns = 10
+  config.watermark.patch_size = 0  # 0: half the image side (paper, Stage I).
+  config.watermark.ratio = 0.1  # |D_W| / |D_C| (paper, "Further Details").
+  config.watermark.queries_per_pattern = 100  # m held-out test images per pattern.
+  config.watermark.alpha = 1e-6  # Significance level, fixed in advance.
 
   config.experts = ml_collections.ConfigDict()
   config.experts.num_experts = 100
@@ -79,25 +75,26 @@ def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
   config.experts.lr = 0.01
   config.experts.momentum = 0.0
   config.experts.batch_size = 256
-  config.experts.wm_batch_size = 26  # ~ the D_W share of a 256 batch at ratio 0.1.
-  config.experts.lambda1 = 1.0
-  config.experts.lambda2 = 0.0
-  config.experts.lambda3 = 1.0
-  config.experts.prune_ratio = 0.5
-  config.experts.prune_examples = 2500  # 5% of CIFAR's training set.
+  config.experts.wm_batch_size = 26  # D_W minibatch beside each D_C minibatch (~ratio 0.1).
+  config.experts.lambda1 = 1.0  # eq. 6: weight of the D_W loss.
+  config.experts.lambda2 = 0.0  # eq. 6: weight of ||theta - theta0||^2.
+  config.experts.lambda3 = 1.0  # eq. 8: weight of the fine-pruned model's D_W loss.
+  config.experts.prune_ratio = 0.5  # Channels of the last conv layer pruned for eq. 7.
+  config.experts.prune_examples = 2500  # Clean images that rank the channels (5% of CIFAR).
 
   config.distill = ml_collections.ConfigDict()
-  config.distill.ipc = ipc
+  config.distill.ipc = 10
   config.distill.iterations = 5000
-  config.distill.syn_steps = syn_steps
-  config.distill.expert_epochs = expert_epochs
-  config.distill.max_start_epoch = max_start
-  config.distill.lr_img = lr_img
-  config.distill.lr_lr = lr_lr
-  config.distill.lr_teacher = lr_teacher
-  config.distill.batch_syn = batch_syn
-  config.distill.beta = 0.5
-  config.distill.triggers_per_pattern = 0  # The paper's method.
+  config.distill.syn_steps = 20  # N in eq. 9.
+  config.distill.expert_epochs = 2  # M, in epochs.
+  config.distill.max_start_epoch = 20
+  config.distill.lr_img = 100.0
+  config.distill.lr_lr = 1e-5
+  config.distill.lr_teacher = 0.01  # Initial alpha of eq. 9.
+  config.distill.batch_syn = 0  # 0: the whole synthetic set each step.
+  config.distill.beta = 0.5  # eq. 10: weight of the fine-pruning-enhanced twin.
+  # Beyond the paper: k slots of class y_i start as D_W images (0 = the paper).
+  config.distill.triggers_per_pattern = 0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_seeds = 5
@@ -105,7 +102,26 @@ def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
   config.eval.batch_size = 256
   config.eval.momentum = 0.9
   config.eval.weight_decay = 5e-4
+  # The real-data baseline: the same optimiser on all of D_C.
   config.eval.real_epochs = 50
   config.eval.real_lr = 0.01
   config.eval.real_batch_size = 256
+  return config
+
+
+def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
+  """The full config of one cell of the paper's Table 1."""
+  if (dataset, ipc) not in MTT_SETTINGS:
+    raise ValueError(f"no paper setting for {dataset} IPC {ipc}")
+  syn_steps, expert_epochs, max_start, lr_img, lr_lr, lr_teacher, batch_syn = (
+      MTT_SETTINGS[(dataset, ipc)])
+  data_name, n_patterns, depth = DATASETS[dataset]
+  config = base_config()
+  config.data.name = data_name  # Or "folder" with data.root = an image-folder tree / .tar.gz.
+  config.model.depth = depth
+  config.watermark.n_patterns = n_patterns
+  d = config.distill
+  d.ipc = ipc
+  d.syn_steps, d.expert_epochs, d.max_start_epoch = syn_steps, expert_epochs, max_start
+  d.lr_img, d.lr_lr, d.lr_teacher, d.batch_syn = lr_img, lr_lr, lr_teacher, batch_syn
   return config
