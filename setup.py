@@ -24,7 +24,9 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        # TFDS and TensorFlow (~1.7 GB, ~35 s to install) so that the TFDS
+        # loader is tested with tfds.testing.mock_data and a prepared data dir.
+        "test": ["pytest", "pytest-xdist", "tensorflow-datasets", "tensorflow-cpu"],
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
         "cuda12": ["jax[cuda12]"],
         "bench": ["torch==2.13.0"],

@@ -1,9 +1,10 @@
-"""Data sets as uint8 pixel arrays, plus the normalisation applied after stamping.
+"""Data sets as uint8 pixel arrays, plus the input transform applied after stamping.
 
-Images stay uint8 NHWC in pixel space until `normalize`: triggers are stamped
-on pixels (watermark.stamp) and only then normalised with the training split's
-per-channel mean and std, consistently for train, test, triggers and the
-exported distilled set.
+Images stay uint8 NHWC in pixel space until a `Preprocessor` maps them to
+network inputs: triggers are stamped on pixels (watermark.stamp) and only then
+transformed, consistently for train, test, triggers and the exported distilled
+set. The transform is fitted on the training split: its per-channel mean and
+std, or (MTT's option) ZCA whitening of the [0, 1] pixels.
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+from typing import Mapping, Optional
 
 import ml_collections
 import numpy as np
@@ -56,6 +58,151 @@ def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
 def denormalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
   """Normalised float images -> float pixels in [0, 1] (clipped), for display."""
   return np.clip(np.asarray(images) * std + mean, 0.0, 1.0)
+
+
+_CHUNK = 4096  # Rows per float chunk: bounds temporaries for 50,000+ images.
+
+
+def _fit_zca(images: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Mean, whitening and inverse matrices of kornia's ZCAWhitening, in float64."""
+  n = images.shape[0]
+  flat = images.reshape(n, -1)
+  total = np.zeros(flat.shape[1])
+  for start in range(0, n, _CHUNK):
+    total += flat[start:start + _CHUNK].sum(axis=0, dtype=np.float64)
+  mean = total / (255.0 * n)
+  cov = np.zeros((flat.shape[1],) * 2)
+  for start in range(0, n, _CHUNK):
+    centred = flat[start:start + _CHUNK].astype(np.float64) / 255.0 - mean
+    cov += centred.T @ centred
+  cov /= n - 1  # kornia's unbiased covariance.
+  # kornia takes svd(cov); for a symmetric PSD matrix the eigendecomposition is
+  # the same factorisation and eigh is several times faster (D = 12,288 for
+  # Tiny ImageNet). Round-off can leave tiny negative eigenvalues: clip them.
+  s, u = np.linalg.eigh(cov)
+  del cov
+  s = np.maximum(s, 0.0)
+  transform = (u / np.sqrt(s + eps)) @ u.T
+  inverse = (u * np.sqrt(s + eps)) @ u.T
+  return mean.astype(np.float32), transform.astype(np.float32), inverse.astype(np.float32)
+
+
+def _flatten_for(images: np.ndarray, dim: int) -> np.ndarray:
+  """[..., H, W, C] -> [N, dim], checking that H * W * C matches the ZCA fit."""
+  if images.ndim < 3 or int(np.prod(images.shape[-3:])) != dim:
+    raise CCDDError(f"images of shape {images.shape} do not match the ZCA transform, "
+                    f"fitted on images of {dim} values")
+  return images.reshape(-1, dim)
+
+
+def _chunked_affine(flat: np.ndarray, scale: float, shift: np.ndarray,
+                    matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
+  """(flat * scale - shift) @ matrix + offset in float32, a chunk of rows at a time."""
+  out = np.empty(flat.shape, np.float32)
+  for start in range(0, len(flat), _CHUNK):
+    chunk = flat[start:start + _CHUNK].astype(np.float32) * np.float32(scale) - shift
+    out[start:start + _CHUNK] = chunk @ matrix + offset
+  return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Preprocessor:
+  """uint8 pixels <-> network inputs: per-channel standardisation, or ZCA whitening.
+
+  With ZCA (kornia's ZCAWhitening as MTT uses it) there is no mean/std
+  normalisation: inputs are (x / 255 - zca_mean) @ zca_transform over the
+  flattened HWC image. kornia flattens CHW; the whitened images are the same,
+  as ZCA commutes with any fixed reordering of the coordinates.
+  """
+  mean: np.ndarray  # float32 [C], of the training pixels / 255
+  std: np.ndarray  # float32 [C]
+  zca_mean: Optional[np.ndarray] = None  # float32 [D], D = H * W * C
+  zca_transform: Optional[np.ndarray] = None  # float32 [D, D]: U diag((S + eps)^-1/2) U^T
+  zca_inverse: Optional[np.ndarray] = None  # float32 [D, D]: U diag((S + eps)^1/2) U^T
+  zca_eps: float = 0.0
+
+  @property
+  def zca(self) -> bool:
+    """Whether this is ZCA whitening (else per-channel mean/std)."""
+    return self.zca_transform is not None
+
+  def apply(self, images: np.ndarray) -> np.ndarray:
+    """Pixels on the 0..255 scale (uint8 [..., H, W, C]) -> float32 network inputs."""
+    images = np.asarray(images)
+    if not self.zca:
+      return normalize(images, self.mean, self.std)
+    flat = _flatten_for(images, self.zca_mean.shape[0])
+    out = _chunked_affine(flat, 1.0 / 255.0, self.zca_mean, self.zca_transform, 0.0)
+    return out.reshape(images.shape)
+
+  def to_pixels(self, images: np.ndarray, clip: bool = True) -> np.ndarray:
+    """Network inputs -> float32 pixels in [0, 1] (clipped unless clip=False)."""
+    images = np.asarray(images)
+    if not self.zca:
+      pixels = (images * self.std + self.mean).astype(np.float32)
+    else:
+      flat = _flatten_for(images, self.zca_mean.shape[0])
+      pixels = _chunked_affine(flat, 1.0, 0.0, self.zca_inverse,
+                               self.zca_mean).reshape(images.shape)
+    return np.clip(pixels, 0.0, 1.0) if clip else pixels
+
+  def as_arrays(self) -> dict:
+    """The fitted transform as named arrays, to save beside a distilled set."""
+    arrays = {"preprocess_mean": self.mean, "preprocess_std": self.std}
+    if self.zca:
+      arrays.update(zca_mean=self.zca_mean, zca_transform=self.zca_transform,
+                    zca_inverse=self.zca_inverse, zca_eps=np.float64(self.zca_eps))
+    return arrays
+
+  @classmethod
+  def from_arrays(cls, arrays: Mapping) -> "Preprocessor":
+    """The transform `as_arrays` saved (other keys, e.g. images, are ignored)."""
+    zca_keys = ("zca_mean", "zca_transform", "zca_inverse", "zca_eps")
+    missing = [k for k in ("preprocess_mean", "preprocess_std") if k not in arrays]
+    present = [k for k in zca_keys if k in arrays]
+    if present:
+      missing += [k for k in zca_keys if k not in arrays]
+    if missing:
+      raise CCDDError(f"saved preprocessing arrays lack {', '.join(missing)}")
+    get = lambda k: np.asarray(arrays[k], np.float32)
+    if not present:
+      return cls(get("preprocess_mean"), get("preprocess_std"))
+    return cls(get("preprocess_mean"), get("preprocess_std"), get("zca_mean"),
+               get("zca_transform"), get("zca_inverse"), float(arrays["zca_eps"]))
+
+
+def fit_preprocessor(train_images: np.ndarray, zca: bool = False, zca_eps: float = 0.1,
+                     cache_dir: Optional[str] = None) -> Preprocessor:
+  """Fits the input transform on uint8 training images: mean/std, or ZCA (MTT: eps 0.1).
+
+  A ZCA fit is cached in cache_dir ("" for ~/.cache/ccdd_jax), keyed by a hash
+  of the images and eps; None (the default) does not cache.
+  """
+  train_images = np.asarray(train_images)
+  mean, std = channel_stats(train_images)
+  if not zca:
+    return Preprocessor(mean, std)
+  if not zca_eps > 0:
+    raise CCDDError(f"data.zca_eps must be > 0, got {zca_eps}")
+  if train_images.ndim != 4 or train_images.shape[0] < 2:
+    raise CCDDError(f"ZCA needs two or more NHWC training images, got shape "
+                    f"{train_images.shape}")
+  cache_file = None
+  if cache_dir is not None:
+    digest = hashlib.sha256(json.dumps(
+        [_CACHE_VERSION, "zca", list(train_images.shape), str(train_images.dtype),
+         float(zca_eps)]).encode())
+    digest.update(np.ascontiguousarray(train_images).data)
+    cache_file = os.path.join(os.path.expanduser(cache_dir or _default_cache_dir()),
+                              f"zca-{digest.hexdigest()[:16]}.npz")
+    arrays = _read_cache(cache_file)
+    if arrays is not None and "zca_transform" in arrays:
+      return Preprocessor.from_arrays(arrays)
+  fitted = Preprocessor(mean, std, *_fit_zca(train_images, float(zca_eps)),
+                        zca_eps=float(zca_eps))
+  if cache_file is not None:
+    _write_cache(cache_file, fitted.as_arrays())
+  return fitted
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float,
@@ -387,33 +534,137 @@ def _write_cache(path: str, arrays: dict) -> None:
     pass
 
 
-def load_tfds(name: str, data_dir: str = "") -> Dataset:
-  """A prepared TensorFlow Datasets data set (train and test splits), offline."""
+def _first_line(e: BaseException) -> str:
+  """The first line of an exception's message, or its type's name."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  """Keeps TensorFlow, used only to read tfds files, off the accelerators JAX uses."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except (ImportError, RuntimeError, ValueError):
+    pass
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, C] (C 1 or 3) -> uint8 [size, size, C], bilinear as for folders."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  out = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+  return out.reshape(size, size, image.shape[-1])
+
+
+def _tfds_split_arrays(tfds, split_ds, static_shape: bool, what: str,
+                       image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """One tfds split of (image, label) pairs -> uint8 NHWC images, int64 labels."""
+  images, labels = [], []
+  if static_shape and not image_size:
+    for x, y in tfds.as_numpy(split_ds.batch(1024)):
+      images.append(np.asarray(x))
+      labels.append(np.asarray(y).reshape(-1))
+    if not images:
+      raise CCDDError(f"{what} has no examples")
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+  for x, y in tfds.as_numpy(split_ds):
+    x = np.asarray(x)
+    if x.ndim != 3 or x.dtype != np.uint8:
+      raise CCDDError(f"{what} has {x.dtype} images of shape {x.shape}: need uint8 HWC")
+    if image_size:
+      x = _resize(x, image_size)
+    elif images and x.shape != images[0].shape:
+      raise CCDDError(f"{what} has images of shapes {images[0].shape} and {x.shape}: "
+                      "all images must have one size (or set data.image_size)")
+    images.append(x)
+    labels.append(int(y))
+  if not images:
+    raise CCDDError(f"{what} has no examples")
+  return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def load_tfds(name: str, data_dir: str = "", image_size: int = 0) -> Dataset:
+  """A TensorFlow Datasets image classification set prepared offline (never downloads).
+
+  The train split, and test (or else validation) for evaluation. TFDS and
+  TensorFlow are imported only here.
+  """
+  if int(image_size) < 0:
+    raise CCDDError(f"data.image_size must be >= 0, got {image_size}")
+  data_dir = os.path.expanduser(data_dir or "")
+  if data_dir and not os.path.isdir(data_dir):
+    raise CCDDError(f"data.tfds_data_dir {data_dir!r} (for tfds data set {name!r}) is "
+                    "not a directory")
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise CCDDError(
         "tensorflow-datasets is not installed: pip install -e '.[tfds]'") from e
-  where = data_dir or "the default tfds data dir"
+  where = data_dir or getattr(getattr(tfds.core, "constants", None), "DATA_DIR",
+                              "the default tfds data dir")
   try:
-    (train, test), info = tfds.load(
-        name, split=["train", "test"], data_dir=data_dir or None, download=False,
-        batch_size=-1, as_supervised=True, with_info=True)
-    train_x, train_y = tfds.as_numpy(train)
-    test_x, test_y = tfds.as_numpy(test)
+    builder = tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # pylint: disable=broad-except
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CCDDError(f"tfds data set {name!r} is not prepared in {where}: {first}") from e
-  train_x, test_x = np.asarray(train_x), np.asarray(test_x)
-  if train_x.dtype != np.uint8 or train_x.ndim != 4:
-    raise CCDDError(f"tfds data set {name!r} has {train_x.dtype} images of shape "
-                    f"{train_x.shape[1:]}: need uint8 NHWC of one size")
-  label = info.features["label"] if "label" in info.features else None
-  num_classes = int(max(train_y.max(), test_y.max())) + 1
-  names = getattr(label, "names", None) or [str(i) for i in range(num_classes)]
+    if type(e).__name__ == "DatasetNotFoundError":
+      raise CCDDError(f"unknown tfds data set {name!r}: no tfds builder of that name "
+                      f"and none prepared in {where}") from e
+    raise CCDDError(f"tfds data set {name!r}: {_first_line(e)}") from e
+
+  def not_prepared() -> bool:
+    try:
+      return not builder.is_prepared()
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  info = builder.info
+  splits = list(info.splits.keys()) if info.splits else []
+  eval_split = next((s for s in ("test", "validation") if s in splits),
+                    None if splits else "test")
+  if splits and ("train" not in splits or eval_split is None):
+    raise CCDDError(f"tfds data set {name!r} in {where} has splits {sorted(splits)}: "
+                    "need train and test (or validation)")
+  keys = info.supervised_keys
+  if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
+    raise CCDDError(f"tfds data set {name!r} has no (image, label) supervised keys: "
+                    "not an image classification set")
+  image_feature, label_feature = info.features[keys[0]], info.features[keys[1]]
+  _hide_gpus_from_tensorflow()
+  try:
+    train_ds, test_ds = builder.as_dataset(split=["train", eval_split],
+                                           as_supervised=True, shuffle_files=False)
+  except Exception as e:  # pylint: disable=broad-except
+    if not_prepared():
+      raise CCDDError(f"tfds data set {name!r} is not prepared in {where}: nothing is "
+                      f"downloaded here (run `tfds build {name} --data_dir DIR` where "
+                      "there is network and copy DIR over)") from e
+    if isinstance(e, ImportError):
+      raise CCDDError("tensorflow is not installed (tfds reads its files with it): "
+                      "pip install -e '.[tfds]'") from e
+    raise CCDDError(f"cannot read tfds data set {name!r} from {where}: "
+                    f"{_first_line(e)}") from e
+  shape = tuple(getattr(image_feature, "shape", ()) or ())
+  static = len(shape) == 3 and all(isinstance(d, int) for d in shape)
+  arrays = []
+  for split, split_ds in (("train", train_ds), (eval_split, test_ds)):
+    what = f"tfds data set {name!r} split {split!r}"
+    try:
+      arrays += _tfds_split_arrays(tfds, split_ds, static, what, int(image_size))
+    except CCDDError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise CCDDError(f"cannot read {what} from {where}: {_first_line(e)}") from e
+  train_x, train_y, test_x, test_y = arrays
+  if (train_x.dtype != np.uint8 or train_x.ndim != 4
+      or test_x.shape[1:] != train_x.shape[1:]):
+    raise CCDDError(f"tfds data set {name!r} has {train_x.dtype} images of shapes "
+                    f"{train_x.shape[1:]} and {test_x.shape[1:]}: need uint8 NHWC of "
+                    "one size (or set data.image_size)")
+  num_classes = getattr(label_feature, "num_classes", None) or int(
+      max(train_y.max(), test_y.max())) + 1
+  names = getattr(label_feature, "names", None) or [str(i) for i in range(num_classes)]
   mean, std = channel_stats(train_x)
-  return Dataset(f"tfds:{name}", train_x, np.asarray(train_y, np.int64),
-                 test_x.astype(np.uint8), np.asarray(test_y, np.int64),
+  return Dataset(f"tfds:{name}", train_x, train_y, test_x, test_y,
                  tuple(str(n) for n in names), mean, std)
 
 
@@ -430,6 +681,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         test_subset_per_class=get("test_subset_per_class", 0),
         cache_dir=get("cache_dir", ""))
   if isinstance(name, str) and name.startswith("tfds:") and len(name) > 5:
-    return load_tfds(name[5:], os.path.expanduser(get("tfds_data_dir", "") or ""))
+    return load_tfds(name[5:], get("tfds_data_dir", "") or "",
+                     image_size=get("image_size", 0))
   raise CCDDError(f"unknown data.name {name!r}: available: digits, folder, "
                   "tinyimagenet, tfds:<name>")

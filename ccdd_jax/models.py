@@ -257,15 +257,22 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn
     return ConvNet(num_classes=num_classes, width=model_config.width,
                    depth=model_config.depth, norm=model_config.norm,
                    conv_impl=resolve_conv_impl(model_config.conv_impl))
+  return build_named(name, num_classes, norm=model_config.get("norm", "instance"),
+                     conv_impl=model_config.get("conv_impl", "auto"))
+
+
+def build_named(name: str, num_classes: int, *, norm: str = "instance",
+                conv_impl: str = "auto", width: int = 0) -> nn.Module:
+  """ResNet18 / VGG11 / AlexNet by name; `width` 0 keeps DC's width (64)."""
+  conv_impl = resolve_conv_impl(conv_impl)
+  widths = {"width": width} if width else {}
   if name == "alexnet":
     return AlexNet(num_classes=num_classes)
-  norm = model_config.get("norm", "instance")
-  conv_impl = resolve_conv_impl(model_config.get("conv_impl", "auto"))
   if name == "resnet18":
-    return ResNet18(num_classes=num_classes, norm=norm, conv_impl=conv_impl)
+    return ResNet18(num_classes=num_classes, norm=norm, conv_impl=conv_impl, **widths)
   if name == "vgg11":
-    return VGG11(num_classes=num_classes, norm=norm, conv_impl=conv_impl)
-  raise CCDDError(f"unknown model.name {name!r}: available: {', '.join(MODEL_NAMES)}")
+    return VGG11(num_classes=num_classes, norm=norm, conv_impl=conv_impl, **widths)
+  raise CCDDError(f"unknown model name {name!r}: available: {', '.join(MODEL_NAMES)}")
 
 
 def init_params(model: nn.Module, image_shape, rng: jax.Array) -> Params:

@@ -3,8 +3,8 @@
   keygen    -> <workdir>/owner.key (or --key_file), mode 0600
   experts   -> <workdir>/trajectories/{clean,watermarked,fp_enhanced}/NNNN (Orbax), experts.json
   distill   -> distilled.npz, clean_distilled.npz, distilled.png, clean_distilled.png
-  evaluate  -> models/<set> (Orbax), evaluation.json
-  verify    -> report.json, report.md
+  evaluate  -> models/<architecture>/<set> (Orbax), evaluation.json
+  verify    -> verification.json, report.json, report.md
 
 Each stage reads only what earlier stages wrote, so any stage can be rerun.
 """
@@ -40,6 +40,41 @@ def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
+class Network:
+  """One architecture: its Flax module, pure apply and parameter shapes."""
+
+  def __init__(self, label: str, model, image_shape: tuple):
+    self.label = label
+    self.model = model
+    self.apply = models.make_apply(model)
+    self.image_shape = image_shape
+
+  def init_params(self, rng: jax.Array, count: int) -> Any:
+    """`count` stacked initial parameter trees."""
+    init = lambda r: models.init_params(self.model, self.image_shape, r)
+    return jax.jit(jax.vmap(init))(jax.random.split(rng, count))
+
+  def like_params(self) -> Any:
+    return jax.eval_shape(lambda: models.init_params(
+        self.model, self.image_shape, jax.random.PRNGKey(0)))
+
+
+def eval_architectures(config: ml_collections.ConfigDict) -> list[str]:
+  """The labels `eval.models` lists ("" = the distillation model only), primary first."""
+  primary = config.model.name
+  labels = [l.strip() for l in config.eval.models.split(",") if l.strip()] or [primary]
+  for label in labels:
+    name, _, norm = label.partition(":")
+    if name not in models.MODEL_NAMES or norm not in ("", "instance", "batch", "none"):
+      raise CCDDError(f"invalid config: eval.models entry {label!r}: use one of "
+                      f"{', '.join(models.MODEL_NAMES)}, optionally with :instance, :batch "
+                      f"or :none")
+  if len(set(labels)) != len(labels):
+    raise CCDDError(f"invalid config: eval.models lists an architecture twice: "
+                    f"{config.eval.models!r}")
+  return sorted(labels, key=lambda l: l != primary)
+
+
 class Context:
   """What every stage derives from the config: data, model, watermark patterns."""
 
@@ -50,12 +85,16 @@ class Context:
     self.key_file = key_file
     self.dataset = data_lib.load_dataset(config.data)
     ds = self.dataset
-    self.model = models.build_model(config.model, ds.num_classes)
-    self.apply = models.make_apply(self.model)
+    self.net = Network(config.model.name, models.build_model(config.model, ds.num_classes),
+                       ds.image_shape)
+    self.model, self.apply = self.net.model, self.net.apply
     side = ds.image_shape[0]
     self.patch_size = config.watermark.patch_size or side // 2  # Paper, Stage I.
-    self.train_x = data_lib.normalize(ds.train_images, ds.mean, ds.std)
-    self.test_x = data_lib.normalize(ds.test_images, ds.mean, ds.std)
+    self.preprocess = data_lib.fit_preprocessor(ds.train_images, zca=config.data.zca,
+                                                zca_eps=config.data.zca_eps,
+                                                cache_dir=config.data.cache_dir)
+    self.train_x = self.preprocess.apply(ds.train_images)
+    self.test_x = self.preprocess.apply(ds.test_images)
     self.rng = jax.random.PRNGKey(config.seed)
     self._key = None
 
@@ -64,7 +103,23 @@ class Context:
     return np.random.default_rng([self.config.seed, *stream])
 
   def normalize(self, images_uint8: np.ndarray) -> np.ndarray:
-    return data_lib.normalize(images_uint8, self.dataset.mean, self.dataset.std)
+    """uint8 pixels -> network inputs (mean/std normalisation or ZCA, as configured)."""
+    return self.preprocess.apply(images_uint8)
+
+  def network(self, label: str) -> Network:
+    """The evaluation architecture an `eval.models` label names."""
+    cfg = self.config
+    if label == cfg.model.name:
+      return self.net
+    name, _, norm = label.partition(":")
+    if name == "convnet":
+      model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
+      model_cfg.name, model_cfg.norm = "convnet", norm or cfg.model.norm
+      model = models.build_model(model_cfg, self.dataset.num_classes)
+    else:
+      model = models.build_named(name, self.dataset.num_classes, norm=norm or "instance",
+                                 conv_impl=cfg.model.conv_impl, width=cfg.eval.width)
+    return Network(label, model, self.dataset.image_shape)
 
   @property
   def key(self) -> bytes:
@@ -79,23 +134,22 @@ class Context:
                                 self.dataset.num_classes)
 
   def init_params(self, rng: jax.Array, count: int) -> Any:
-    """`count` stacked initial parameter trees."""
-    init = lambda r: models.init_params(self.model, self.dataset.image_shape, r)
-    return jax.jit(jax.vmap(init))(jax.random.split(rng, count))
+    """`count` stacked initial parameter trees of the distillation model."""
+    return self.net.init_params(rng, count)
 
   def like_params(self) -> Any:
-    return jax.eval_shape(lambda: models.init_params(
-        self.model, self.dataset.image_shape, jax.random.PRNGKey(0)))
+    return self.net.like_params()
 
-  def accuracy_and_acc_w(self, stacked_params: Any) -> tuple[list, list]:
+  def accuracy_and_acc_w(self, stacked_params: Any, apply=None) -> tuple[list, list]:
     """Per-network test accuracy and the paper's Acc_W on all stamped test images."""
     ds = self.dataset
+    apply = apply or self.apply
     patterns, labels = self.patterns()
     triggers, pattern_ids = watermark.trigger_set(ds.test_images, ds.test_labels, patterns,
                                                   labels, None, self.np_rng(9))
-    preds = evaluate_lib.stacked_predictions(self.apply, stacked_params, self.test_x)
+    preds = evaluate_lib.stacked_predictions(apply, stacked_params, self.test_x)
     acc = (preds == ds.test_labels[None]).mean(axis=1)
-    trig_preds = evaluate_lib.stacked_predictions(self.apply, stacked_params,
+    trig_preds = evaluate_lib.stacked_predictions(apply, stacked_params,
                                                   self.normalize(triggers))
     acc_w = [watermark.watermark_accuracy(p, pattern_ids, labels) for p in trig_preds]
     return [float(a) for a in acc], [float(a) for a in acc_w]
@@ -195,12 +249,12 @@ def stage_distill(ctx: Context) -> dict:
         set_cfg, apply_flat, cfg.dsa, ctx.normalize(init_u8), labels, (expert, twin),
         jax.random.fold_in(ctx.rng, 2), progress=progress_printer(name, dcfg.iterations))
     np.savez(ctx.workdir / f"{name}.npz", images=images, labels=labels, lr=np.float32(lr),
-             mean=ds.mean, std=ds.std, from_trigger=from_trigger, losses=np.asarray(losses))
-    save_grid(ctx.workdir / f"{name}.png", images, labels, ds, from_trigger,
-              title=f"{name} ({ds.name}, IPC {dcfg.ipc})")
+             from_trigger=from_trigger, losses=np.asarray(losses),
+             pixels=ctx.preprocess.to_pixels(images), **ctx.preprocess.as_arrays())
+    save_grid(ctx.workdir / f"{name}.png", ctx.preprocess.to_pixels(images), labels, ds,
+              from_trigger, title=f"{name} ({ds.name}, IPC {dcfg.ipc})")
     first, last = losses[:20].mean(axis=0), losses[-20:].mean(axis=0)
-    visibility = watermark.trigger_visibility(
-        data_lib.denormalize(images, ds.mean, ds.std), patterns)
+    visibility = watermark.trigger_visibility(ctx.preprocess.to_pixels(images), patterns)
     summary[name] = {"trigger_visibility": {
                          "mean": float(visibility.mean()),
                          "trigger_slots": float(visibility[from_trigger].mean())
@@ -215,6 +269,8 @@ def stage_distill(ctx: Context) -> dict:
         f"learned lr {lr:.4g}, trigger visibility {visibility.mean():.2f} "
         f"({time.time() - start:.0f} s)")
   write_json(ctx.workdir / "distill.json", summary)
+  for stale in ("evaluation.json", "verification.json"):  # They describe the old sets.
+    (ctx.workdir / stale).unlink(missing_ok=True)
   return summary
 
 
@@ -227,37 +283,53 @@ def load_distilled(ctx: Context, name: str) -> dict:
     return {k: f[k] for k in f.files}
 
 
+def model_dir(ctx: Context, label: str, name: str) -> pathlib.Path:
+  """Where the evaluated networks of one architecture and set are saved."""
+  return ctx.workdir / "models" / label.replace(":", "_") / name
+
+
 def stage_evaluate(ctx: Context) -> dict:
-  """Trains fresh networks on each set; saves them and their Acc / Acc_W."""
+  """Trains fresh networks of each `eval.models` architecture on each set; Acc / Acc_W.
+
+  The real-data baseline is trained for the distillation model only (and for
+  every architecture with `eval.real_all_models`). Results merge into
+  evaluation.json, so more architectures can be evaluated later.
+  """
   cfg, ds = ctx.config, ctx.dataset
   ecfg = cfg.eval
-  init = ctx.init_params(jax.random.fold_in(ctx.rng, 3), ecfg.num_seeds)
   sets = {name: load_distilled(ctx, name) for name in SETS[:2]}
-  summary = {}
-  for name in SETS:
-    start = time.time()
-    if name == "real":
-      images, labels, lr, epochs = ctx.train_x, ds.train_labels, ecfg.real_lr, ecfg.real_epochs
-      batch_size = ecfg.real_batch_size
-    else:
-      s = sets[name]
-      images, labels, lr, epochs = s["images"], s["labels"], float(s["lr"]), ecfg.epochs
-      batch_size = ecfg.batch_size
-    log(f"[evaluate] {name}: {ecfg.num_seeds} networks x {epochs} epochs on "
-        f"{len(labels)} images (lr {lr:.4g}) ...")
-    params = evaluate_lib.train_networks(
-        ctx.apply, cfg.dsa, init, images, labels, lr, jax.random.fold_in(ctx.rng, 4),
-        epochs=epochs, batch_size=batch_size, momentum=ecfg.momentum,
-        weight_decay=ecfg.weight_decay)
-    params = jax.device_get(params)
-    save_models(ctx.workdir / "models" / name, params)
-    acc, acc_w = ctx.accuracy_and_acc_w(params)
-    summary[name] = {"acc": evaluate_lib.summarize(acc), "acc_w": evaluate_lib.summarize(acc_w),
-                     "lr": lr, "epochs": epochs, "num_images": int(len(labels)),
-                     "seconds": time.time() - start}
-    log(f"[evaluate] {name}: Acc {fmt_pct(summary[name]['acc'])} "
-        f"Acc_W {fmt_pct(summary[name]['acc_w'])} ({time.time() - start:.0f} s)")
-  write_json(ctx.workdir / "evaluation.json", summary)
+  summary = read_json(ctx.workdir / "evaluation.json")
+  for label in eval_architectures(cfg):
+    net = ctx.network(label)
+    init = net.init_params(jax.random.fold_in(ctx.rng, 3), ecfg.num_seeds)
+    with_real = label == cfg.model.name or ecfg.real_all_models
+    summary[label] = {}
+    for name in SETS if with_real else SETS[:2]:
+      start = time.time()
+      if name == "real":
+        images, labels, lr, epochs = (ctx.train_x, ds.train_labels, ecfg.real_lr,
+                                      ecfg.real_epochs)
+        batch_size = ecfg.real_batch_size
+      else:
+        s = sets[name]
+        images, labels, lr, epochs = s["images"], s["labels"], float(s["lr"]), ecfg.epochs
+        batch_size = ecfg.batch_size
+      log(f"[evaluate] {label} on {name}: {ecfg.num_seeds} networks x {epochs} epochs on "
+          f"{len(labels)} images (lr {lr:.4g}) ...")
+      params = evaluate_lib.train_networks(
+          net.apply, cfg.dsa, init, images, labels, lr, jax.random.fold_in(ctx.rng, 4),
+          epochs=epochs, batch_size=batch_size, momentum=ecfg.momentum,
+          weight_decay=ecfg.weight_decay)
+      params = jax.device_get(params)
+      save_models(model_dir(ctx, label, name), params)
+      acc, acc_w = ctx.accuracy_and_acc_w(params, net.apply)
+      entry = {"acc": evaluate_lib.summarize(acc), "acc_w": evaluate_lib.summarize(acc_w),
+               "lr": lr, "epochs": epochs, "num_images": int(len(labels)),
+               "seconds": time.time() - start}
+      summary[label][name] = entry
+      write_json(ctx.workdir / "evaluation.json", summary)
+      log(f"[evaluate] {label} on {name}: Acc {fmt_pct(entry['acc'])} "
+          f"Acc_W {fmt_pct(entry['acc_w'])} ({time.time() - start:.0f} s)")
   return summary
 
 
@@ -265,27 +337,35 @@ def stage_verify(ctx: Context) -> dict:
   """Queries every evaluated network with the key's triggers (exact tests)."""
   cfg, ds = ctx.config, ctx.dataset
   wcfg = cfg.watermark
+  evaluation = read_json(ctx.workdir / "evaluation.json")
+  if not evaluation:
+    raise CCDDError(f"no evaluated networks in {ctx.workdir}: run --stage=evaluate first")
   result = {}
-  for name in SETS:
-    params = restore_models(ctx.workdir / "models" / name, ctx, cfg.eval.num_seeds)
-    predict_all = jax.jit(jax.vmap(lambda p, x: jnp.argmax(ctx.apply(p, x), -1),
+  for label, evaluated in evaluation.items():
+    net = ctx.network(label)
+    predict_all = jax.jit(jax.vmap(lambda p, x, f=net.apply: jnp.argmax(f(p, x), -1),
                                    in_axes=(0, None)))
-    runs = []
-    for seed in range(cfg.eval.num_seeds):
-      one = jax.tree_util.tree_map(lambda x, s=seed: x[s:s + 1], params)
-      predict = lambda u8, p=one: np.asarray(predict_all(p, jnp.asarray(ctx.normalize(u8)))[0])
-      runs.append(watermark.verify(
-          predict, ctx.key, ds.test_images, ds.test_labels, n_patterns=wcfg.n_patterns,
-          patch_size=ctx.patch_size, num_classes=ds.num_classes, m=wcfg.queries_per_pattern,
-          alpha=wcfg.alpha, rng=ctx.np_rng(5, seed)))
-    result[name] = {
-        "p_values": [r["p_conditional"] for r in runs],
-        "p_values_majority": [r["p_majority"] for r in runs],
-        "verified": [r["verified"] for r in runs],
-        "runs": runs,
-    }
-    log(f"[verify] {name}: verified {sum(result[name]['verified'])}/{len(runs)} "
-        f"(median p = {np.median(result[name]['p_values']):.3g}, alpha = {wcfg.alpha:g})")
+    result[label] = {}
+    for name in evaluated:
+      params = restore_models(model_dir(ctx, label, name), net, cfg.eval.num_seeds)
+      runs = []
+      for seed in range(cfg.eval.num_seeds):
+        one = jax.tree_util.tree_map(lambda x, s=seed: x[s:s + 1], params)
+        predict = lambda u8, p=one: np.asarray(
+            predict_all(p, jnp.asarray(ctx.normalize(u8)))[0])
+        runs.append(watermark.verify(
+            predict, ctx.key, ds.test_images, ds.test_labels, n_patterns=wcfg.n_patterns,
+            patch_size=ctx.patch_size, num_classes=ds.num_classes,
+            m=wcfg.queries_per_pattern, alpha=wcfg.alpha, rng=ctx.np_rng(5, seed)))
+      result[label][name] = {
+          "p_values": [r["p_conditional"] for r in runs],
+          "p_values_majority": [r["p_majority"] for r in runs],
+          "verified": [r["verified"] for r in runs],
+          "runs": runs,
+      }
+      log(f"[verify] {label} on {name}: verified "
+          f"{sum(result[label][name]['verified'])}/{len(runs)} (median p = "
+          f"{np.median(result[label][name]['p_values']):.3g}, alpha = {wcfg.alpha:g})")
   write_json(ctx.workdir / "verification.json", result)
   return result
 
@@ -337,13 +417,13 @@ def save_models(path: pathlib.Path, stacked_params: Any) -> None:
   ckptr.close()
 
 
-def restore_models(path: pathlib.Path, ctx: Context, num_seeds: int) -> Any:
-  """Restores stacked evaluation networks saved by `save_models`."""
+def restore_models(path: pathlib.Path, net: Network, num_seeds: int) -> Any:
+  """Restores stacked evaluation networks of `net` saved by `save_models`."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if not path.is_dir():
     raise CCDDError(f"no evaluated networks at {path}: run --stage=evaluate first")
   like = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct((num_seeds,) + s.shape, s.dtype), ctx.like_params())
+      lambda s: jax.ShapeDtypeStruct((num_seeds,) + s.shape, s.dtype), net.like_params())
   ckptr = ocp.StandardCheckpointer()
   try:
     return jax.tree_util.tree_map(np.asarray, ckptr.restore(path.absolute(), like))
@@ -351,13 +431,12 @@ def restore_models(path: pathlib.Path, ctx: Context, num_seeds: int) -> Any:
     ckptr.close()
 
 
-def save_grid(path: pathlib.Path, images: np.ndarray, labels: np.ndarray,
+def save_grid(path: pathlib.Path, pixels: np.ndarray, labels: np.ndarray,
               ds: data_lib.Dataset, from_trigger: np.ndarray, title: str) -> None:
-  """A PNG grid, one row per class; slots seeded from D_W framed in red."""
+  """A PNG grid of [0, 1] pixels, one row per class; slots seeded from D_W framed in red."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  pixels = data_lib.denormalize(images, ds.mean, ds.std)
   classes = sorted(set(int(l) for l in labels))
   per_class = max(int(np.sum(labels == c)) for c in classes)
   fig, axes = plt.subplots(len(classes), per_class, squeeze=False,
@@ -401,11 +480,17 @@ def write_report(ctx: Context, timings: dict) -> dict:
       "jax_version": jax.__version__, "backend": jax.default_backend(),
       "config": cfg.to_dict(),
   }
-  for name in SETS:
-    entry = dict(evaluation.get(name, {}))
-    v = verification.get(name, {})
-    entry.update({k: v[k] for k in ("p_values", "p_values_majority", "verified") if k in v})
-    report[name] = entry
+  architectures = {}
+  for label, evaluated in evaluation.items():
+    architectures[label] = {}
+    for name, entry in evaluated.items():
+      entry = dict(entry)
+      v = verification.get(label, {}).get(name, {})
+      entry.update({k: v[k] for k in ("p_values", "p_values_majority", "verified") if k in v})
+      architectures[label][name] = entry
+  report["architectures"] = architectures
+  for name in SETS:  # The distillation model's results, at the top level.
+    report[name] = architectures.get(cfg.model.name, {}).get(name, {})
   write_json(ctx.workdir / "report.json", report)
   (ctx.workdir / "report.md").write_text(report_markdown(report))
   return report
@@ -415,18 +500,21 @@ def report_markdown(report: dict) -> str:
   """The short human-readable table of report.json."""
   lines = [f"# CCDD run: {report['dataset']}, IPC {report['ipc']}, "
            f"n = {report['n_patterns']} patterns, alpha = {report['alpha']:g}", "",
-           "| set | Acc | Acc_W | verified | median p (conditional) | median p (majority) |",
-           "|---|---|---|---|---|---|"]
-  for name in SETS:
-    e = report.get(name, {})
-    if "acc" not in e:
-      continue
-    ver = e.get("verified", [])
-    p = e.get("p_values", [])
-    pm = e.get("p_values_majority", [])
-    lines.append(
-        f"| {name} | {fmt_pct(e['acc'])} | {fmt_pct(e['acc_w'])} | {sum(ver)}/{len(ver)} | "
-        f"{np.median(p) if p else float('nan'):.3g} | {np.median(pm) if pm else float('nan'):.3g} |")
+           "| model | set | Acc | Acc_W | verified | median p (conditional) | "
+           "median p (majority) |",
+           "|---|---|---|---|---|---|---|"]
+  for label, evaluated in report.get("architectures", {}).items():
+    for name in SETS:
+      e = evaluated.get(name, {})
+      if "acc" not in e:
+        continue
+      ver = e.get("verified", [])
+      p = e.get("p_values", [])
+      pm = e.get("p_values_majority", [])
+      lines.append(
+          f"| {label} | {name} | {fmt_pct(e['acc'])} | {fmt_pct(e['acc_w'])} | "
+          f"{sum(ver)}/{len(ver)} | {np.median(p) if p else float('nan'):.3g} | "
+          f"{np.median(pm) if pm else float('nan'):.3g} |")
   experts = report.get("experts", {})
   if experts:
     lines += ["", "| experts | Acc | Acc_W |", "|---|---|---|"]
@@ -457,6 +545,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   require(v.num_seeds >= 1 and v.epochs >= 1, "eval.num_seeds and eval.epochs must be >= 1")
   require(min(d.beta, e.lambda1, e.lambda2, e.lambda3) >= 0.0,
           "distill.beta and experts.lambda1..3 must be >= 0")
+  require(config.data.zca_eps > 0.0, f"data.zca_eps = {config.data.zca_eps} must be > 0")
+  eval_architectures(config)  # Raises on a bad eval.models list.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stage: str = "all",

@@ -48,6 +48,20 @@ def test_paper_values():
   t = load(next(p for p in CONFIGS if p.stem == "tinyimagenet_ipc50"))
   assert t.model.depth == 4 and t.watermark.n_patterns == 5 and t.distill.batch_syn == 300
   assert load(next(p for p in CONFIGS if p.stem == "cifar100_ipc50")).distill.syn_steps == 80
+  # ZCA: off as in the CCDD paper; MTT's choices recorded per setting.
+  assert not c.data.zca and c.data.zca_eps == 0.1
+  assert [k for k, v in settings.MTT_ZCA.items() if v] == [
+      ("cifar10", 1), ("cifar10", 10), ("cifar100", 1), ("cifar100", 50)]
+  assert set(settings.MTT_ZCA) == set(settings.MTT_SETTINGS)
+
+
+def test_cpu_config_is_the_paper_setting_scaled_down():
+  c = load(next(p for p in CONFIGS if p.stem == "cifar10_cpu"))
+  paper = settings.paper_config("cifar10", 10)
+  assert c.distill.ipc == paper.distill.ipc == 10
+  assert (c.watermark.n_patterns, c.watermark.ratio) == (10, 0.1)
+  assert c.data.name == "folder" and c.data.root.endswith("cifar10-jpeg.tar.gz")
+  assert pathlib.Path(c.data.root).is_absolute()
 
 
 def test_invalid_config_is_a_one_line_error():

@@ -1,7 +1,8 @@
-"""Tests of the image-folder, Tiny ImageNet and TFDS data loaders."""
+"""Tests of the data loaders (image folder, Tiny ImageNet, TFDS) and preprocessing."""
 
 import os
 import pathlib
+import sys
 import tarfile
 
 import ml_collections
@@ -182,6 +183,37 @@ def test_tinyimagenet_bad_annotation(tmp_path):
     data.load_dataset(cfg)
 
 
+def _tiny_config(root, cache):
+  return ml_collections.ConfigDict(dict(name="tinyimagenet", root=str(root),
+                                        cache_dir=str(cache)))
+
+
+def test_tinyimagenet_bad_layouts(tmp_path):
+  cache = tmp_path / "cache"
+  no_annotations = _make_tinyimagenet(tmp_path / "no_annotations")
+  os.remove(no_annotations / "val" / "val_annotations.txt")
+  _raises(_tiny_config(no_annotations, cache),
+          no_annotations / "val" / "val_annotations.txt", "missing")
+
+  lost_val = _make_tinyimagenet(tmp_path / "lost_val")
+  os.remove(lost_val / "val" / "images" / "val_00.JPEG")
+  _raises(_tiny_config(lost_val, cache), lost_val / "val" / "images" / "val_00.JPEG")
+
+  no_train = _make_tinyimagenet(tmp_path / "no_train")
+  for p in (no_train / "train" / "n01" / "images").iterdir():
+    p.unlink()
+  _raises(_tiny_config(no_train, cache), no_train / "train" / "n01" / "images")
+
+  mixed = _make_tinyimagenet(tmp_path / "mixed")
+  _write_image(mixed / "train" / "n01" / "images" / "n01_9.JPEG", 1, size=(9, 8))
+  _raises(_tiny_config(mixed, cache), mixed / "train" / "n01" / "images" / "n01_9.JPEG",
+          "9x8")
+
+  corrupt = _make_tinyimagenet(tmp_path / "corrupt")
+  (corrupt / "val" / "images" / "val_10.JPEG").write_bytes(b"\xff\xd8 not a jpeg")
+  _raises(_tiny_config(corrupt, cache), corrupt / "val" / "images" / "val_10.JPEG")
+
+
 def _raises(cfg, *fragments):
   with pytest.raises(CCDDError) as info:
     data.load_dataset(cfg)
@@ -236,29 +268,103 @@ def test_bad_inputs(tmp_path):
                                          cache_dir=str(cache))), missing)
 
 
-def test_tfds_missing_package_or_mock(tmp_path):
-  try:
-    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    with pytest.raises(CCDDError, match="tensorflow-datasets is not installed"):
-      data.load_dataset(ml_collections.ConfigDict(dict(name="tfds:cifar10")))
+def _tfds_config(name, data_dir="", **kwargs):
+  return ml_collections.ConfigDict(dict(name=f"tfds:{name}", tfds_data_dir=str(data_dir),
+                                        **kwargs))
+
+
+def _tfds_with_tensorflow():
+  """tensorflow_datasets; skips when it or TensorFlow (reading its files) is absent."""
+  pytest.importorskip("tensorflow")
+  tfds = pytest.importorskip("tensorflow_datasets")
+  tfds.disable_progress_bar()
+  return tfds
+
+
+def test_tfds_not_installed(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+  _raises(_tfds_config("cifar10"), "tensorflow-datasets is not installed")
+
+
+def test_tfds_data_dir_missing(tmp_path):
+  missing = tmp_path / "nowhere"
+  _raises(_tfds_config("cifar10", missing), "cifar10", missing)
+
+
+def test_tfds_not_prepared_never_downloads(tmp_path, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def _no_download(*args, **kwargs):
+    raise AssertionError("tried to download")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_download)
+  _raises(_tfds_config("cifar10", tmp_path), "'cifar10'", "not prepared", tmp_path)
+  assert not list(tmp_path.iterdir())
+
+
+def test_tfds_unknown_name(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  _raises(_tfds_config("no_such_dataset_xyz", tmp_path), "unknown tfds data set",
+          "no_such_dataset_xyz")
 
 
 def test_tfds_mock_data(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  tfds = _tfds_with_tensorflow()
   with tfds.testing.mock_data(num_examples=6):
-    ds = data.load_dataset(ml_collections.ConfigDict(
-        dict(name="tfds:cifar10", tfds_data_dir=str(tmp_path))))
-  assert ds.train_images.dtype == np.uint8 and ds.train_images.shape[1:] == (32, 32, 3)
-  assert ds.train_labels.dtype == np.int64
-  assert ds.num_classes == 10
+    ds = data.load_dataset(_tfds_config("cifar10", tmp_path))
+    small = data.load_dataset(_tfds_config("mnist", tmp_path, image_size=10))
+  assert ds.name == "tfds:cifar10" and ds.num_classes == 10
+  assert ds.train_images.dtype == np.uint8 and ds.train_images.shape == (6, 32, 32, 3)
+  assert ds.test_images.shape == (6, 32, 32, 3)
+  assert ds.train_labels.dtype == np.int64 and ds.train_labels.shape == (6,)
+  assert ds.mean.shape == (3,)
+  assert small.train_images.shape == (6, 10, 10, 1) and small.num_classes == 10
 
 
-def test_tfds_not_prepared(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
-  _raises(ml_collections.ConfigDict(dict(name="tfds:cifar10",
-                                         tfds_data_dir=str(tmp_path))),
-          "cifar10", tmp_path)
+@pytest.fixture(name="tfds_prepared", scope="module")
+def fixture_tfds_prepared(tmp_path_factory):
+  """A really prepared tfds data dir (no mock) of 8x8 images, one of them 9 wide."""
+  tfds = _tfds_with_tensorflow()
+
+  class CcddTinyShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Three classes of random images; found by name only in its data dir."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, supervised_keys=("image", "label"),
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(None, None, 3)),
+              "label": tfds.features.ClassLabel(names=["ant", "bee", "cow"])}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(9, 0),
+              "test": self._generate_examples(6, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        width = 9 if (seed, i) == (0, 4) else 8
+        yield i, {"image": rng.integers(0, 256, (8, width, 3), dtype=np.uint8),
+                  "label": i % 3}
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  CcddTinyShapes(data_dir=str(data_dir)).download_and_prepare()
+  return data_dir
+
+
+def test_tfds_prepared_offline(tfds_prepared, tmp_path):
+  ds = data.load_dataset(_tfds_config("ccdd_tiny_shapes", tfds_prepared, image_size=4))
+  assert ds.class_names == ("ant", "bee", "cow")
+  assert ds.train_images.shape == (9, 4, 4, 3) and ds.test_images.shape == (6, 4, 4, 3)
+  np.testing.assert_array_equal(np.bincount(ds.train_labels), [3, 3, 3])
+  np.testing.assert_array_equal(np.bincount(ds.test_labels), [2, 2, 2])
+  # The one 8x9 training image: an error naming the data set unless resized.
+  _raises(_tfds_config("ccdd_tiny_shapes", tfds_prepared), "ccdd_tiny_shapes",
+          "(8, 9, 3)", "data.image_size")
+  # Prepared in one data dir is not prepared in another.
+  _raises(_tfds_config("ccdd_tiny_shapes", tmp_path), "ccdd_tiny_shapes")
 
 
 @pytest.mark.skipif(not CIFAR_TARBALL.is_file(), reason=f"{CIFAR_TARBALL} is absent")
@@ -271,3 +377,133 @@ def test_shared_cifar10_tarball(tmp_path):
   assert ds.test_images.shape == (10000, 32, 32, 3)
   np.testing.assert_array_equal(np.bincount(ds.train_labels), [20] * 10)
   np.testing.assert_array_equal(np.bincount(ds.test_labels), [1000] * 10)
+
+
+def _toy_images(n=400, side=4, channels=3, seed=0):
+  """uint8 images whose pixels are correlated (a few shared factors plus noise)."""
+  rng = np.random.default_rng(seed)
+  d = side * side * channels
+  factors = rng.normal(size=(n, 5)) @ rng.normal(size=(5, d))
+  pixels = 128 + 20 * factors + 15 * rng.normal(size=(n, d))
+  pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+  return pixels.reshape(n, side, side, channels)
+
+
+def _kornia_zca(train_u8, eps):
+  """kornia ZCAWhitening written out from its formulas, with svd as kornia does."""
+  x = train_u8.reshape(len(train_u8), -1).astype(np.float64) / 255.0
+  mean = x.mean(axis=0)
+  cov = (x - mean).T @ (x - mean) / (len(x) - 1)
+  u, s, _ = np.linalg.svd(cov)
+  transform = u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T
+  inverse = u @ np.diag(np.sqrt(s + eps)) @ u.T
+  whiten = lambda u8: ((u8.reshape(len(u8), -1) / 255.0 - mean)
+                       @ transform).reshape(u8.shape)
+  unwhiten = lambda z: (z.reshape(len(z), -1) @ inverse + mean).reshape(z.shape)
+  return whiten, unwhiten, cov, u, s
+
+
+def test_zca_whitens_to_identity_covariance_as_eps_vanishes():
+  x = _toy_images()
+  pre = data.fit_preprocessor(x, zca=True, zca_eps=1e-9)
+  z = pre.apply(x)
+  assert z.dtype == np.float32 and z.shape == x.shape
+  flat = z.reshape(len(z), -1).astype(np.float64)
+  np.testing.assert_allclose(flat.mean(axis=0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(np.cov(flat, rowvar=False), np.eye(flat.shape[1]), atol=2e-3)
+
+
+def test_zca_eps_shrinks_each_eigenvalue_to_s_over_s_plus_eps():
+  x = _toy_images(seed=1)
+  eps = 0.1
+  _, _, _, u, s = _kornia_zca(x, eps)
+  z = data.fit_preprocessor(x, zca=True, zca_eps=eps).apply(x)
+  cov = np.cov(z.reshape(len(z), -1).astype(np.float64), rowvar=False)
+  np.testing.assert_allclose(u.T @ cov @ u, np.diag(s / (s + eps)), atol=1e-4)
+
+
+def test_zca_matches_kornia_formulas_on_random_data():
+  rng = np.random.default_rng(2)
+  train = rng.integers(0, 256, (300, 4, 4, 3), dtype=np.uint8)
+  other = rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+  whiten, unwhiten, _, _, _ = _kornia_zca(train, 0.1)
+  pre = data.fit_preprocessor(train, zca=True)  # MTT's eps, 0.1, is the default.
+  assert pre.zca and pre.zca_eps == 0.1
+  np.testing.assert_allclose(pre.apply(other), whiten(other), atol=1e-4)
+  z = np.random.default_rng(3).normal(size=(5, 4, 4, 3)).astype(np.float32)
+  np.testing.assert_allclose(pre.to_pixels(z, clip=False), unwhiten(z), atol=1e-5)
+  np.testing.assert_allclose(pre.to_pixels(z), np.clip(unwhiten(z), 0, 1), atol=1e-5)
+
+
+def test_zca_round_trips_to_pixels():
+  x = _toy_images(seed=4)
+  pre = data.fit_preprocessor(x, zca=True, zca_eps=0.1)
+  back = pre.to_pixels(pre.apply(x), clip=False)
+  assert back.dtype == np.float32
+  np.testing.assert_allclose(back, x / 255.0, atol=1e-5)
+  # A single image [H, W, C] works too, and more rows than one chunk.
+  np.testing.assert_allclose(pre.apply(x[0]), pre.apply(x[:1])[0], atol=1e-6)
+  many = np.concatenate([x] * 11)  # 4,400 rows > data._CHUNK
+  np.testing.assert_array_equal(pre.apply(many)[-len(x):], pre.apply(x))
+
+
+def test_preprocessor_without_zca_is_normalize():
+  x = _toy_images(n=50, channels=1, seed=5)
+  pre = data.fit_preprocessor(x, zca=False)
+  assert not pre.zca
+  mean, std = data.channel_stats(x)
+  np.testing.assert_array_equal(pre.apply(x), data.normalize(x, mean, std))
+  z = pre.apply(x)
+  np.testing.assert_allclose(pre.to_pixels(z), data.denormalize(z, mean, std), atol=1e-7)
+  np.testing.assert_allclose(pre.to_pixels(z, clip=False), x / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("zca", [False, True])
+def test_preprocessor_arrays_round_trip_through_npz(tmp_path, zca):
+  x = _toy_images(n=60, seed=6)
+  pre = data.fit_preprocessor(x, zca=zca, zca_eps=0.2)
+  path = tmp_path / "distilled.npz"
+  np.savez(path, images=pre.apply(x[:3]), labels=np.arange(3), **pre.as_arrays())
+  with np.load(path, allow_pickle=False) as f:
+    loaded = data.Preprocessor.from_arrays(f)
+  assert loaded.zca == zca and loaded.zca_eps == pre.zca_eps
+  np.testing.assert_array_equal(loaded.apply(x), pre.apply(x))
+  z = pre.apply(x)
+  np.testing.assert_array_equal(loaded.to_pixels(z), pre.to_pixels(z))
+
+
+def test_preprocessor_bad_inputs():
+  x = _toy_images(n=40)
+  for eps in (0.0, -1.0):
+    with pytest.raises(CCDDError, match="zca_eps"):
+      data.fit_preprocessor(x, zca=True, zca_eps=eps)
+  pre = data.fit_preprocessor(x, zca=True)
+  with pytest.raises(CCDDError, match="48 values") as info:
+    pre.apply(np.zeros((2, 5, 5, 3), np.uint8))
+  assert "\n" not in str(info.value)
+  arrays = pre.as_arrays()
+  del arrays["zca_inverse"]
+  with pytest.raises(CCDDError, match="zca_inverse"):
+    data.Preprocessor.from_arrays(arrays)
+  with pytest.raises(CCDDError, match="preprocess_mean"):
+    data.Preprocessor.from_arrays({"images": x})
+
+
+def test_zca_fit_cache(tmp_path, monkeypatch):
+  x = _toy_images(n=80, seed=7)
+  first = data.fit_preprocessor(x, zca=True, cache_dir=str(tmp_path))
+  assert len(list(tmp_path.glob("zca-*.npz"))) == 1
+
+  def _fail(*args, **kwargs):
+    raise AssertionError("fitted again instead of reading the cache")
+
+  monkeypatch.setattr(data, "_fit_zca", _fail)
+  second = data.fit_preprocessor(x, zca=True, cache_dir=str(tmp_path))
+  np.testing.assert_array_equal(second.zca_transform, first.zca_transform)
+  np.testing.assert_array_equal(second.apply(x), first.apply(x))
+  # Another eps or other images are another entry; no cache_dir, no cache.
+  for kwargs in (dict(zca_eps=0.2), dict(cache_dir=None)):
+    with pytest.raises(AssertionError):
+      data.fit_preprocessor(x, zca=True, **{"cache_dir": str(tmp_path), **kwargs})
+  with pytest.raises(AssertionError):
+    data.fit_preprocessor(x[1:], zca=True, cache_dir=str(tmp_path))

@@ -3,14 +3,17 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
+from ccdd_jax import data as data_lib
 from ccdd_jax import pipeline
 from ccdd_jax import watermark
 import conftest
@@ -27,7 +30,12 @@ def test_outputs_and_report(tiny_run):
     assert f["images"].shape == (10 * config.distill.ipc, 8, 8, 1)
     assert sorted(set(f["labels"].tolist())) == list(range(10))
     assert float(f["lr"]) > 0
-    assert f["mean"].shape == f["std"].shape == (1,) and float(f["std"][0]) > 0
+    assert f["preprocess_mean"].shape == f["preprocess_std"].shape == (1,)
+    assert float(f["preprocess_std"][0]) > 0 and "zca_transform" not in f.files
+    # The exported pixels are the images mapped back through the saved transform.
+    preprocess = data_lib.Preprocessor.from_arrays(f)
+    np.testing.assert_allclose(f["pixels"], preprocess.to_pixels(f["images"]), atol=1e-6)
+    assert 0.0 <= f["pixels"].min() and f["pixels"].max() <= 1.0
   on_disk = json.loads((workdir / "report.json").read_text())
   for name in pipeline.SETS:
     entry = on_disk[name]
@@ -49,6 +57,40 @@ def test_outputs_and_report(tiny_run):
     assert (workdir / "trajectories" / kind / "0001" / "meta.json").is_file()
 
 
+def test_cross_architecture_evaluation_merges_into_the_report(tiny_run, tmp_path):
+  """--stage=evaluate with eval.models adds architectures; verify covers them all."""
+  workdir, config, _ = tiny_run
+  run = tmp_path / "cross"
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("trajectories"))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.eval.models = "resnet18:batch,alexnet"
+  config.eval.width = 4
+  config.eval.epochs = 2
+  evaluation = pipeline.run(config, str(run), "evaluate")
+  assert list(evaluation) == ["convnet", "resnet18:batch", "alexnet"]
+  # Only the distillation model has the real-data baseline (eval.real_all_models off).
+  assert set(evaluation["resnet18:batch"]) == {"distilled", "clean_distilled"}
+  assert set(evaluation["convnet"]) == set(pipeline.SETS)  # Kept from the first run.
+  report = pipeline.run(config, str(run), "verify")
+  for label in ("resnet18:batch", "alexnet"):
+    entry = report["architectures"][label]["distilled"]
+    assert len(entry["acc"]["runs"]) == len(entry["p_values"]) == config.eval.num_seeds
+    assert (run / "models" / label.replace(":", "_") / "clean_distilled").is_dir()
+  assert report["distilled"] == report["architectures"]["convnet"]["distilled"]
+  markdown = (run / "report.md").read_text()
+  assert "| resnet18:batch | distilled |" in markdown and "| alexnet | clean_distilled |" in markdown
+
+
+@pytest.mark.parametrize("models,message", [
+    ("convnet,resnet19", "resnet19"), ("vgg11:group", "vgg11:group"),
+    ("alexnet,alexnet", "twice")])
+def test_bad_eval_models_fail_before_any_work(tmp_path, models, message):
+  config = conftest.tiny_config()
+  config.eval.models = models
+  with pytest.raises(CCDDError, match=message):
+    pipeline.run(config, str(tmp_path), "keygen")
+
+
 def test_key_file_is_private_and_key_appears_nowhere_else(tiny_run):
   workdir, _, _ = tiny_run
   key_path = workdir / "owner.key"
@@ -67,7 +109,8 @@ def test_networks_that_never_saw_a_key_are_not_verified(tiny_run):
   ctx = pipeline.Context(config, workdir, workdir / "owner.key")
   claims, trials = 0, 0
   for name in pipeline.SETS:
-    params = pipeline.restore_models(workdir / "models" / name, ctx, config.eval.num_seeds)
+    params = pipeline.restore_models(pipeline.model_dir(ctx, "convnet", name), ctx.net,
+                                     config.eval.num_seeds)
     one = jax.tree_util.tree_map(lambda x: x[0], params)
     predict = lambda u8: np.asarray(
         ctx.apply(one, ctx.normalize(u8)).argmax(-1)).astype(np.int64)
