@@ -82,15 +82,18 @@ def init_synthetic(train_images: np.ndarray, train_labels: np.ndarray, num_class
 
 
 def make_meta_loss(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
-                   dsa_config: ml_collections.ConfigDict, num_syn: int, unroll: int = 1,
-                   with_terms: bool = False):
+                   dsa_config: ml_collections.ConfigDict, num_syn: int,
+                   unroll: int | str = 1, remat: str = "none", with_terms: bool = False):
   """Returns `loss(images, lr, labels, start, target, twin_start, twin_target, rng)` (eq. 10).
 
+  `unroll` (see inner_loop.resolve_unroll) and `remat` (one of
+  inner_loop.REMAT_POLICIES) set the speed and memory of the inner loop only.
   With `with_terms` it returns (loss, (expert term, twin term)).
   """
   syn_steps = distill_config.syn_steps
   batch_syn = min(distill_config.batch_syn or num_syn, num_syn)
   beta = distill_config.beta
+  unroll = inner_loop.resolve_unroll(unroll, syn_steps)
 
   def student_loss(flat_params, step_input, images, labels):
     idx = step_input["idx"]
@@ -104,7 +107,7 @@ def make_meta_loss(distill_config: ml_collections.ConfigDict, apply_flat: Callab
     step_inputs = {"idx": idx, "rng": jax.random.split(rng_aug, syn_steps)}
     final, _, _ = inner_loop.sgd_scan(  # eq. 9
         lambda w, s: student_loss(w, s, images, labels), start, step_inputs,
-        jnp.full((syn_steps,), lr), unroll=unroll)
+        jnp.full((syn_steps,), lr), unroll=unroll, remat=remat)
     expert_term = normalized_distance(final, start, target)
     twin_term = (normalized_distance(final, twin_start, twin_target) if beta
                  else jnp.zeros_like(expert_term))
@@ -114,19 +117,21 @@ def make_meta_loss(distill_config: ml_collections.ConfigDict, apply_flat: Callab
   return meta_loss
 
 
-def make_distill_step(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
-                      dsa_config: ml_collections.ConfigDict, num_syn: int):
-  """Returns a jitted `step(state, trajectories, rng) -> (state, [loss, expert, twin])`.
+def make_distill_update(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
+                        dsa_config: ml_collections.ConfigDict, num_syn: int):
+  """Returns the pure `update(state, trajectories, rng) -> (state, [loss, expert, twin])`.
 
   `trajectories` = (expert [E, T, P], twin [E, T, P]) flat parameters per
-  epoch; `state` = {"images", "lr", "opt_state", "labels"}.
+  epoch; `state` = {"images", "lr", "opt_state", "labels"} (see init_state).
   """
-  meta_loss = make_meta_loss(distill_config, apply_flat, dsa_config, num_syn, with_terms=True)
+  meta_loss = make_meta_loss(
+      distill_config, apply_flat, dsa_config, num_syn,
+      unroll=distill_config.unroll, remat=distill_config.remat, with_terms=True)
   optimizer = make_optimizer(distill_config)
   expert_epochs = distill_config.expert_epochs
   max_start = distill_config.max_start_epoch
 
-  def step(state, trajectories, rng):
+  def update(state, trajectories, rng):
     expert, twin = trajectories
     rng_e, rng_t, rng_loss = jax.random.split(rng, 3)
     e = jax.random.randint(rng_e, (), 0, expert.shape[0])
@@ -143,7 +148,24 @@ def make_distill_step(distill_config: ml_collections.ConfigDict, apply_flat: Cal
                  "opt_state": opt_state, "labels": state["labels"]}
     return new_state, jnp.stack([loss, *terms])
 
-  return jax.jit(step, donate_argnums=(0,))
+  return update
+
+
+def make_distill_step(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
+                      dsa_config: ml_collections.ConfigDict, num_syn: int):
+  """The update of make_distill_update, jitted; the state it replaces is donated."""
+  return jax.jit(make_distill_update(distill_config, apply_flat, dsa_config, num_syn),
+                 donate_argnums=(0,))
+
+
+def init_state(distill_config: ml_collections.ConfigDict, init_images: np.ndarray,
+               labels: np.ndarray) -> dict:
+  """The distillation state on the default device: images, alpha = lr_teacher, optimiser."""
+  images = jax.device_put(np.asarray(init_images, np.float32))
+  lr = jax.device_put(np.float32(distill_config.lr_teacher))
+  return {"images": images, "lr": lr,
+          "opt_state": make_optimizer(distill_config).init({"images": images, "lr": lr}),
+          "labels": jax.device_put(np.asarray(labels, np.int32))}
 
 
 def make_optimizer(distill_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -170,19 +192,18 @@ def distill(distill_config: ml_collections.ConfigDict, apply_flat: Callable,
         f"distill.max_start_epoch + distill.expert_epochs = {needed} exceeds the "
         f"{available} expert epochs stored")
   step = make_distill_step(distill_config, apply_flat, dsa_config, init_images.shape[0])
-  optimizer = make_optimizer(distill_config)
-  images = jnp.asarray(init_images, jnp.float32)
-  lr = jnp.asarray(distill_config.lr_teacher, jnp.float32)
-  state = {"images": images, "lr": lr,
-           "opt_state": optimizer.init({"images": images, "lr": lr}),
-           "labels": jnp.asarray(labels, jnp.int32)}
-  trajectories = tuple(jnp.asarray(t) for t in trajectories)
+  state = init_state(distill_config, init_images, labels)
+  trajectories = jax.device_put(tuple(trajectories))
+  rngs = list(jax.random.split(rng, distill_config.iterations))  # Device keys, sliced once.
   losses = []
-  for it, rng_it in enumerate(jax.random.split(rng, distill_config.iterations)):
-    state, loss = step(state, trajectories, rng_it)
+  for it, rng_it in enumerate(rngs):
+    # Nothing crosses between host and device here: an accidental transfer
+    # (a NumPy input, a Python scalar argument) is an error, not a slowdown.
+    with jax.transfer_guard("disallow"):
+      state, loss = step(state, trajectories, rng_it)
     losses.append(loss)
     if progress is not None:
-      progress(it, loss[0])
+      progress(it, loss[0])  # A device scalar: the callback decides when to fetch it.
   losses = np.asarray(jax.device_get(losses), np.float64)
   if not np.all(np.isfinite(losses)):
     raise CCDDError("distillation diverged (non-finite matching loss): lower distill.lr_img "

@@ -4,10 +4,13 @@
 instance norm (GroupNorm with one group per channel, eps 1e-5, affine) ->
 ReLU -> 2x2 average pooling, then one dense layer to the logits.
 
-Convolutions can be computed with `lax.conv_general_dilated` ("lax") or as
-im2col patches followed by a matmul ("im2col"). Both give the same numbers;
-XLA:CPU differentiates the im2col form much faster inside a rolled
-`lax.scan`, so "auto" picks im2col on CPU and lax convolutions elsewhere.
+Convolutions can be computed with `lax.conv_general_dilated` ("lax"), as
+im2col patches from `conv_general_dilated_patches` followed by a matmul
+("im2col"), or as the same matmul on nine shifted slices of the padded input
+("shift", no convolution op at all). All give the same numbers. Inside a
+rolled `lax.scan` XLA:CPU leaves the weight gradients of convolution ops in
+a slow form (docs/performance.md), so "auto" picks a matmul form on CPU and
+lax convolutions elsewhere.
 
 `ResNet18`, `VGG11` and `AlexNet` follow the dataset-condensation benchmark
 networks of DC/MTT for 32x32 inputs. Their `norm` is "instance" (the default,
@@ -38,9 +41,9 @@ Params = Any
 def resolve_conv_impl(conv_impl: str) -> str:
   """Maps "auto" to the convolution implementation that is fastest here."""
   if conv_impl == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "lax"
-  if conv_impl not in ("lax", "im2col"):
-    raise CCDDError(f"unknown model.conv_impl {conv_impl!r}: use auto, lax or im2col")
+    return "shift" if jax.default_backend() == "cpu" else "lax"
+  if conv_impl not in ("lax", "im2col", "shift"):
+    raise CCDDError(f"unknown model.conv_impl {conv_impl!r}: use auto, lax, im2col or shift")
   return conv_impl
 
 
@@ -57,7 +60,15 @@ class Conv3x3(nn.Module):
                         (3, 3, in_features, self.features))
     bias = (self.param("bias", nn.initializers.zeros, (self.features,))
             if self.use_bias else None)
-    if self.conv_impl == "im2col":
+    if self.conv_impl == "shift":
+      # im2col from nine shifted slices of the padded input: no convolution op at
+      # all, so XLA:CPU keeps every gradient a plain matmul inside a rolled scan.
+      h, w = x.shape[1], x.shape[2]
+      padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      patches = jnp.concatenate([padded[:, i:i + h, j:j + w, :]
+                                 for i in range(3) for j in range(3)], axis=-1)
+      y = patches @ kernel.reshape(-1, self.features)  # Rows ordered (kh, kw, in).
+    elif self.conv_impl == "im2col":
       # Patches come out feature-major: (in_features, kh, kw).
       patches = jax.lax.conv_general_dilated_patches(
           x, (3, 3), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -27,6 +27,7 @@ from ccdd_jax import data as data_lib
 from ccdd_jax import distill as distill_lib
 from ccdd_jax import evaluate as evaluate_lib
 from ccdd_jax import experts as experts_lib
+from ccdd_jax import inner_loop
 from ccdd_jax import models
 from ccdd_jax import trajectories
 from ccdd_jax import watermark
@@ -546,6 +547,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   require(min(d.beta, e.lambda1, e.lambda2, e.lambda3) >= 0.0,
           "distill.beta and experts.lambda1..3 must be >= 0")
   require(config.data.zca_eps > 0.0, f"data.zca_eps = {config.data.zca_eps} must be > 0")
+  require(d.remat in inner_loop.REMAT_POLICIES,
+          f"distill.remat = {d.remat!r}: use one of {', '.join(inner_loop.REMAT_POLICIES)}")
+  inner_loop.resolve_unroll(d.unroll, d.syn_steps)  # Raises on a bad distill.unroll.
+  models.resolve_conv_impl(config.model.conv_impl)  # Raises on a bad model.conv_impl.
   eval_architectures(config)  # Raises on a bad eval.models list.
 
 

@@ -11,10 +11,11 @@ is reduced against configs/cifar10_ipc10.py (the paper's setting), and why:
     the real-data baseline is the one to compare with, not 84.8%;
   * ConvNet width 16 (the paper's is 128): a width-128 meta-gradient step takes
     tens of seconds on 2 cores;
-  * 3 experts per kind x 12 epochs (paper: 100 x 50), lr 0.03 and batch 128 so
+  * 3 experts per kind x 15 epochs (paper: 100 x 50), lr 0.03 and batch 64 so
     that the small subset still gives the experts a trajectory worth matching;
-  * 120 distillation iterations of 10 student steps on minibatches of 50 of the
-    100 synthetic images (paper: 5000 iterations, 30 steps, the whole set);
+  * 200 distillation iterations of 10 student steps on minibatches of 50 of the
+    100 synthetic images, start epochs 0..10 (paper: 5000 iterations, 30
+    steps, the whole set, 0..20);
   * evaluation for 300 epochs (paper: 1000), 5 seeds.
 The watermark is the paper's (n = 10, patch 16, |D_W| = 0.1 |D_C|), plus one
 D_W image seeded per pattern (`distill.triggers_per_pattern`, beyond the paper).
@@ -42,16 +43,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width = 16
 
   config.experts.num_experts = 3
-  config.experts.epochs = 12
+  config.experts.epochs = 15
   config.experts.lr = 0.03
-  config.experts.batch_size = 128
-  config.experts.wm_batch_size = 13  # ~ratio 0.1 of each D_C minibatch.
+  config.experts.batch_size = 64
+  config.experts.wm_batch_size = 7  # ~ratio 0.1 of each D_C minibatch.
   config.experts.prune_examples = 500
 
-  config.distill.iterations = 120
+  config.distill.iterations = 200
   config.distill.syn_steps = 10
   config.distill.batch_syn = 50
-  config.distill.max_start_epoch = 8
+  config.distill.max_start_epoch = 10
   config.distill.lr_teacher = 0.03  # Initial alpha of eq. 9 = the experts' lr.
   config.distill.triggers_per_pattern = 1
 

@@ -38,7 +38,8 @@ def tiny_problem(dtype=jnp.float32):
 def distill_config(**kw):
   cfg = ml_collections.ConfigDict(dict(syn_steps=4, batch_syn=0, beta=0.0, expert_epochs=1,
                                        max_start_epoch=0, lr_img=1.0, lr_lr=1e-5,
-                                       lr_teacher=0.05, iterations=2))
+                                       lr_teacher=0.05, iterations=2, unroll="auto",
+                                       remat="none"))
   cfg.update(kw)
   return cfg
 

@@ -1,4 +1,4 @@
-"""ConvNet: shapes, and the two convolution implementations agree."""
+"""ConvNet: shapes, and the three convolution implementations agree."""
 
 import chex
 import jax
@@ -10,11 +10,12 @@ from ccdd_jax import CCDDError
 from ccdd_jax import models
 
 
+@pytest.mark.parametrize("conv_impl", ["im2col", "shift"])
 @pytest.mark.parametrize("shape,depth", [((8, 8, 1), 2), ((32, 32, 3), 3)])
-def test_convnet_shapes_and_im2col_matches_lax(shape, depth):
+def test_convnet_shapes_and_matmul_convolutions_match_lax(shape, depth, conv_impl):
   x = jax.random.normal(jax.random.PRNGKey(1), (4,) + shape)
   lax_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl="lax")
-  col_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl="im2col")
+  col_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl=conv_impl)
   params = models.init_params(lax_net, shape, jax.random.PRNGKey(0))
   out_lax = lax_net.apply({"params": params}, x)
   out_col = col_net.apply({"params": params}, x)

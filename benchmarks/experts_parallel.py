@@ -1,0 +1,130 @@
+r"""Expert training throughput: K experts vmapped in one program vs one at a time.
+
+  python benchmarks/experts_parallel.py                      # configs/digits.py experts
+  python benchmarks/experts_parallel.py --kinds clean,watermarked,fp_enhanced --experts 8
+
+Both paths run the same `experts.make_trainer` program under `jax.jit(jax.vmap(...))`,
+as `experts.train_experts` does: "vmapped" with a leading axis of K experts,
+"one at a time" with a leading axis of 1, called K times (compiled once).
+Prints compile seconds and experts / second for each and the throughput
+ratio (issue 4 asks >= 1.5x on CPU), and checks that both give the same
+parameters. Inputs are the digits images scaled to [0, 1] and a fixed
+(public) watermark key: timing does not depend on their values.
+"""
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccdd_jax import data as data_lib
+from ccdd_jax import experts
+from ccdd_jax import models
+from ccdd_jax import watermark
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "configs"))
+import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def expert_inputs(config) -> tuple[dict, int, tuple]:
+  """The trainer's `data` dict for the digits set, its class count and image shape."""
+  ds = data_lib.load_dataset(config.data)
+  side, channels = ds.image_shape[0], ds.image_shape[-1]
+  patterns, labels = watermark.expand_key(bytes(range(32)), config.watermark.n_patterns,
+                                          config.watermark.patch_size or side // 2, channels,
+                                          ds.num_classes)
+  rng = np.random.default_rng(0)
+  wm_images, wm_labels, _ = watermark.make_watermark_set(
+      ds.train_images, ds.train_labels, patterns, labels, config.watermark.ratio, rng)
+  scale = lambda x: jnp.asarray(x, jnp.float32) / 255.0
+  prune = rng.choice(len(ds.train_labels), min(config.experts.prune_examples,
+                                               len(ds.train_labels)), replace=False)
+  data = {"train_images": scale(ds.train_images),
+          "train_labels": jnp.asarray(ds.train_labels, jnp.int32),
+          "wm_images": scale(wm_images), "wm_labels": jnp.asarray(wm_labels, jnp.int32),
+          "prune_images": scale(ds.train_images[prune])}
+  return data, ds.num_classes, ds.image_shape
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--kinds", default="watermarked",
+                      help="comma-separated expert kinds (clean, watermarked, fp_enhanced)")
+  parser.add_argument("--experts", type=int, default=0, help="K; 0 = experts.num_experts")
+  parser.add_argument("--epochs", type=int, default=0, help="0 = experts.epochs")
+  parser.add_argument("--conv", default="", help="model.conv_impl; '' = the config's")
+  parser.add_argument("--repeats", type=int, default=3, help="timed runs of each path")
+  args = parser.parse_args()
+  config = digits.get_config()
+  ecfg = config.experts
+  if args.epochs:
+    ecfg.epochs = args.epochs
+  if args.conv:
+    config.model.conv_impl = args.conv
+  k = args.experts or ecfg.num_experts
+  load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+  print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
+        f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {load}")
+  data, num_classes, image_shape = expert_inputs(config)
+  net = models.build_model(config.model, num_classes)
+  apply = models.make_apply(net)
+  print(f"digits experts: K = {k}, {ecfg.epochs} epochs of {len(data['train_labels'])} "
+        f"images (batch {ecfg.batch_size}, D_W batch {ecfg.wm_batch_size}), ConvNet width "
+        f"{config.model.width} depth {config.model.depth}, conv_impl "
+        f"{models.resolve_conv_impl(config.model.conv_impl)}, DSA {config.dsa.strategy!r}")
+  init = jax.vmap(lambda r: models.init_params(net, image_shape, r))(
+      jax.random.split(jax.random.PRNGKey(0), k))
+  anchors = jax.tree_util.tree_map(lambda p: p + 0.01, init)
+  rngs = jax.random.split(jax.random.PRNGKey(1), k)
+  family_rng = jax.random.PRNGKey(2)
+  print(f"run s: median wall time of {args.repeats} runs, K experts each; speed-up: "
+        f"experts / s over one at a time's; cpu s: process CPU time (all threads), less "
+        f"sensitive to other load; max |diff|: largest parameter difference between the paths")
+  print(f"{'kind':12} {'path':13} {'compile s':>10} {'run s':>8} {'experts / s':>12} "
+        f"{'speed-up':>9} {'cpu s':>8} {'cpu speed-up':>13} {'max |diff|':>11}")
+  for kind in args.kinds.split(","):
+    train = jax.jit(jax.vmap(experts.make_trainer(kind, ecfg, apply, config.dsa),
+                             in_axes=(0, 0, 0, None, None)))
+    paths = {"vmapped": k, "one at a time": 1}
+    compiled, compile_s, params = {}, {}, {}
+    run_s, cpu_s = {p: [] for p in paths}, {p: [] for p in paths}
+    for path, size in paths.items():
+      start = time.perf_counter()
+      compiled[path] = train.lower(part(init, 0, size), part(anchors, 0, size),
+                                   part(rngs, 0, size), family_rng, data).compile()
+      compile_s[path] = time.perf_counter() - start
+    for _ in range(args.repeats):  # Interleaved, so that load drifts hit both paths.
+      for path, size in paths.items():
+        start, cpu_start = time.perf_counter(), time.process_time()
+        outs = jax.block_until_ready([
+            compiled[path](part(init, i, size), part(anchors, i, size), part(rngs, i, size),
+                           family_rng, data) for i in range(0, k, size)])
+        run_s[path].append(time.perf_counter() - start)
+        cpu_s[path].append(time.process_time() - cpu_start)
+        params[path] = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs),
+                                              *jax.device_get(outs))
+    diff = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: float(np.abs(a - b).max()), params["vmapped"], params["one at a time"])))
+    median = {p: statistics.median(t) for p, t in run_s.items()}
+    cpu = {p: statistics.median(t) for p, t in cpu_s.items()}
+    for path in paths:
+      print(f"{kind:12} {path:13} {compile_s[path]:10.2f} {median[path]:8.2f} "
+            f"{k / median[path]:12.2f} {median['one at a time'] / median[path]:9.2f} "
+            f"{cpu[path]:8.2f} {cpu['one at a time'] / cpu[path]:13.2f} "
+            f"{diff if path == 'vmapped' else '':>11}", flush=True)
+
+
+def part(tree, start: int, size: int):
+  """Experts start .. start + size - 1 of a stacked pytree."""
+  return jax.tree_util.tree_map(lambda x: x[start:start + size], tree)
+
+if __name__ == "__main__":
+  main()

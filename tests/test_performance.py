@@ -1,0 +1,138 @@
+"""Speed and memory options change no numbers; the distillation step compiles once."""
+
+import functools
+
+import chex
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ccdd_jax import CCDDError
+from ccdd_jax import distill
+from ccdd_jax import inner_loop
+from ccdd_jax import models
+
+FLIP = ml_collections.ConfigDict({"strategy": "flip"})
+
+
+def problem(conv_impl="lax", num=6):
+  """A one-block ConvNet on 6x6 images and the inputs of one meta-gradient."""
+  net = models.ConvNet(num_classes=3, width=4, depth=1, conv_impl=conv_impl)
+  flat, unravel = ravel_pytree(models.init_params(net, (6, 6, 1), jax.random.PRNGKey(0)))
+  apply_flat = lambda w, x: net.apply({"params": unravel(w)}, x)
+  images = jax.random.normal(jax.random.PRNGKey(1), (num, 6, 6, 1))
+  labels = jnp.arange(num) % 3
+  target = flat + 0.05 * jax.random.normal(jax.random.PRNGKey(2), flat.shape)
+  return apply_flat, flat, images, labels, target
+
+
+def distill_config(**kw):
+  cfg = ml_collections.ConfigDict(dict(syn_steps=5, batch_syn=4, beta=0.5, expert_epochs=1,
+                                       max_start_epoch=1, lr_img=1.0, lr_lr=1e-5,
+                                       lr_teacher=0.05, iterations=3, unroll="auto",
+                                       remat="none"))
+  cfg.update(kw)
+  return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def meta_gradient(conv_impl="lax", unroll=1, remat="none", syn_steps=4):
+  """(loss, d loss / d images, d loss / d lr) of eq. 10 through `syn_steps` DSA steps."""
+  apply_flat, flat, images, labels, target = problem(conv_impl)
+  meta = distill.make_meta_loss(distill_config(syn_steps=syn_steps), apply_flat, FLIP, 6,
+                                unroll=unroll, remat=remat)
+  f = jax.jit(jax.value_and_grad(meta, argnums=(0, 1)))
+  loss, (g_images, g_lr) = f(images, jnp.float32(0.05), labels, flat, target, flat,
+                             target - 0.02, jax.random.PRNGKey(3))
+  return loss, g_images, g_lr
+
+
+def assert_same(a, b):
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+  np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-4 * float(jnp.abs(b[1]).max()))
+  np.testing.assert_allclose(a[2], b[2], rtol=1e-4)
+
+
+def test_unroll_and_conv_impl_give_the_same_meta_gradient():
+  reference = meta_gradient("lax", unroll=1)
+  assert float(jnp.abs(reference[1]).max()) > 0
+  for conv_impl, unroll in [("lax", "full"), ("im2col", 1), ("im2col", "full"), ("shift", 1)]:
+    assert_same(meta_gradient(conv_impl, unroll), reference)
+
+
+def test_remat_gives_the_same_meta_gradient():
+  for remat in ("full", "dots", "nested"):  # "nested": 2 segments of 2 steps.
+    assert_same(meta_gradient(remat=remat), meta_gradient(remat="none"))
+
+
+def test_nested_remat_keeps_momentum_and_losses():
+  w0 = jnp.array([1.0, -2.0, 0.5])
+  loss = lambda w, x: jnp.sum((w - x) ** 2) + jnp.sum(w ** 4)
+  xs = jax.random.normal(jax.random.PRNGKey(0), (7, 3))
+  lrs = jnp.linspace(0.01, 0.05, 7)
+  run = lambda remat, unroll: inner_loop.sgd_scan(loss, w0, xs, lrs, momentum=0.9,
+                                                   weight_decay=0.01, remat=remat, unroll=unroll)
+  reference = run("none", 1)
+  for remat, unroll in [("nested", 1), ("nested", 3), ("full", 7)]:
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                           run(remat, unroll), reference)
+  grad = lambda remat: jax.grad(lambda w: jnp.sum(run(remat, 1)[0] ** 2))(w0)
+  np.testing.assert_allclose(grad("nested"), grad("none"), rtol=1e-5)
+
+
+def test_unknown_unroll_and_remat_are_one_line_errors():
+  assert inner_loop.resolve_unroll("full", 20) == 20
+  assert inner_loop.resolve_unroll("4", 20) == 4
+  assert inner_loop.resolve_unroll(50, 20) == 20
+  with pytest.raises(CCDDError, match="distill.unroll"):
+    inner_loop.resolve_unroll("0", 20)
+  with pytest.raises(CCDDError, match="distill.remat"):
+    inner_loop.sgd_scan(lambda w, _: jnp.sum(w), jnp.ones(2), jnp.zeros(2), jnp.ones(2),
+                        remat="sometimes")
+
+
+def temp_bytes(remat, syn_steps):
+  """XLA's scratch memory of one compiled meta-gradient, or None where unreported."""
+  apply_flat, flat, images, labels, target = problem("lax")
+  meta = distill.make_meta_loss(distill_config(syn_steps=syn_steps), apply_flat, FLIP, 6,
+                                remat=remat)
+  f = jax.jit(jax.value_and_grad(meta, argnums=(0, 1)))
+  stats = f.lower(images, jnp.float32(0.05), labels, flat, target, flat, target,
+                  jax.random.PRNGKey(3)).compile().memory_analysis()
+  return None if stats is None else stats.temp_size_in_bytes
+
+
+def test_remat_reduces_the_memory_of_80_steps():
+  none = temp_bytes("none", 80)
+  if none is None:
+    pytest.skip(f"memory_analysis() reports nothing on {jax.default_backend()}")
+  full = temp_bytes("full", 80)
+  assert full < none / 2
+  assert temp_bytes("nested", 80) < full  # ~2 sqrt(N) stored params vectors, not N.
+
+
+def test_distill_step_compiles_once_without_transfers_and_donates_its_state():
+  apply_flat, flat, images, labels, _ = problem("lax")
+  trajectory = jnp.stack([flat, flat + 0.01, flat + 0.03])
+  cfg = distill_config(remat="full")
+  update = distill.make_distill_update(cfg, apply_flat, FLIP, images.shape[0])
+  chex.clear_trace_counter()
+  step = jax.jit(chex.assert_max_traces(update, n=1), donate_argnums=(0,))
+  state = distill.init_state(cfg, np.asarray(images), np.asarray(labels))
+  trajectories = jax.device_put((trajectory[None], trajectory[None] - 0.01))
+  rngs = list(jax.random.split(jax.random.PRNGKey(4), cfg.iterations))
+  states, losses = [state], []
+  # Raises on a second trace or on an implicit host-device transfer.
+  with jax.transfer_guard("disallow"):
+    for rng in rngs:
+      state, loss = step(state, trajectories, rng)
+      states.append(state)
+      losses.append(loss)
+  assert np.all(np.isfinite(jax.device_get(losses)))
+  for old in states[:-1]:
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old)), (
+        "donated state buffers were not reused")
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(states[-1]))
