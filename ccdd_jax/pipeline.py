@@ -66,10 +66,12 @@ def eval_architectures(config: ml_collections.ConfigDict) -> list[str]:
   labels = [l.strip() for l in config.eval.models.split(",") if l.strip()] or [primary]
   for label in labels:
     name, _, norm = label.partition(":")
-    if name not in models.MODEL_NAMES or norm not in ("", "instance", "batch", "none"):
+    norms = ("", "instance", "none") if name in ("convnet", "alexnet") else (
+        "", "instance", "batch", "none")
+    if name not in models.MODEL_NAMES or norm not in norms:
       raise CCDDError(f"invalid config: eval.models entry {label!r}: use one of "
                       f"{', '.join(models.MODEL_NAMES)}, optionally with :instance, :batch "
-                      f"or :none")
+                      f"(resnet18, vgg11) or :none")
   if len(set(labels)) != len(labels):
     raise CCDDError(f"invalid config: eval.models lists an architecture twice: "
                     f"{config.eval.models!r}")

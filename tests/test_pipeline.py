@@ -82,6 +82,7 @@ def test_cross_architecture_evaluation_merges_into_the_report(tiny_run, tmp_path
 
 @pytest.mark.parametrize("models,message", [
     ("convnet,resnet19", "resnet19"), ("vgg11:group", "vgg11:group"),
+    ("convnet:batch", "convnet:batch"),
     ("alexnet,alexnet", "twice")])
 def test_bad_eval_models_fail_before_any_work(tmp_path, models, message):
   config = conftest.tiny_config()
