@@ -41,7 +41,11 @@ def machine() -> str:
 def time_meta_gradient(conv_impl: str, unroll: int, remat: str, args
                       ) -> tuple[float, float, float]:
   """(compile seconds, median wall and CPU seconds per iteration) of one configuration."""
-  net = models.ConvNet(num_classes=10, width=args.width, depth=args.depth, conv_impl=conv_impl)
+  # "shift_nhwc": the shift convolutions on NHWC arrays (ConvNet's "shift"
+  # runs channel-major), to measure what the layout alone is worth.
+  net = models.ConvNet(num_classes=10, width=args.width, depth=args.depth,
+                       conv_impl="shift" if conv_impl == "shift_nhwc" else conv_impl,
+                       channels_first=False if conv_impl == "shift_nhwc" else None)
   shape = (args.image, args.image, args.channels)
   params = models.init_params(net, shape, jax.random.PRNGKey(0))
   flat, unravel = ravel_pytree(params)
@@ -75,7 +79,8 @@ def main():
   parser.add_argument("--num", type=int, default=100, help="synthetic images (batch_syn = all)")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--dsa", default="color_crop_cutout_flip_scale_rotate")
-  parser.add_argument("--convs", default="lax,im2col,shift", help="comma-separated conv_impl values")
+  parser.add_argument("--convs", default="lax,im2col,shift_nhwc,shift",
+                      help="comma-separated conv_impl values (shift_nhwc: shift on NHWC)")
   parser.add_argument("--unrolls", default="1,full",
                       help="comma-separated distill.unroll values (1 = rolled)")
   parser.add_argument("--remat", default=settings.base_config().distill.remat,

@@ -978,8 +978,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--conv_impl", default="auto", help="auto, lax, im2col or shift (JAX side)")
   parser.add_argument("--unroll", default="1",
                       help="JAX distillation: scan steps per loop iteration (a count or 'full')")
-  parser.add_argument("--remat", default="none",
-                      help="JAX distillation: make_meta_loss's remat policy (none: not passed)")
+  parser.add_argument("--remat", default=settings_lib.base_config().distill.remat,
+                      help="JAX distillation: make_meta_loss's remat policy (default: the "
+                      "config default; none: not passed, for commits before remat existed)")
   parser.add_argument("--torch_device", default="auto", help="auto, cpu or cuda")
   parser.add_argument("--threads", type=int, default=0,
                       help="torch intra-op threads (0: the CPU cores available)")

@@ -55,11 +55,6 @@ def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
   return ((images.astype(np.float32) / 255.0) - mean) / std
 
 
-def denormalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-  """Normalised float images -> float pixels in [0, 1] (clipped), for display."""
-  return np.clip(np.asarray(images) * std + mean, 0.0, 1.0)
-
-
 _CHUNK = 4096  # Rows per float chunk: bounds temporaries for 50,000+ images.
 
 

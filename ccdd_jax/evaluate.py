@@ -50,27 +50,56 @@ def make_set_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, 
   return train
 
 
+def make_networks_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, *,
+                          epochs: int, batch_size: int, momentum: float = 0.9,
+                          weight_decay: float = 5e-4) -> Callable[..., Any]:
+  """Returns `train(init_params, images, labels, lr, rng) -> params`, compiled once per shape.
+
+  One network per leading entry of `init_params` (vmapped seeds). Keep it to
+  train several sets of the same shapes (the distilled and the clean
+  distilled set) without compiling twice.
+  """
+  run = jax.jit(jax.vmap(make_set_trainer(apply_fn, dsa_config, epochs=epochs,
+                                          batch_size=batch_size, momentum=momentum,
+                                          weight_decay=weight_decay),
+                         in_axes=(0, None, None, None, 0, None)))
+
+  def train(init_params, images, labels, lr, rng):
+    num_seeds = jax.tree_util.tree_leaves(init_params)[0].shape[0]
+    rng, family_rng = jax.random.split(rng)
+    return run(init_params, jnp.asarray(images), jnp.asarray(labels, jnp.int32),
+               jnp.float32(lr), jax.random.split(rng, num_seeds), family_rng)
+
+  return train
+
+
 def train_networks(apply_fn: Callable, dsa_config: ml_collections.ConfigDict,
                    init_params: Any, images: np.ndarray, labels: np.ndarray, lr: float,
                    rng: jax.Array, *, epochs: int, batch_size: int, momentum: float = 0.9,
                    weight_decay: float = 5e-4) -> Any:
   """Trains one network per leading entry of `init_params` (vmapped seeds)."""
-  train = make_set_trainer(apply_fn, dsa_config, epochs=epochs, batch_size=batch_size,
-                           momentum=momentum, weight_decay=weight_decay)
-  num_seeds = jax.tree_util.tree_leaves(init_params)[0].shape[0]
-  run = jax.jit(jax.vmap(train, in_axes=(0, None, None, None, 0, None)))
-  rng, family_rng = jax.random.split(rng)
-  return run(init_params, jnp.asarray(images), jnp.asarray(labels, jnp.int32),
-             jnp.float32(lr), jax.random.split(rng, num_seeds), family_rng)
+  return make_networks_trainer(apply_fn, dsa_config, epochs=epochs, batch_size=batch_size,
+                               momentum=momentum, weight_decay=weight_decay)(
+                                   init_params, images, labels, lr, rng)
+
+
+def make_predictor(apply_fn: Callable, batch_size: int = 2048
+                   ) -> Callable[[Any, np.ndarray], np.ndarray]:
+  """Returns `predict(stacked_params, images) -> [seeds, N]` class predictions, compiled once."""
+  predict = jax.jit(jax.vmap(lambda p, x: jnp.argmax(apply_fn(p, x), -1), in_axes=(0, None)))
+
+  def predictions(stacked_params, images):
+    outs = [predict(stacked_params, jnp.asarray(images[s:s + batch_size]))
+            for s in range(0, images.shape[0], batch_size)]
+    return np.concatenate([np.asarray(o) for o in outs], axis=1)
+
+  return predictions
 
 
 def stacked_predictions(apply_fn: Callable, stacked_params: Any, images: np.ndarray,
                         batch_size: int = 2048) -> np.ndarray:
   """Predictions [seeds, N] of every network in a stacked pytree."""
-  predict = jax.jit(jax.vmap(lambda p, x: jnp.argmax(apply_fn(p, x), -1), in_axes=(0, None)))
-  outs = [predict(stacked_params, jnp.asarray(images[s:s + batch_size]))
-          for s in range(0, images.shape[0], batch_size)]
-  return np.concatenate([np.asarray(o) for o in outs], axis=1)
+  return make_predictor(apply_fn, batch_size)(stacked_params, images)
 
 
 def summarize(values) -> dict:

@@ -10,10 +10,14 @@ MTT reference trains its experts) and differ only in their loss:
 Expert i of every kind starts from the same initial parameters, and theta0 of
 watermarked / fp-enhanced expert i is the final state of clean expert i, so
 the fine-pruning-enhanced twin used by eq. 10 compares like with like.
-Experts are trained in parallel with `jax.vmap`.
+Experts are trained in parallel: `jax.vmap` over groups of experts, and
+several groups at once on a thread pool (`train_experts`).
 """
 
-from typing import Any
+import concurrent.futures
+import os
+import threading
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,17 +120,64 @@ def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
   return train
 
 
+def resolve_concurrency(concurrency: int) -> int:
+  """Programs run at once for a config's `concurrency` (0 = one per CPU core on CPU, else 1)."""
+  if concurrency:
+    return concurrency
+  return (os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
+
+
 def train_experts(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
                   dsa_config: ml_collections.ConfigDict, init_params: Any, anchors: Any,
-                  rng: jax.Array, data: dict) -> Any:
+                  rng: jax.Array, data: dict, *, concurrency: int = 0,
+                  on_group_done: Callable[[int, int], None] | None = None) -> Any:
   """Trains stacked experts in parallel; returns params [experts, epochs + 1, ...].
 
   `init_params` and `anchors` have a leading experts axis (anchors may be
-  the init params for clean experts, where they are unused).
+  the init params for clean experts, where they are unused). Experts run
+  `expert_config.group_size` at a time in one vmapped program (0 = all of
+  them), and `concurrency` such programs at once on a thread pool (0 = auto,
+  `resolve_concurrency`). The group size sets the float rounding (vmapped ops sum in
+  another order); concurrency does not change a bit. On CPU, XLA keeps about
+  one core busy per program, so concurrent programs are what use the rest
+  (docs/performance.md). `on_group_done(done, total)` reports progress.
   """
-  train = make_trainer(kind, expert_config, apply_fn, dsa_config)
+  train = jax.jit(jax.vmap(make_trainer(kind, expert_config, apply_fn, dsa_config),
+                           in_axes=(0, 0, 0, None, None)))
   num_experts = jax.tree_util.tree_leaves(init_params)[0].shape[0]
   rng, family_rng = jax.random.split(rng)
   rngs = jax.random.split(rng, num_experts)
-  return jax.jit(jax.vmap(train, in_axes=(0, 0, 0, None, None)))(
-      init_params, anchors, rngs, family_rng, data)
+  group = expert_config.get("group_size", 0) or num_experts
+  starts = list(range(0, num_experts, group))
+  take = lambda tree, s: jax.tree_util.tree_map(lambda x: x[s:s + group], tree)
+  inputs = [(take(init_params, s), take(anchors, s), rngs[s:s + group], family_rng, data)
+            for s in starts]
+  compiled = {}  # Compiled before the threads start, once per group size.
+  for args in inputs:
+    size = args[2].shape[0]
+    if size not in compiled:
+      compiled[size] = train.lower(*args).compile()
+  outs = run_concurrently(lambda *args: compiled[args[2].shape[0]](*args), inputs,
+                          resolve_concurrency(concurrency), on_group_done)
+  return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
+def run_concurrently(fn: Callable, inputs: list[tuple], workers: int,
+                     on_done: Callable[[int, int], None] | None = None) -> list:
+  """[fn(*args) for args in inputs], up to `workers` calls at once, results in order."""
+  done = [0]
+  lock = threading.Lock()
+
+  def call(args):
+    out = jax.block_until_ready(fn(*args))
+    with lock:
+      done[0] += 1
+      if on_done is not None:
+        on_done(done[0], len(inputs))
+    return out
+
+  workers = min(workers, len(inputs))
+  if workers <= 1:
+    return [call(args) for args in inputs]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(call, inputs))

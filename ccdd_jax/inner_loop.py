@@ -25,7 +25,44 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # results without batch dimensions; "nested" stores the carry every ~sqrt(N)
 # steps only (a two-level scan whose segments are recomputed, steps inside
 # them as "full"), so its stored carries grow as 2 sqrt(N) instead of N.
-REMAT_POLICIES = ("none", "full", "dots", "nested")
+# "auto" is "nested" where the carry is large against one step's intermediates
+# (few images, a big network: CIFAR-10 IPC 1) and "full" elsewhere.
+REMAT_POLICIES = ("auto", "none", "full", "dots", "nested")
+
+# "auto" takes "nested" when one step's intermediates are under this many times
+# the carry. With "full", XLA's temp memory at N steps is about N carries + M,
+# and M (measured, benchmarks/memory.py) is about a quarter of the step's
+# intermediates S: growth 20 -> 80 steps stays <= 1.25x iff M >= 220 carries,
+# i.e. S >~ 900 carries. Digits: S = 2,157 carries, CIFAR-10 IPC 10: 2,760
+# (full grows 1.11x / 1.07x); CIFAR-10 IPC 1: 286 (full grows 1.64x).
+_AUTO_NESTED_BELOW = 1000
+
+
+def _intermediate_bytes(jaxpr) -> int:
+  """Bytes of every value a jaxpr's equations produce, inner jaxprs included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars
+                 if hasattr(v.aval, "size"))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          total += _intermediate_bytes(sub)
+  return total
+
+
+def resolve_remat(remat: str, step: Callable, carry: Any, step_input: Any) -> str:
+  """The policy "auto" stands for, given the scan's step, carry and one step's input."""
+  if remat != "auto":
+    return remat
+  abstract = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+  step_bytes = _intermediate_bytes(jax.make_jaxpr(step)(abstract(carry),
+                                                        abstract(step_input)).jaxpr)
+  carry_bytes = sum(jnp.size(x) * jnp.result_type(x).itemsize
+                    for x in jax.tree_util.tree_leaves(carry))
+  return "nested" if step_bytes < _AUTO_NESTED_BELOW * carry_bytes else "full"
 
 
 def resolve_unroll(unroll: int | str, num_steps: int) -> int:
@@ -115,6 +152,7 @@ def sgd_scan(loss_fn: Callable[[Params, Any], jax.Array], params: Params, step_i
   carry = (params, velocity) if momentum else params
   xs = (step_inputs, learning_rates)
   length = learning_rates.shape[0]
+  remat = resolve_remat(remat, step, carry, jax.tree_util.tree_map(lambda x: x[0], xs))
   step = _checkpointed(step, remat)
   if remat == "nested" and length > 1:
     carry, losses = _nested_scan(step, carry, xs, length, unroll)

@@ -10,7 +10,9 @@ im2col patches from `conv_general_dilated_patches` followed by a matmul
 ("shift", no convolution op at all). All give the same numbers. Inside a
 rolled `lax.scan` XLA:CPU leaves the weight gradients of convolution ops in
 a slow form (docs/performance.md), so "auto" picks a matmul form on CPU and
-lax convolutions elsewhere.
+lax convolutions elsewhere. With "shift", `ConvNet` runs its blocks
+channel-major ([C, N, H, W]) and pools by matmuls, which XLA:CPU computes
+faster (same parameters, inputs and features).
 
 `ResNet18`, `VGG11` and `AlexNet` follow the dataset-condensation benchmark
 networks of DC/MTT for 32x32 inputs. Their `norm` is "instance" (the default,
@@ -47,27 +49,68 @@ def resolve_conv_impl(conv_impl: str) -> str:
   return conv_impl
 
 
+def _shift_patches(x: jax.Array, channels_first: bool) -> jax.Array:
+  """im2col rows (kh, kw, in) of a 3x3 'SAME' convolution from nine shifted slices."""
+  if channels_first:  # [C, N, H, W] -> [9 C, N H W]
+    c, n, h, w = x.shape
+    padded = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    return jnp.concatenate([padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)],
+                           axis=0).reshape(9 * c, n * h * w)
+  h, w = x.shape[1], x.shape[2]  # [N, H, W, C] -> [N, H, W, 9 C]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.concatenate([padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
+                         axis=-1)
+
+
+def _avg_pool_2x2_channels_first(x: jax.Array) -> jax.Array:
+  """2x2 average pooling (stride 2, odd edges dropped) of [C, N, H, W] arrays.
+
+  Written as matmuls with constant 0/0.5 pooling matrices: XLA:CPU reduces
+  over the strided window axes of a reshape slowly, and computes the
+  broadcast that is its gradient by fusing the gradient's producer (a col2im)
+  into it four times over (1.2x on the whole digits meta-gradient,
+  docs/performance.md).
+  """
+  c, n, h, w = x.shape
+  hh, ww = h // 2, w // 2
+  x = x[:, :, :2 * hh, :2 * ww]
+  down_h = 0.5 * (jnp.arange(2 * hh)[:, None] // 2 == jnp.arange(hh)[None, :]).astype(x.dtype)
+  down_w = 0.5 * (jnp.arange(2 * ww)[:, None] // 2 == jnp.arange(ww)[None, :]).astype(x.dtype)
+  if hh * ww <= 16:  # One [4 hh ww, hh ww] matrix: cheapest for small maps.
+    down = jnp.einsum("Hh,Ww->HWhw", down_h, down_w).reshape(4 * hh * ww, hh * ww)
+    return (x.reshape(c * n, 4 * hh * ww) @ down).reshape(c, n, hh, ww)
+  # Separable: 2 hh + 2 ww multiply-adds per output instead of 4 hh ww.
+  return jnp.einsum("cnHw,Hh->cnhw", x @ down_w, down_h)
+
+
 class Conv3x3(nn.Module):
-  """3x3 'SAME' convolution (bias optional); same parameters for both implementations."""
+  """3x3 'SAME' convolution (bias optional); same parameters for every implementation.
+
+  `channels_first` (only with "shift") takes and returns [C, N, H, W] arrays.
+  """
   features: int
   conv_impl: str = "lax"
   use_bias: bool = True
+  channels_first: bool = False
 
   @nn.compact
   def __call__(self, x):
-    in_features = x.shape[-1]
+    in_features = x.shape[0] if self.channels_first else x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, in_features, self.features))
     bias = (self.param("bias", nn.initializers.zeros, (self.features,))
             if self.use_bias else None)
+    if self.channels_first:
+      if self.conv_impl != "shift":
+        raise CCDDError(f"channels_first needs conv_impl 'shift', not {self.conv_impl!r}")
+      _, n, h, w = x.shape
+      y = kernel.reshape(-1, self.features).T @ _shift_patches(x, True)
+      y = y.reshape(self.features, n, h, w)
+      return y + bias[:, None, None, None] if self.use_bias else y
     if self.conv_impl == "shift":
-      # im2col from nine shifted slices of the padded input: no convolution op at
-      # all, so XLA:CPU keeps every gradient a plain matmul inside a rolled scan.
-      h, w = x.shape[1], x.shape[2]
-      padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      patches = jnp.concatenate([padded[:, i:i + h, j:j + w, :]
-                                 for i in range(3) for j in range(3)], axis=-1)
-      y = patches @ kernel.reshape(-1, self.features)  # Rows ordered (kh, kw, in).
+      # No convolution op at all, so XLA:CPU keeps every gradient a plain matmul
+      # inside a rolled scan.
+      y = _shift_patches(x, False) @ kernel.reshape(-1, self.features)
     elif self.conv_impl == "im2col":
       # Patches come out feature-major: (in_features, kh, kw).
       patches = jax.lax.conv_general_dilated_patches(
@@ -84,12 +127,17 @@ class _AffineNorm(nn.Module):
   """Normalises over `reduce_axes` per channel, then an affine map per channel."""
   reduce_axes: tuple = (1, 2)
   epsilon: float = 1e-5
+  channel_axis: int = -1
 
   @nn.compact
   def __call__(self, x):
-    features = x.shape[-1]
+    features = x.shape[self.channel_axis]
     scale = self.param("scale", nn.initializers.ones, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))
+    if self.channel_axis != -1:
+      shape = [1] * x.ndim
+      shape[self.channel_axis] = features
+      scale, bias = scale.reshape(shape), bias.reshape(shape)
     mean = jnp.mean(x, axis=self.reduce_axes, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=self.reduce_axes, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
@@ -130,26 +178,47 @@ def _head(x, num_classes, features, return_features):
 
 
 class ConvNet(nn.Module):
-  """The MTT/DC ConvNet; `channel_mask` zeroes channels of the last conv block."""
+  """The MTT/DC ConvNet; `channel_mask` zeroes channels of the last conv block.
+
+  `channels_first` (None = with "shift") runs the blocks channel-major, on
+  [C, N, H, W] arrays; inputs, features and parameters stay the same.
+  """
   num_classes: int
   width: int = 128
   depth: int = 3
   norm: str = "instance"
   conv_impl: str = "lax"
+  channels_first: bool | None = None
 
   @nn.compact
   def __call__(self, x, channel_mask=None, return_features=False):
+    if self.norm not in ("instance", "none"):
+      raise CCDDError(f"unknown model.norm {self.norm!r}: use instance or none")
+    # Channel-major, XLA:CPU reduces the norm over contiguous H W rows, pools by
+    # matmuls and needs no transposed copy for a gradient matmul: meta-gradients
+    # 1.9x (digits) and 1.3x (CIFAR-10 IPC 1) faster than NHWC (docs/performance.md).
+    channels_first = (self.conv_impl == "shift" if self.channels_first is None
+                      else self.channels_first)
+    if channels_first:
+      x = jnp.transpose(x, (3, 0, 1, 2))
     for block in range(self.depth):
-      x = Conv3x3(self.width, self.conv_impl, name=f"conv_{block}")(x)
+      x = Conv3x3(self.width, self.conv_impl, channels_first=channels_first,
+                  name=f"conv_{block}")(x)
       if self.norm == "instance":
-        x = InstanceNorm(name=f"norm_{block}")(x)
-      elif self.norm != "none":
-        raise CCDDError(f"unknown model.norm {self.norm!r}: use instance or none")
+        x = (InstanceNorm(reduce_axes=(2, 3), channel_axis=0, name=f"norm_{block}")(x)
+             if channels_first else InstanceNorm(name=f"norm_{block}")(x))
       x = nn.relu(x)
       if block == self.depth - 1 and channel_mask is not None:
-        x = x * channel_mask  # Fine-pruning masks the last conv layer's channels.
+        # Fine-pruning masks the last conv layer's channels.
+        x = x * (channel_mask[:, None, None, None] if channels_first else channel_mask)
       features = x
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      if channels_first:
+        x = _avg_pool_2x2_channels_first(x)
+      else:
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if channels_first:
+      x = jnp.transpose(x, (1, 2, 3, 0))
+      features = jnp.transpose(features, (1, 2, 3, 0))
     x = x.reshape(x.shape[0], -1)
     logits = nn.Dense(self.num_classes, name="head")(x)
     if return_features:

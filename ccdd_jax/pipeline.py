@@ -14,7 +14,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,7 @@ class Context:
     self.test_x = self.preprocess.apply(ds.test_images)
     self.rng = jax.random.PRNGKey(config.seed)
     self._key = None
+    self._predictors = {}
 
   def np_rng(self, *stream: int) -> np.random.Generator:
     """A numpy generator for one named use, derived from the config seed."""
@@ -143,6 +144,12 @@ class Context:
   def like_params(self) -> Any:
     return self.net.like_params()
 
+  def predictor(self, apply: Callable) -> Callable[[Any, np.ndarray], np.ndarray]:
+    """`evaluate.make_predictor(apply)`, made once per network, so compiled once per shape."""
+    if apply not in self._predictors:
+      self._predictors[apply] = evaluate_lib.make_predictor(apply)
+    return self._predictors[apply]
+
   def accuracy_and_acc_w(self, stacked_params: Any, apply=None) -> tuple[list, list]:
     """Per-network test accuracy and the paper's Acc_W on all stamped test images."""
     ds = self.dataset
@@ -150,10 +157,10 @@ class Context:
     patterns, labels = self.patterns()
     triggers, pattern_ids = watermark.trigger_set(ds.test_images, ds.test_labels, patterns,
                                                   labels, None, self.np_rng(9))
-    preds = evaluate_lib.stacked_predictions(apply, stacked_params, self.test_x)
+    predict = self.predictor(apply)
+    preds = predict(stacked_params, self.test_x)
     acc = (preds == ds.test_labels[None]).mean(axis=1)
-    trig_preds = evaluate_lib.stacked_predictions(apply, stacked_params,
-                                                  self.normalize(triggers))
+    trig_preds = predict(stacked_params, self.normalize(triggers))
     acc_w = [watermark.watermark_accuracy(p, pattern_ids, labels) for p in trig_preds]
     return [float(a) for a in acc], [float(a) for a in acc_w]
 
@@ -198,8 +205,14 @@ def stage_experts(ctx: Context) -> dict:
     start = time.time()
     log(f"[experts] training {ecfg.num_experts} {kind} experts x {ecfg.epochs} epochs "
         f"(|D_C| = {len(ds.train_labels)}, |D_W| = {len(wm_labels)}) ...")
+
+    def progress(done, total, kind=kind, start=start):
+      if total > 1 and (done == total or done % max(1, total // 4) == 0):
+        log(f"[experts] {kind}: {done}/{total} groups done ({time.time() - start:.0f} s)")
+
     stacked = experts_lib.train_experts(kind, ecfg, ctx.apply, cfg.dsa, init, anchors,
-                                        jax.random.fold_in(rng_train, i), data)
+                                        jax.random.fold_in(rng_train, i), data,
+                                        concurrency=cfg.concurrency, on_group_done=progress)
     stacked = jax.device_get(stacked)
     final = jax.tree_util.tree_map(lambda x: x[:, -1], stacked)
     acc, acc_w = ctx.accuracy_and_acc_w(final)
@@ -232,9 +245,8 @@ def stage_distill(ctx: Context) -> dict:
       lambda s: np.zeros(s.shape, s.dtype), ctx.like_params()))
   apply_flat = lambda w, x: ctx.apply(unravel(w), x)
   patterns, pattern_labels = ctx.patterns()
-  summary = {}
-  for name, kind, twin_kind in (("distilled", "watermarked", "fp_enhanced"),
-                                ("clean_distilled", "clean", "clean")):
+
+  def distill_set(name, kind, twin_kind):
     start = time.time()
     set_cfg = ml_collections.ConfigDict(dcfg.to_dict())
     if name == "clean_distilled":
@@ -258,19 +270,26 @@ def stage_distill(ctx: Context) -> dict:
               from_trigger, title=f"{name} ({ds.name}, IPC {dcfg.ipc})")
     first, last = losses[:20].mean(axis=0), losses[-20:].mean(axis=0)
     visibility = watermark.trigger_visibility(ctx.preprocess.to_pixels(images), patterns)
-    summary[name] = {"trigger_visibility": {
-                         "mean": float(visibility.mean()),
-                         "trigger_slots": float(visibility[from_trigger].mean())
-                                          if from_trigger.any() else None,
-                         "real_slots": float(visibility[~from_trigger].mean())},
-                     "lr": lr, "loss_first": float(first[0]), "loss_last": float(last[0]),
-                     "expert_term_first": float(first[1]), "expert_term_last": float(last[1]),
-                     "twin_term_first": float(first[2]), "twin_term_last": float(last[2]),
-                     "seconds": time.time() - start}
+    entry = {"trigger_visibility": {
+                 "mean": float(visibility.mean()),
+                 "trigger_slots": float(visibility[from_trigger].mean())
+                                  if from_trigger.any() else None,
+                 "real_slots": float(visibility[~from_trigger].mean())},
+             "lr": lr, "loss_first": float(first[0]), "loss_last": float(last[0]),
+             "expert_term_first": float(first[1]), "expert_term_last": float(last[1]),
+             "twin_term_first": float(first[2]), "twin_term_last": float(last[2]),
+             "seconds": time.time() - start}
     log(f"[distill] {name}: eq. 10 loss {first[0]:.3f} -> {last[0]:.3f} (expert term "
         f"{first[1]:.3f} -> {last[1]:.3f}, twin term {first[2]:.3f} -> {last[2]:.3f}), "
         f"learned lr {lr:.4g}, trigger visibility {visibility.mean():.2f} "
         f"({time.time() - start:.0f} s)")
+    return entry
+
+  # The two sets are independent: on CPU they run at once (`concurrency`).
+  jobs = (("distilled", "watermarked", "fp_enhanced"), ("clean_distilled", "clean", "clean"))
+  entries = experts_lib.run_concurrently(distill_set, list(jobs),
+                                         experts_lib.resolve_concurrency(cfg.concurrency))
+  summary = {job[0]: entry for job, entry in zip(jobs, entries)}
   write_json(ctx.workdir / "distill.json", summary)
   for stale in ("evaluation.json", "verification.json"):  # They describe the old sets.
     (ctx.workdir / stale).unlink(missing_ok=True)
@@ -307,6 +326,7 @@ def stage_evaluate(ctx: Context) -> dict:
     init = net.init_params(jax.random.fold_in(ctx.rng, 3), ecfg.num_seeds)
     with_real = label == cfg.model.name or ecfg.real_all_models
     summary[label] = {}
+    trainers = {}
     for name in SETS if with_real else SETS[:2]:
       start = time.time()
       if name == "real":
@@ -319,10 +339,12 @@ def stage_evaluate(ctx: Context) -> dict:
         batch_size = ecfg.batch_size
       log(f"[evaluate] {label} on {name}: {ecfg.num_seeds} networks x {epochs} epochs on "
           f"{len(labels)} images (lr {lr:.4g}) ...")
-      params = evaluate_lib.train_networks(
-          net.apply, cfg.dsa, init, images, labels, lr, jax.random.fold_in(ctx.rng, 4),
-          epochs=epochs, batch_size=batch_size, momentum=ecfg.momentum,
-          weight_decay=ecfg.weight_decay)
+      if (epochs, batch_size) not in trainers:  # The two distilled sets share one.
+        trainers[epochs, batch_size] = evaluate_lib.make_networks_trainer(
+            net.apply, cfg.dsa, epochs=epochs, batch_size=batch_size, momentum=ecfg.momentum,
+            weight_decay=ecfg.weight_decay)
+      params = trainers[epochs, batch_size](init, images, labels, lr,
+                                            jax.random.fold_in(ctx.rng, 4))
       params = jax.device_get(params)
       save_models(model_dir(ctx, label, name), params)
       acc, acc_w = ctx.accuracy_and_acc_w(params, net.apply)
@@ -346,16 +368,14 @@ def stage_verify(ctx: Context) -> dict:
   result = {}
   for label, evaluated in evaluation.items():
     net = ctx.network(label)
-    predict_all = jax.jit(jax.vmap(lambda p, x, f=net.apply: jnp.argmax(f(p, x), -1),
-                                   in_axes=(0, None)))
+    predict_all = ctx.predictor(net.apply)
     result[label] = {}
     for name in evaluated:
       params = restore_models(model_dir(ctx, label, name), net, cfg.eval.num_seeds)
       runs = []
       for seed in range(cfg.eval.num_seeds):
         one = jax.tree_util.tree_map(lambda x, s=seed: x[s:s + 1], params)
-        predict = lambda u8, p=one: np.asarray(
-            predict_all(p, jnp.asarray(ctx.normalize(u8)))[0])
+        predict = lambda u8, p=one: predict_all(p, ctx.normalize(u8))[0]
         runs.append(watermark.verify(
             predict, ctx.key, ds.test_images, ds.test_labels, n_patterns=wcfg.n_patterns,
             patch_size=ctx.patch_size, num_classes=ds.num_classes,
@@ -437,13 +457,12 @@ def restore_models(path: pathlib.Path, net: Network, num_seeds: int) -> Any:
 def save_grid(path: pathlib.Path, pixels: np.ndarray, labels: np.ndarray,
               ds: data_lib.Dataset, from_trigger: np.ndarray, title: str) -> None:
   """A PNG grid of [0, 1] pixels, one row per class; slots seeded from D_W framed in red."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  # The Figure API, not pyplot: the two distilled sets may be saved from two threads.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   classes = sorted(set(int(l) for l in labels))
   per_class = max(int(np.sum(labels == c)) for c in classes)
-  fig, axes = plt.subplots(len(classes), per_class, squeeze=False,
-                           figsize=(0.8 * per_class + 0.6, 0.8 * len(classes) + 0.5))
+  fig = Figure(figsize=(0.8 * per_class + 0.6, 0.8 * len(classes) + 0.5))
+  axes = fig.subplots(len(classes), per_class, squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
   for row, c in enumerate(classes):
@@ -464,7 +483,6 @@ def save_grid(path: pathlib.Path, pixels: np.ndarray, labels: np.ndarray,
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def write_report(ctx: Context, timings: dict) -> dict:
@@ -542,6 +560,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"distill.max_start_epoch + distill.expert_epochs = "
           f"{d.max_start_epoch + d.expert_epochs} exceeds experts.epochs = {e.epochs}")
   require(e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and epochs must be >= 1")
+  require(e.group_size >= 0, f"experts.group_size = {e.group_size} must be >= 0 (0 = all)")
+  require(config.concurrency >= 0, f"concurrency = {config.concurrency} must be >= 0 (0 = auto)")
   require(w.n_patterns >= 1, f"watermark.n_patterns = {w.n_patterns} must be >= 1")
   require(0.0 < w.ratio <= 1.0, f"watermark.ratio = {w.ratio} must be in (0, 1]")
   require(0.0 < w.alpha < 1.0, f"watermark.alpha = {w.alpha} must be in (0, 1)")

@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every config field with the MTT reference's defaults; configs override values."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Independent programs run at once (expert groups, the two distilled sets):
+  # 0 = one per CPU core on CPU (XLA:CPU keeps about one core busy per small
+  # program, docs/performance.md), 1 on GPU/TPU. Never changes a result.
+  config.concurrency = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"  # digits | folder | tinyimagenet | tfds:<name>
@@ -93,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.experts.lambda3 = 1.0  # eq. 8: weight of the fine-pruned model's D_W loss.
   config.experts.prune_ratio = 0.5  # Channels of the last conv layer pruned for eq. 7.
   config.experts.prune_examples = 2500  # Clean images that rank the channels (5% of CIFAR).
+  # Experts per vmapped program (0 = all): it sets the float rounding, and memory grows with it.
+  config.experts.group_size = 0
 
   config.distill = ml_collections.ConfigDict()
   config.distill.ipc = 10
@@ -112,10 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
   # inner_loop.resolve_unroll), "full", or a count ("1" = rolled).
   config.distill.unroll = "auto"
   # What the backward pass through eq. 9 stores (inner_loop.REMAT_POLICIES):
-  # "none" every activation, "full" one params vector per step (the default:
-  # 17x less memory, no slower on CPU), "dots", or "nested" (~2 sqrt(N)
-  # params vectors: memory nearly flat in syn_steps, ~1.3x the time).
-  config.distill.remat = "full"
+  # "none" every activation, "full" one params vector per step (17x less
+  # memory, no slower on CPU), "dots", "nested" (~2 sqrt(N) params vectors:
+  # memory nearly flat in syn_steps, 1.1-1.2x the time), or "auto" (the
+  # default: "nested" where the params vector is large against one step's
+  # activations, as at IPC 1 on CIFAR, else "full").
+  config.distill.remat = "auto"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_seeds = 5

@@ -69,3 +69,11 @@ def test_invalid_config_is_a_one_line_error():
   config.distill.max_start_epoch = 30
   with pytest.raises(CCDDError, match="exceeds experts.epochs"):
     pipeline.validate_config(config)
+  config.distill.max_start_epoch = 10
+  config.experts.group_size = -1
+  with pytest.raises(CCDDError, match="experts.group_size"):
+    pipeline.validate_config(config)
+  config.experts.group_size = 1
+  config.concurrency = -2
+  with pytest.raises(CCDDError, match="concurrency"):
+    pipeline.validate_config(config)

@@ -1,5 +1,8 @@
 """The three expert kinds differ only in their loss (eq. 6, 8) and share their init."""
 
+import os
+
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -67,3 +70,30 @@ def test_expert_kinds_share_their_initial_parameters(tiny_run):
     assert max(jax.tree_util.tree_leaves(diff)) > 0
     meta = trajectories.read_meta(root, "watermarked", index)
     assert 0.0 <= meta["acc_w"] <= 1.0 and 0.0 <= meta["test_acc"] <= 1.0
+
+
+def test_expert_groups_and_concurrency():
+  # Concurrency never changes a bit; the group size only the float rounding.
+  net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl="shift")
+  apply = models.make_apply(net)
+  init = jax.vmap(lambda r: models.init_params(net, (8, 8, 1), r))(
+      jax.random.split(jax.random.PRNGKey(0), 3))
+  rng = jax.random.PRNGKey(5)
+  data = {"train_images": jax.random.normal(rng, (12, 8, 8, 1)),
+          "train_labels": jnp.arange(12) % 3,
+          "wm_images": jax.random.normal(jax.random.PRNGKey(6), (4, 8, 8, 1)),
+          "wm_labels": jnp.array([1, 1, 2, 2]), "prune_images": jnp.zeros((4, 8, 8, 1))}
+  cfg = ml_collections.ConfigDict(dict(
+      epochs=2, lr=0.05, momentum=0.0, batch_size=6, wm_batch_size=2, lambda1=1.0,
+      lambda2=0.0, lambda3=1.0, prune_ratio=0.5, group_size=1))
+  progress = []
+  train = lambda cfg, concurrency, **kw: experts.train_experts(
+      "watermarked", cfg, apply, NO_AUG, init, init, rng, data, concurrency=concurrency, **kw)
+  one_by_one = train(cfg, 1, on_group_done=lambda done, total: progress.append((done, total)))
+  assert progress == [(1, 3), (2, 3), (3, 3)]
+  chex.assert_trees_all_equal(train(cfg, 2), one_by_one)
+  chex.assert_shape(jax.tree_util.tree_leaves(one_by_one)[0][:, :, 0], (3, 3))
+  cfg.group_size = 2  # Groups of 2 and 1: vmapped, so equal up to rounding.
+  chex.assert_trees_all_close(train(cfg, 2), one_by_one, rtol=1e-5, atol=1e-5)
+  assert experts.resolve_concurrency(3) == 3
+  assert experts.resolve_concurrency(0) == (os.cpu_count() or 1)  # CPU backend here.

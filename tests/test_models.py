@@ -11,7 +11,7 @@ from ccdd_jax import models
 
 
 @pytest.mark.parametrize("conv_impl", ["im2col", "shift"])
-@pytest.mark.parametrize("shape,depth", [((8, 8, 1), 2), ((32, 32, 3), 3)])
+@pytest.mark.parametrize("shape,depth", [((8, 8, 1), 2), ((12, 12, 1), 3), ((32, 32, 3), 3)])
 def test_convnet_shapes_and_matmul_convolutions_match_lax(shape, depth, conv_impl):
   x = jax.random.normal(jax.random.PRNGKey(1), (4,) + shape)
   lax_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl="lax")
@@ -35,15 +35,22 @@ def test_instance_norm_normalises_each_channel_per_sample():
   np.testing.assert_allclose(y.std(axis=(1, 2)), 1.0, atol=1e-3)
 
 
-def test_channel_mask_and_features():
-  net = models.ConvNet(num_classes=3, width=4, depth=2)
+@pytest.mark.parametrize("conv_impl", ["lax", "shift"])
+def test_channel_mask_and_features(conv_impl):
+  # "shift" runs channel-major inside; features come back NHWC all the same.
+  net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl=conv_impl)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
   params = models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0))
   mask = jnp.array([1.0, 0.0, 1.0, 0.0])
-  _, feats = net.apply({"params": params}, x, channel_mask=mask, return_features=True)
+  logits, feats = net.apply({"params": params}, x, channel_mask=mask, return_features=True)
   chex.assert_shape(feats, (2, 4, 4, 4))
   assert float(jnp.abs(feats[..., 1]).max()) == 0.0
   assert float(jnp.abs(feats[..., 0]).max()) > 0.0
+  lax_net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl="lax")
+  lax_logits, lax_feats = lax_net.apply({"params": params}, x, channel_mask=mask,
+                                        return_features=True)
+  np.testing.assert_allclose(feats, lax_feats, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logits, lax_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_model_names_are_user_errors():

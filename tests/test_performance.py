@@ -105,6 +105,20 @@ def temp_bytes(remat, syn_steps):
   return None if stats is None else stats.temp_size_in_bytes
 
 
+def test_auto_remat_nests_where_the_params_outweigh_a_steps_activations():
+  def choice(width, num):
+    net = models.ConvNet(num_classes=10, width=width, depth=2, conv_impl="shift")
+    flat, unravel = ravel_pytree(models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0)))
+    images = jnp.zeros((num, 8, 8, 1))
+    loss = lambda w, _: inner_loop.cross_entropy(net.apply({"params": unravel(w)}, images),
+                                                 jnp.zeros((num,), jnp.int32))
+    step = lambda w, x: (w - 0.1 * jax.grad(loss)(w, x), 0.0)
+    return inner_loop.resolve_remat("auto", step, flat, jnp.float32(0.0))
+  assert choice(width=16, num=100) == "full"  # The digits config: 3,194 params.
+  assert choice(width=128, num=2) == "nested"  # 168k params, 2 images.
+  assert inner_loop.resolve_remat("dots", None, None, None) == "dots"
+
+
 def test_remat_reduces_the_memory_of_80_steps():
   none = temp_bytes("none", 80)
   if none is None:
