@@ -5,7 +5,7 @@ r"""Expert training throughput: vmapped groups of experts, run one or several at
 
 Every path runs the same `experts.make_trainer` program under `jax.jit(jax.vmap(...))`,
 as `experts.train_experts` does, over a leading axis of `experts.group_size`
-experts, and `experts.run_concurrently` runs `experts.concurrency` such
+experts, and `experts.run_concurrently` runs `concurrency` (config) such
 programs at once on a thread pool: "one at a time" (groups of 1, one program
 at a time), "vmapped" (all K in one program), "N at once" (groups of 1, N
 programs at once, N = the CPU cores) and both combined. Prints compile
