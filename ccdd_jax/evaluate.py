@@ -73,16 +73,6 @@ def make_networks_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigD
   return train
 
 
-def train_networks(apply_fn: Callable, dsa_config: ml_collections.ConfigDict,
-                   init_params: Any, images: np.ndarray, labels: np.ndarray, lr: float,
-                   rng: jax.Array, *, epochs: int, batch_size: int, momentum: float = 0.9,
-                   weight_decay: float = 5e-4) -> Any:
-  """Trains one network per leading entry of `init_params` (vmapped seeds)."""
-  return make_networks_trainer(apply_fn, dsa_config, epochs=epochs, batch_size=batch_size,
-                               momentum=momentum, weight_decay=weight_decay)(
-                                   init_params, images, labels, lr, rng)
-
-
 def make_predictor(apply_fn: Callable, batch_size: int = 2048
                    ) -> Callable[[Any, np.ndarray], np.ndarray]:
   """Returns `predict(stacked_params, images) -> [seeds, N]` class predictions, compiled once."""
@@ -94,12 +84,6 @@ def make_predictor(apply_fn: Callable, batch_size: int = 2048
     return np.concatenate([np.asarray(o) for o in outs], axis=1)
 
   return predictions
-
-
-def stacked_predictions(apply_fn: Callable, stacked_params: Any, images: np.ndarray,
-                        batch_size: int = 2048) -> np.ndarray:
-  """Predictions [seeds, N] of every network in a stacked pytree."""
-  return make_predictor(apply_fn, batch_size)(stacked_params, images)
 
 
 def summarize(values) -> dict:
