@@ -5,7 +5,7 @@ r"""Expert training throughput: vmapped groups of experts, run one or several at
 
 Every path runs the same `experts.make_trainer` program under `jax.jit(jax.vmap(...))`,
 as `experts.train_experts` does, over a leading axis of `experts.group_size`
-experts, and `experts.run_concurrently` runs `concurrency` (config) such
+experts, and `parallel.run_concurrently` runs `concurrency` (config) such
 programs at once on a thread pool: "one at a time" (groups of 1, one program
 at a time), "vmapped" (all K in one program), "N at once" (groups of 1, N
 programs at once, N = the CPU cores) and both combined. Prints compile
@@ -18,23 +18,20 @@ depend on their values.
 
 import argparse
 import os
-import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccdd_jax import config_loader
 from ccdd_jax import data as data_lib
 from ccdd_jax import experts
 from ccdd_jax import models
+from ccdd_jax import parallel
 from ccdd_jax import watermark
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "configs"))
-import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def expert_inputs(config) -> tuple[dict, int, tuple]:
@@ -66,26 +63,25 @@ def main():
   parser.add_argument("--conv", default="", help="model.conv_impl; '' = the config's")
   parser.add_argument("--repeats", type=int, default=3, help="timed runs of each path")
   args = parser.parse_args()
-  config = digits.get_config()
-  ecfg = config.experts
+  config = config_loader.load("digits")
+  expert_config = config.experts
   if args.epochs:
-    ecfg.epochs = args.epochs
+    expert_config.epochs = args.epochs
   if args.conv:
     config.model.conv_impl = args.conv
-  k = args.experts or ecfg.num_experts
+  k = args.experts or expert_config.num_experts
   load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
         f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {load}")
   data, num_classes, image_shape = expert_inputs(config)
-  net = models.build_model(config.model, num_classes)
-  apply = models.make_apply(net)
-  print(f"digits experts: K = {k}, {ecfg.epochs} epochs of {len(data['train_labels'])} "
-        f"images (batch {ecfg.batch_size}, D_W batch {ecfg.wm_batch_size}), ConvNet width "
-        f"{config.model.width} depth {config.model.depth}, conv_impl "
-        f"{models.resolve_conv_impl(config.model.conv_impl)}, DSA {config.dsa.strategy!r}")
-  init = jax.vmap(lambda r: models.init_params(net, image_shape, r))(
-      jax.random.split(jax.random.PRNGKey(0), k))
+  network = models.build_network(config.model.name, num_classes, image_shape, config.model)
+  print(f"digits experts: K = {k}, {expert_config.epochs} epochs of "
+        f"{len(data['train_labels'])} images (batch {expert_config.batch_size}, D_W batch "
+        f"{expert_config.wm_batch_size}), ConvNet width {config.model.width} depth "
+        f"{config.model.depth}, conv_impl {models.resolve_conv_impl(config.model.conv_impl)}, "
+        f"DSA {config.dsa.strategy!r}")
+  init = network.init_params(jax.random.PRNGKey(0), k)
   anchors = jax.tree_util.tree_map(lambda p: p + 0.01, init)
   rngs = jax.random.split(jax.random.PRNGKey(1), k)
   family_rng = jax.random.PRNGKey(2)
@@ -95,9 +91,9 @@ def main():
   print(f"{'kind':12} {'path':24} {'compile s':>10} {'run s':>8} {'experts / s':>12} "
         f"{'speed-up':>9} {'cpu s':>8} {'cpu speed-up':>13} {'max |diff|':>11}")
   for kind in args.kinds.split(","):
-    train = jax.jit(jax.vmap(experts.make_trainer(kind, ecfg, apply, config.dsa),
-                             in_axes=(0, 0, 0, None, None)))
-    workers = experts.resolve_concurrency(0)
+    trainer = experts.make_trainer(kind, expert_config, network.apply, config.dsa)
+    train = jax.jit(jax.vmap(trainer, in_axes=(0, 0, 0, None, None)))
+    workers = parallel.resolve_concurrency(0)
     # name -> (experts per vmapped program, programs at once)
     paths = {"one at a time": (1, 1), f"vmapped (K = {k})": (k, 1),
              f"{workers} at once": (1, workers),
@@ -115,7 +111,7 @@ def main():
         inputs = [(part(init, i, size), part(anchors, i, size), part(rngs, i, size),
                    family_rng, data) for i in range(0, k, size)]
         start, cpu_start = time.perf_counter(), time.process_time()
-        outs = experts.run_concurrently(compiled[size], inputs, at_once)
+        outs = parallel.run_concurrently(compiled[size], inputs, at_once)
         run_s[path].append(time.perf_counter() - start)
         cpu_s[path].append(time.process_time() - cpu_start)
         params[path] = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs),

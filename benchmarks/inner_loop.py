@@ -22,7 +22,6 @@ import time
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-import ml_collections
 
 from ccdd_jax import distill
 from ccdd_jax import inner_loop
@@ -50,8 +49,8 @@ def time_meta_gradient(conv_impl: str, unroll: int, remat: str, args
   params = models.init_params(net, shape, jax.random.PRNGKey(0))
   flat, unravel = ravel_pytree(params)
   apply_flat = lambda w, x: net.apply({"params": unravel(w)}, x)
-  cfg = ml_collections.ConfigDict({"syn_steps": args.steps, "batch_syn": 0, "beta": 0.0})
-  dsa = ml_collections.ConfigDict({"strategy": args.dsa})
+  cfg = settings.section("distill", syn_steps=args.steps, batch_syn=0, beta=0.0)
+  dsa = settings.section("dsa", strategy=args.dsa)
   images = jax.random.normal(jax.random.PRNGKey(1), (args.num,) + shape)
   labels = jnp.arange(args.num) % 10
   meta = distill.make_meta_loss(cfg, apply_flat, dsa, args.num, unroll=unroll, remat=remat)

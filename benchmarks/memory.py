@@ -17,13 +17,12 @@ import os
 import platform
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-import ml_collections
 
 from ccdd_jax import distill
 from ccdd_jax import inner_loop
 from ccdd_jax import models
+from ccdd_jax import settings as settings_lib
 
 # name -> (images per class, side, channels, ConvNet width, depth); 10 classes.
 SETTINGS = {
@@ -37,19 +36,17 @@ def iteration_memory(setting: str, steps: int, remat: str, conv_impl: str, unrol
                      dsa: str) -> dict:
   """memory_analysis() figures (bytes) of one compiled distillation iteration."""
   ipc, side, channels, width, depth = SETTINGS[setting]
-  net = models.ConvNet(num_classes=10, width=width, depth=depth, conv_impl=conv_impl)
+  model_config = settings_lib.section("model", width=width, depth=depth, conv_impl=conv_impl)
   shape = (side, side, channels)
-  like = jax.eval_shape(lambda: models.init_params(net, shape, jax.random.PRNGKey(0)))
-  flat, unravel = ravel_pytree(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                                      like))
-  apply_flat = lambda w, x: net.apply({"params": unravel(w)}, x)
+  network = models.build_network("convnet", 10, shape, model_config)
   num = 10 * ipc
-  cfg = ml_collections.ConfigDict({"syn_steps": steps, "batch_syn": 0, "beta": 0.5})
-  meta = distill.make_meta_loss(cfg, apply_flat, ml_collections.ConfigDict({"strategy": dsa}),
-                                num, unroll=unroll, remat=remat)
+  cfg = settings_lib.section("distill", syn_steps=steps, batch_syn=0, beta=0.5)
+  dsa_config = settings_lib.section("dsa", strategy=dsa)
+  meta = distill.make_meta_loss(cfg, network.apply_flat, dsa_config, num, unroll=unroll,
+                                remat=remat)
   grad = jax.jit(jax.value_and_grad(meta, argnums=(0, 1)))
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-  p = flat.shape[0]
+  p = sum(leaf.size for leaf in jax.tree_util.tree_leaves(network.like_params()))
   compiled = grad.lower(f32(num, *shape), f32(), jax.ShapeDtypeStruct((num,), jnp.int32),
                         f32(p), f32(p), f32(p), f32(p), jax.random.PRNGKey(0)).compile()
   stats = compiled.memory_analysis()

@@ -24,8 +24,9 @@ between the two with `flax_to_torch_flat` / `torch_flat_to_flax`; images are
 NCHW here and NHWC in ccdd_jax.
 """
 
+from collections.abc import Sequence
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -1,4 +1,15 @@
-"""ccdd_jax: Copyright-Certified Distillation Dataset in JAX."""
+"""ccdd_jax: Copyright-Certified Distillation Dataset in JAX.
+
+Errors. `CCDDError` is raised for what a user can fix: a bad config value, a
+missing or corrupt input file, a stage run before its inputs exist, data
+that cannot hold the requested set. Its message is one line that names the
+problem, and `python -m ccdd_jax.main` prints it as `error: ...` and exits 1.
+Misuse of the library's API by calling code (arrays of the wrong shape or
+dtype, an unknown internal option, a function called out of order) raises
+`ValueError` or `TypeError`, with a traceback, as any Python library does.
+Config values are validated up front (`settings.validate`), so a user's bad
+value is reported as a CCDDError before it can reach an API check.
+"""
 
 
 class CCDDError(Exception):

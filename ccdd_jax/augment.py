@@ -36,10 +36,11 @@ public and take explicit parameters: `adjust_brightness`, `adjust_saturation`,
 `scale_matrices` / `rotation_matrices`).
 """
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import jax
 from jax import lax
@@ -93,7 +94,7 @@ def default_params() -> DSAConfig:
   return DSAConfig()
 
 
-def as_params(params: Union[None, DSAConfig, Mapping[str, Any], Any]) -> DSAConfig:
+def as_params(params: None | DSAConfig | Mapping[str, Any] | Any) -> DSAConfig:
   """Converts None, a DSAConfig, a dict or an ml_collections ConfigDict to a DSAConfig."""
   if params is None:
     return DSAConfig()
@@ -121,17 +122,17 @@ def _jit_with_static_params(op: Callable[..., Array]) -> Callable[..., Array]:
   jitted = jax.jit(op, static_argnames="params")
 
   @functools.wraps(op)
-  def wrapper(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+  def wrapper(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
     return jitted(images, rng, params=as_params(params))
 
   return wrapper
 
 
-def _check_images(images: Array) -> None:
+def _check_float_nhwc(images: Array) -> None:
   if images.ndim != 4:
-    raise CCDDError(f"augment expects NHWC images (4-D), got shape {tuple(images.shape)}")
+    raise ValueError(f"augment expects NHWC images (4-D), got shape {tuple(images.shape)}")
   if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise CCDDError(f"augment expects floating-point images, got dtype {images.dtype}")
+    raise TypeError(f"augment expects floating-point images, got dtype {images.dtype}")
 
 
 def _per_sample(values: Array, images: Array) -> Array:
@@ -205,7 +206,7 @@ def translate(images: Array, shifts: Array) -> Array:
   A positive shift moves the content up (rows) / left (columns), as in the
   MTT reference's `rand_crop` (translation_x indexes rows there).
   """
-  _check_images(images)
+  _check_float_nhwc(images)
   _, height, width, _ = images.shape
   shifts = jnp.asarray(shifts, jnp.int32)
   rows = jnp.arange(height, dtype=jnp.int32)[None, :, None] + shifts[:, 0, None, None]
@@ -216,7 +217,7 @@ def translate(images: Array, shifts: Array) -> Array:
 
 def cut_out(images: Array, centers: Array, size: Sequence[int]) -> Array:
   """Zeros the (h, w) = `size` box at centers[b] - size // 2, clipped to the image."""
-  _check_images(images)
+  _check_float_nhwc(images)
   _, height, width, _ = images.shape
   box_height, box_width = size
   centers = jnp.asarray(centers, jnp.int32)
@@ -262,7 +263,7 @@ def affine_warp(images: Array, theta: Array) -> Array:
   along H, both in [-1, 1]) to normalised input coordinates; values are
   sampled bilinearly and points outside the input read as zero.
   """
-  _check_images(images)
+  _check_float_nhwc(images)
   _, height, width, _ = images.shape
   theta = jnp.asarray(theta, jnp.float32)
   # Equivalent to the normalised form, written around the image centre so that
@@ -286,34 +287,34 @@ def affine_warp(images: Array, theta: Array) -> Array:
 
 
 @_jit_with_static_params
-def brightness(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def brightness(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Adds (U - 0.5) * params.brightness per sample."""
   params = as_params(params)
-  _check_images(images)
+  _check_float_nhwc(images)
   offsets = (_uniform(rng, images.shape[0]) - 0.5) * params.brightness
   return adjust_brightness(images, offsets)
 
 
 @_jit_with_static_params
-def saturation(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def saturation(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Scales deviations from the channel mean by U * params.saturation per sample."""
   params = as_params(params)
-  _check_images(images)
+  _check_float_nhwc(images)
   factors = _uniform(rng, images.shape[0]) * params.saturation
   return adjust_saturation(images, factors)
 
 
 @_jit_with_static_params
-def contrast(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def contrast(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Scales deviations from the sample mean by U + params.contrast per sample."""
   params = as_params(params)
-  _check_images(images)
+  _check_float_nhwc(images)
   factors = _uniform(rng, images.shape[0]) + params.contrast
   return adjust_contrast(images, factors)
 
 
 @_jit_with_static_params
-def color(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def color(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Applies brightness, saturation and contrast in that order (the 'color' family)."""
   brightness_rng, saturation_rng, contrast_rng = jax.random.split(rng, 3)
   images = brightness(images, brightness_rng, params)
@@ -321,21 +322,21 @@ def color(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Ar
   return contrast(images, contrast_rng, params)
 
 
-def max_crop_shift(size: int, params: Optional[DSAConfig] = None) -> int:
+def max_crop_shift(size: int, params: DSAConfig | None = None) -> int:
   """Largest translation of `crop` for an image side of `size` pixels."""
   return int(size * as_params(params).crop_ratio + 0.5)
 
 
-def cutout_side(size: int, params: Optional[DSAConfig] = None) -> int:
+def cutout_side(size: int, params: DSAConfig | None = None) -> int:
   """Side of the `cutout` square for an image side of `size` pixels."""
   return int(size * as_params(params).cutout_ratio + 0.5)
 
 
 @_jit_with_static_params
-def crop(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def crop(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Translates each sample by random integer shifts in [-max, max] per axis, zero fill."""
   params = as_params(params)
-  _check_images(images)
+  _check_float_nhwc(images)
   batch, height, width, _ = images.shape
   max_shift = jnp.array([max_crop_shift(height, params), max_crop_shift(width, params)],
                         jnp.int32)
@@ -344,10 +345,10 @@ def crop(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Arr
 
 
 @_jit_with_static_params
-def cutout(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def cutout(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Zeros a random square of side int(H * cutout_ratio + 0.5) per sample."""
   params = as_params(params)
-  _check_images(images)
+  _check_float_nhwc(images)
   batch, height, width, _ = images.shape
   size = (cutout_side(height, params), cutout_side(width, params))
   # As in the reference: the centre ranges over [0, H + 1 - side % 2).
@@ -357,19 +358,19 @@ def cutout(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> A
 
 
 @_jit_with_static_params
-def flip(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def flip(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Flips each sample horizontally with probability params.flip_prob."""
   params = as_params(params)
-  _check_images(images)
+  _check_float_nhwc(images)
   should_flip = _uniform(rng, images.shape[0]) < params.flip_prob
   return flip_where(images, should_flip)
 
 
 @_jit_with_static_params
-def scale(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def scale(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Scales the sampling grid by sx, sy ~ U[1/params.scale, params.scale] per sample."""
   params = as_params(params)
-  _check_images(images)
+  _check_float_nhwc(images)
   rng_x, rng_y = jax.random.split(rng)
   batch = images.shape[0]
   low, high = 1.0 / params.scale, params.scale
@@ -378,10 +379,10 @@ def scale(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Ar
 
 
 @_jit_with_static_params
-def rotate(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> Array:
+def rotate(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   """Rotates each sample by an angle ~ U[-rotate_degrees, rotate_degrees]."""
   params = as_params(params)
-  _check_images(images)
+  _check_float_nhwc(images)
   max_angle = params.rotate_degrees * math.pi / 180.0
   angles = _uniform(rng, images.shape[0], -max_angle, max_angle)
   return affine_warp(images, rotation_matrices(angles))
@@ -390,7 +391,7 @@ def rotate(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None) -> A
 # ---------------------------------------------------------------------------
 # Strategy.
 
-AugmentFn = Callable[[Array, PRNGKey, Optional[DSAConfig]], Array]
+AugmentFn = Callable[[Array, PRNGKey, DSAConfig | None], Array]
 
 FAMILIES: Mapping[str, AugmentFn] = {
     "color": color,
@@ -418,8 +419,8 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
   return names
 
 
-def augment(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None,
-            strategy: Optional[str] = None, family_rng: Optional[PRNGKey] = None) -> Array:
+def augment(images: Array, rng: PRNGKey, params: DSAConfig | None = None,
+            strategy: str | None = None, family_rng: PRNGKey | None = None) -> Array:
   """Applies one randomly chosen DSA family of `strategy` (default params.strategy).
 
   Siamese: the same `rng` on batches of the same shape applies exactly the same
@@ -433,7 +434,7 @@ def augment(images: Array, rng: PRNGKey, params: Optional[DSAConfig] = None,
   params = as_params(params)
   names = parse_strategy(params.strategy if strategy is None else strategy)
   images = jnp.asarray(images)
-  _check_images(images)
+  _check_float_nhwc(images)
   if not names:
     return images
   if family_rng is None:

@@ -12,8 +12,8 @@ where Idx is the fine-pruning-enhanced twin of expert e (same initial
 parameters). Parameters are flat vectors (`ravel_pytree`) in the inner loop.
 """
 
-import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +25,6 @@ from ccdd_jax import CCDDError
 from ccdd_jax import augment
 from ccdd_jax import inner_loop
 from ccdd_jax import watermark
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticSet:
-  """A distilled set: normalised images, hard labels, the learned step size."""
-  images: np.ndarray  # float32 [num_classes * ipc, H, W, C]
-  labels: np.ndarray  # int64
-  lr: float
-  from_trigger: np.ndarray  # bool: slot was initialised from a D_W image
 
 
 def normalized_distance(params, start, target) -> jax.Array:

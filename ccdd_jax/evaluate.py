@@ -6,7 +6,9 @@ seeds trained in parallel with `jax.vmap`. We report the mean and std of the
 final evaluation over seeds, never the best over evaluation points.
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import numpy as np
 
 from ccdd_jax import augment
 from ccdd_jax import inner_loop
+from ccdd_jax import watermark
 
 
 def make_set_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, *,
@@ -73,6 +76,37 @@ def make_networks_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigD
   return train
 
 
+def train_on_sets(apply_fn: Callable, dsa_config: ml_collections.ConfigDict,
+                  eval_config: ml_collections.ConfigDict, init_params: Any, sets: dict,
+                  rng: jax.Array, on_start: Callable[[str], None] | None = None):
+  """Yields (name, stacked params, entry) for each set, trained from `init_params` (seeds).
+
+  `sets` maps a name to {"images", "labels", "lr"}; the set named "real" is
+  trained with `eval.real_*` (no "lr" needed), the others for `eval.epochs`
+  with the lr they carry. Sets of one epochs and batch size share one
+  compiled trainer. `entry` holds lr, epochs, num_images and seconds.
+  """
+  trainers = {}
+  for name, s in sets.items():
+    start = time.time()
+    if name == "real":
+      lr, epochs, batch_size = (eval_config.real_lr, eval_config.real_epochs,
+                                eval_config.real_batch_size)
+    else:
+      lr, epochs, batch_size = float(s["lr"]), eval_config.epochs, eval_config.batch_size
+    if on_start is not None:
+      on_start(f"on {name}: {len(s['labels'])} images x {epochs} epochs, "
+               f"{jax.tree_util.tree_leaves(init_params)[0].shape[0]} networks (lr {lr:.4g}) ...")
+    if (epochs, batch_size) not in trainers:
+      trainers[epochs, batch_size] = make_networks_trainer(
+          apply_fn, dsa_config, epochs=epochs, batch_size=batch_size,
+          momentum=eval_config.momentum, weight_decay=eval_config.weight_decay)
+    params = jax.device_get(trainers[epochs, batch_size](init_params, s["images"], s["labels"],
+                                                          lr, rng))
+    yield name, params, {"lr": lr, "epochs": epochs, "num_images": len(s["labels"]),
+                         "seconds": time.time() - start}
+
+
 def make_predictor(apply_fn: Callable, batch_size: int = 2048
                    ) -> Callable[[Any, np.ndarray], np.ndarray]:
   """Returns `predict(stacked_params, images) -> [seeds, N]` class predictions, compiled once."""
@@ -84,6 +118,41 @@ def make_predictor(apply_fn: Callable, batch_size: int = 2048
     return np.concatenate([np.asarray(o) for o in outs], axis=1)
 
   return predictions
+
+
+def accuracy_and_acc_w(predict: Callable[[Any, np.ndarray], np.ndarray], stacked_params: Any,
+                       test_x: np.ndarray, test_labels: np.ndarray, trigger_x: np.ndarray,
+                       pattern_ids: np.ndarray, pattern_labels: np.ndarray
+                      ) -> tuple[list[float], list[float]]:
+  """Per-network test accuracy and the paper's Acc_W on stamped test images.
+
+  `predict` is a `make_predictor` function; `trigger_x` are the normalised
+  stamped images and `pattern_ids` the pattern each carries.
+  """
+  preds = predict(stacked_params, test_x)
+  acc = (preds == np.asarray(test_labels)[None]).mean(axis=1)
+  trigger_preds = predict(stacked_params, trigger_x)
+  acc_w = [watermark.watermark_accuracy(p, pattern_ids, pattern_labels) for p in trigger_preds]
+  return [float(a) for a in acc], [float(a) for a in acc_w]
+
+
+def verify_networks(predict: Callable[[Any, np.ndarray], np.ndarray], stacked_params: Any,
+                    to_inputs: Callable[[np.ndarray], np.ndarray], key: bytes,
+                    images: np.ndarray, labels: np.ndarray, rngs: list, **verify_kwargs
+                   ) -> dict:
+  """`watermark.verify` of each stacked network (one rng each); p-values and verdicts.
+
+  `to_inputs` maps uint8 queries to network inputs; `verify_kwargs` are
+  `watermark.verify`'s n_patterns, patch_size, num_classes, m and alpha.
+  """
+  runs = []
+  for seed, rng in enumerate(rngs):
+    one = jax.tree_util.tree_map(lambda x, s=seed: x[s:s + 1], stacked_params)
+    runs.append(watermark.verify(lambda u8, p=one: predict(p, to_inputs(u8))[0], key, images,
+                                 labels, rng=rng, **verify_kwargs))
+  return {"p_values": [r["p_conditional"] for r in runs],
+          "p_values_majority": [r["p_majority"] for r in runs],
+          "verified": [r["verified"] for r in runs], "runs": runs}
 
 
 def summarize(values) -> dict:

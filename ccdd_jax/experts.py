@@ -14,10 +14,9 @@ Experts are trained in parallel: `jax.vmap` over groups of experts, and
 several groups at once on a thread pool (`train_experts`).
 """
 
-import concurrent.futures
-import os
-import threading
-from typing import Any, Callable
+from collections.abc import Callable
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ import ml_collections
 from ccdd_jax import attacks
 from ccdd_jax import augment
 from ccdd_jax import inner_loop
+from ccdd_jax import parallel
 
 KINDS = ("clean", "watermarked", "fp_enhanced")
 
@@ -120,13 +120,6 @@ def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
   return train
 
 
-def resolve_concurrency(concurrency: int) -> int:
-  """Programs run at once for a config's `concurrency` (0 = one per CPU core on CPU, else 1)."""
-  if concurrency:
-    return concurrency
-  return (os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
-
-
 def train_experts(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
                   dsa_config: ml_collections.ConfigDict, init_params: Any, anchors: Any,
                   rng: jax.Array, data: dict, *, concurrency: int = 0,
@@ -157,27 +150,26 @@ def train_experts(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
     size = args[2].shape[0]
     if size not in compiled:
       compiled[size] = train.lower(*args).compile()
-  outs = run_concurrently(lambda *args: compiled[args[2].shape[0]](*args), inputs,
-                          resolve_concurrency(concurrency), on_group_done)
+  outs = parallel.run_concurrently(lambda *args: compiled[args[2].shape[0]](*args), inputs,
+                          parallel.resolve_concurrency(concurrency), on_group_done)
   return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
-def run_concurrently(fn: Callable, inputs: list[tuple], workers: int,
-                     on_done: Callable[[int, int], None] | None = None) -> list:
-  """[fn(*args) for args in inputs], up to `workers` calls at once, results in order."""
-  done = [0]
-  lock = threading.Lock()
+def train_kinds(expert_config: ml_collections.ConfigDict, apply_fn,
+                dsa_config: ml_collections.ConfigDict, init_params: Any, rng: jax.Array,
+                data: dict, *, concurrency: int = 0,
+                on_group_done: Callable[[str, int, int], None] | None = None):
+  """Yields (kind, stacked params [experts, epochs + 1, ...]) for each of KINDS in turn.
 
-  def call(args):
-    out = jax.block_until_ready(fn(*args))
-    with lock:
-      done[0] += 1
-      if on_done is not None:
-        on_done(done[0], len(inputs))
-    return out
-
-  workers = min(workers, len(inputs))
-  if workers <= 1:
-    return [call(args) for args in inputs]
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(call, inputs))
+  Expert i of every kind starts from `init_params[i]`; theta0 of eq. 4 for the
+  watermarked and fp-enhanced expert i is the final state of clean expert i.
+  """
+  anchors = init_params  # Unused by clean experts.
+  for i, kind in enumerate(KINDS):
+    progress = None if on_group_done is None else functools.partial(on_group_done, kind)
+    stacked = jax.device_get(train_experts(
+        kind, expert_config, apply_fn, dsa_config, init_params, anchors,
+        jax.random.fold_in(rng, i), data, concurrency=concurrency, on_group_done=progress))
+    if kind == "clean":
+      anchors = jax.tree_util.tree_map(lambda x: x[:, -1], stacked)
+    yield kind, stacked

@@ -1,15 +1,14 @@
 """The one SGD loop (`lax.scan` over a step function) that experts, distillation
 and evaluation share, plus the losses they have in common."""
 
+from collections.abc import Callable
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from ccdd_jax import CCDDError
 
 Params = Any
 
@@ -79,7 +78,7 @@ def resolve_unroll(unroll: int | str, num_steps: int) -> int:
   except (TypeError, ValueError):
     steps = 0
   if steps < 1 or isinstance(unroll, bool):
-    raise CCDDError(f"unknown distill.unroll {unroll!r}: use auto, full or a positive integer")
+    raise ValueError(f"unknown unroll {unroll!r}: use auto, full or a positive integer")
   return min(steps, max(num_steps, 1))
 
 
@@ -131,7 +130,7 @@ def sgd_scan(loss_fn: Callable[[Params, Any], jax.Array], params: Params, step_i
   final params, the final velocity and the per-step losses.
   """
   if remat not in REMAT_POLICIES:
-    raise CCDDError(f"unknown distill.remat {remat!r}: use {', '.join(REMAT_POLICIES)}")
+    raise ValueError(f"unknown remat policy {remat!r}: use {', '.join(REMAT_POLICIES)}")
   if velocity is None:
     velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
 

@@ -28,10 +28,14 @@ block's post-activation features, for fine-pruning) and `return_features`
 (returns (logits, those features)).
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+import dataclasses
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import ml_collections
 
@@ -102,7 +106,7 @@ class Conv3x3(nn.Module):
             if self.use_bias else None)
     if self.channels_first:
       if self.conv_impl != "shift":
-        raise CCDDError(f"channels_first needs conv_impl 'shift', not {self.conv_impl!r}")
+        raise ValueError(f"channels_first needs conv_impl 'shift', not {self.conv_impl!r}")
       _, n, h, w = x.shape
       y = kernel.reshape(-1, self.features).T @ _shift_patches(x, True)
       y = y.reshape(self.features, n, h, w)
@@ -327,32 +331,98 @@ class AlexNet(nn.Module):
     return _head(x, self.num_classes, features, return_features)
 
 
-MODEL_NAMES = ("convnet", "resnet18", "vgg11", "alexnet")
+# The model registry: every architecture by name, with the norms it accepts
+# (the first is its default). One function builds them all (`build`), from
+# "name" or "name:norm" strings, for distillation and for evaluation.
+ARCHITECTURES = {
+    "convnet": ("instance", "none"),
+    "resnet18": ("instance", "batch", "none"),
+    "vgg11": ("instance", "batch", "none"),
+    "alexnet": ("none",),  # DC's AlexNet has no norm layers.
+}
 
 
-def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """Builds the network a config names."""
-  name = model_config.name
+def parse_arch(arch: str) -> tuple[str, str]:
+  """("resnet18", "batch") from "resnet18:batch"; the norm is "" where none is given."""
+  name, _, norm = arch.strip().partition(":")
+  if name not in ARCHITECTURES:
+    raise CCDDError(f"unknown architecture {arch!r}: available: {', '.join(ARCHITECTURES)}, "
+                    "optionally with :<norm>")
+  if norm and norm not in ARCHITECTURES[name]:
+    raise CCDDError(f"architecture {name} has no norm {norm!r}: use "
+                    f"{' or '.join(ARCHITECTURES[name])}")
+  return name, norm
+
+
+def eval_architectures(eval_models: str, primary: str) -> list[str]:
+  """The architectures an `eval.models` list names ("" = `primary` only), `primary` first."""
+  archs = [a.strip() for a in eval_models.split(",") if a.strip()] or [primary]
+  for arch in archs:
+    try:
+      parse_arch(arch)
+    except CCDDError as e:
+      raise CCDDError(f"eval.models entry {arch!r}: {e}") from e
+  if len(set(archs)) != len(archs):
+    raise CCDDError(f"eval.models lists an architecture twice: {eval_models!r}")
+  return sorted(archs, key=lambda a: a != primary)
+
+
+def build(arch: str, num_classes: int, model_config: ml_collections.ConfigDict,
+          width: int = 0) -> nn.Module:
+  """The network `arch` ("name" or "name:norm") names, for `num_classes` classes.
+
+  The ConvNet takes width, depth and (by default) norm from `model_config`;
+  the other architectures take `width` (0 = DC's 64) and default to their
+  first accepted norm. Every one takes `model_config.conv_impl`.
+  """
+  name, norm = parse_arch(arch)
+  conv_impl = resolve_conv_impl(model_config.conv_impl)
   if name == "convnet":
-    return ConvNet(num_classes=num_classes, width=model_config.width,
-                   depth=model_config.depth, norm=model_config.norm,
-                   conv_impl=resolve_conv_impl(model_config.conv_impl))
-  return build_named(name, num_classes, norm=model_config.get("norm", "instance"),
-                     conv_impl=model_config.get("conv_impl", "auto"))
-
-
-def build_named(name: str, num_classes: int, *, norm: str = "instance",
-                conv_impl: str = "auto", width: int = 0) -> nn.Module:
-  """ResNet18 / VGG11 / AlexNet by name; `width` 0 keeps DC's width (64)."""
-  conv_impl = resolve_conv_impl(conv_impl)
-  widths = {"width": width} if width else {}
+    return ConvNet(num_classes=num_classes, width=model_config.width, depth=model_config.depth,
+                   norm=norm or model_config.norm, conv_impl=conv_impl)
   if name == "alexnet":
     return AlexNet(num_classes=num_classes)
-  if name == "resnet18":
-    return ResNet18(num_classes=num_classes, norm=norm, conv_impl=conv_impl, **widths)
-  if name == "vgg11":
-    return VGG11(num_classes=num_classes, norm=norm, conv_impl=conv_impl, **widths)
-  raise CCDDError(f"unknown model name {name!r}: available: {', '.join(MODEL_NAMES)}")
+  if not norm:
+    norm = model_config.norm if name == model_config.name else ARCHITECTURES[name][0]
+  widths = {"width": width} if width else {}
+  cls = {"resnet18": ResNet18, "vgg11": VGG11}[name]
+  return cls(num_classes=num_classes, norm=norm, conv_impl=conv_impl, **widths)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Network:
+  """One architecture on one image shape: its Flax module, pure apply and parameters."""
+  arch: str
+  module: nn.Module
+  image_shape: tuple
+
+  @functools.cached_property
+  def apply(self) -> Callable[..., jax.Array]:
+    """Pure `apply(params, images, **kw) -> logits`, one function object per network."""
+    return make_apply(self.module)
+
+  @functools.cached_property
+  def apply_flat(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`apply(flat_params, images) -> logits` on a `ravel_pytree` vector of the parameters."""
+    like = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self.like_params())
+    unravel = ravel_pytree(like)[1]
+    return lambda flat, images: self.apply(unravel(flat), images)
+
+  def init_params(self, rng: jax.Array, count: int) -> Params:
+    """`count` stacked initial parameter trees."""
+    init = lambda r: init_params(self.module, self.image_shape, r)
+    return jax.jit(jax.vmap(init))(jax.random.split(rng, count))
+
+  def like_params(self) -> Params:
+    """Shapes and dtypes of one parameter tree."""
+    return jax.eval_shape(lambda: init_params(self.module, self.image_shape,
+                                              jax.random.PRNGKey(0)))
+
+
+def build_network(arch: str, num_classes: int, image_shape: tuple,
+                  model_config: ml_collections.ConfigDict, width: int = 0) -> Network:
+  """`build`, wrapped with its image shape as a `Network`."""
+  return Network(arch, build(arch, num_classes, model_config, width), tuple(image_shape))
 
 
 def init_params(model: nn.Module, image_shape, rng: jax.Array) -> Params:

@@ -14,6 +14,8 @@ in the paper and not published, so the values here are starting points.
 
 import ml_collections
 
+from ccdd_jax import CCDDError
+
 # (dataset, ipc) -> (syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr,
 #                    lr_teacher, batch_syn); batch_syn 0 = the whole set.
 MTT_SETTINGS = {
@@ -142,6 +144,63 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.real_lr = 0.01
   config.eval.real_batch_size = 256
   return config
+
+
+def section(name: str, **overrides) -> ml_collections.ConfigDict:
+  """One section of `base_config()` ("distill", "dsa", ...) with some fields overridden.
+
+  Library callers and tests start from the real schema this way, so that a
+  new field cannot silently skip them.
+  """
+  config = base_config()[name]
+  config.update(overrides)
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that would otherwise fail late (after hours of expert training).
+
+  Raises a one-line CCDDError naming the field. Each check sits here, beside
+  `base_config`, which defines the fields; model names and norms are the
+  model registry's (`models.parse_arch`).
+  """
+  # Imported here: models imports jax and flax, and configs import this module.
+  from ccdd_jax import inner_loop  # pylint: disable=g-import-not-at-top
+  from ccdd_jax import models  # pylint: disable=g-import-not-at-top
+
+  def require(ok: bool, message: str):
+    if not ok:
+      raise CCDDError(f"invalid config: {message}")
+
+  d, e, w, v = config.distill, config.experts, config.watermark, config.eval
+  require(d.ipc >= 1, f"distill.ipc = {d.ipc} must be >= 1")
+  require(d.iterations >= 1, f"distill.iterations = {d.iterations} must be >= 1")
+  require(d.syn_steps >= 1, f"distill.syn_steps = {d.syn_steps} must be >= 1")
+  require(d.max_start_epoch + d.expert_epochs <= e.epochs,
+          f"distill.max_start_epoch + distill.expert_epochs = "
+          f"{d.max_start_epoch + d.expert_epochs} exceeds experts.epochs = {e.epochs}")
+  require(e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and epochs must be >= 1")
+  require(e.group_size >= 0, f"experts.group_size = {e.group_size} must be >= 0 (0 = all)")
+  require(config.concurrency >= 0, f"concurrency = {config.concurrency} must be >= 0 (0 = auto)")
+  require(w.n_patterns >= 1, f"watermark.n_patterns = {w.n_patterns} must be >= 1")
+  require(0.0 < w.ratio <= 1.0, f"watermark.ratio = {w.ratio} must be in (0, 1]")
+  require(0.0 < w.alpha < 1.0, f"watermark.alpha = {w.alpha} must be in (0, 1)")
+  require(v.num_seeds >= 1 and v.epochs >= 1, "eval.num_seeds and eval.epochs must be >= 1")
+  require(min(d.beta, e.lambda1, e.lambda2, e.lambda3) >= 0.0,
+          "distill.beta and experts.lambda1..3 must be >= 0")
+  require(config.data.zca_eps > 0.0, f"data.zca_eps = {config.data.zca_eps} must be > 0")
+  require(d.remat in inner_loop.REMAT_POLICIES,
+          f"distill.remat = {d.remat!r}: use one of {', '.join(inner_loop.REMAT_POLICIES)}")
+  try:
+    inner_loop.resolve_unroll(d.unroll, d.syn_steps)
+  except ValueError as err:
+    raise CCDDError(f"invalid config: distill.unroll = {d.unroll!r}: {err}") from err
+  try:
+    models.resolve_conv_impl(config.model.conv_impl)
+    models.parse_arch(config.model.name)
+    models.eval_architectures(v.models, config.model.name)
+  except CCDDError as err:
+    raise CCDDError(f"invalid config: {err}") from err
 
 
 def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:

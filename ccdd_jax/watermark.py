@@ -14,6 +14,7 @@ Everything here is host-side NumPy: pure functions, randomness only from the
 report; `key_fingerprint` names it safely.
 """
 
+from collections.abc import Callable
 import fractions
 import hashlib
 import math
@@ -21,7 +22,6 @@ import operator
 import os
 import re
 import secrets
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def generate_key() -> bytes:
 
 def _check_key(key) -> bytes:
   if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
-    raise CCDDError(f"a watermark key must be {KEY_BYTES} bytes")
+    raise ValueError(f"a watermark key must be {KEY_BYTES} bytes")
   return bytes(key)
 
 
@@ -114,16 +114,16 @@ def _check_int(name: str, value, minimum: int) -> int:
   try:
     value = operator.index(value)
   except TypeError:
-    raise CCDDError(f"{name} must be an integer, got {value!r}") from None
+    raise TypeError(f"{name} must be an integer, got {value!r}") from None
   if value < minimum:
-    raise CCDDError(f"{name} must be at least {minimum}, got {value}")
+    raise ValueError(f"{name} must be at least {minimum}, got {value}")
   return value
 
 
 def h_x(key: bytes, link: bytes, counter: int) -> bytes:
   """Block `counter` of H_x(Key, W) in eq. 3: SHA-256(tag‖key‖link‖counter)."""
   if len(link) != LINK_BYTES or not 0 <= counter < 2**32:
-    raise CCDDError("h_x takes a 32-byte link and a counter in [0, 2^32)")
+    raise ValueError("h_x takes a 32-byte link and a counter in [0, 2^32)")
   return hashlib.sha256(
       H_X_TAG + _check_key(key) + link + counter.to_bytes(4, "big")).digest()
 
@@ -131,7 +131,7 @@ def h_x(key: bytes, link: bytes, counter: int) -> bytes:
 def h_y(key: bytes, link: bytes) -> bytes:
   """H_y(Key, W) in eq. 3: SHA-256(H_Y_TAG‖key‖link)."""
   if len(link) != LINK_BYTES:
-    raise CCDDError("h_y takes a 32-byte link")
+    raise ValueError("h_y takes a 32-byte link")
   return hashlib.sha256(H_Y_TAG + _check_key(key) + link).digest()
 
 
@@ -163,12 +163,12 @@ def expand_key(key: bytes, n_patterns: int, patch_size: int, channels: int,
 # ----------------------------------------------------------------------------
 
 
-def _check_images(images, name: str = "images") -> np.ndarray:
+def _check_uint8_images(images, name: str = "images") -> np.ndarray:
   images = np.asarray(images)
   if images.ndim != 4:
-    raise CCDDError(f"{name} must have shape [N, H, W, C], got {images.shape}")
+    raise ValueError(f"{name} must have shape [N, H, W, C], got {images.shape}")
   if images.dtype != np.uint8:
-    raise CCDDError(f"{name} must be uint8 pixels (stamp before normalising), "
+    raise TypeError(f"{name} must be uint8 pixels (stamp before normalising), "
                     f"got {images.dtype}")
   return images
 
@@ -176,27 +176,27 @@ def _check_images(images, name: str = "images") -> np.ndarray:
 def _check_labels(labels, size: int, num_classes: int, name: str) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.shape != (size,) or (size and labels.dtype.kind not in "iu"):
-    raise CCDDError(
+    raise ValueError(
         f"{name} must be {size} integers, got {labels.dtype} {labels.shape}")
   labels = labels.astype(np.int64)
   if size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise CCDDError(f"{name} must lie in [0, {num_classes})")
+    raise ValueError(f"{name} must lie in [0, {num_classes})")
   return labels
 
 
 def stamp(images: np.ndarray, patterns: np.ndarray,
           pattern_ids: np.ndarray) -> np.ndarray:
   """Returns `images` with patterns[pattern_ids[j]] over image j's top left."""
-  images = _check_images(images)
-  patterns = _check_images(patterns, "patterns")
+  images = _check_uint8_images(images)
+  patterns = _check_uint8_images(patterns, "patterns")
   n_patterns, p, p_w, channels = patterns.shape
   if p != p_w:
-    raise CCDDError(f"patterns must be square, got {p}x{p_w}")
+    raise ValueError(f"patterns must be square, got {p}x{p_w}")
   if p > images.shape[1] or p > images.shape[2]:
-    raise CCDDError(f"a {p}x{p} patch does not fit "
+    raise ValueError(f"a {p}x{p} patch does not fit "
                     f"{images.shape[1]}x{images.shape[2]} images")
   if channels != images.shape[3]:
-    raise CCDDError(f"patterns have {channels} channels but images have "
+    raise ValueError(f"patterns have {channels} channels but images have "
                     f"{images.shape[3]}")
   pattern_ids = _check_labels(pattern_ids, len(images), n_patterns,
                               "pattern_ids")
@@ -206,10 +206,10 @@ def stamp(images: np.ndarray, patterns: np.ndarray,
 
 
 def _check_pattern_set(images, labels, patterns, pattern_labels):
-  images = _check_images(images)
-  patterns = _check_images(patterns, "patterns")
+  images = _check_uint8_images(images)
+  patterns = _check_uint8_images(patterns, "patterns")
   if not len(patterns):
-    raise CCDDError("at least one pattern is needed")
+    raise ValueError("at least one pattern is needed")
   labels = _check_labels(labels, len(images), np.iinfo(np.int64).max, "labels")
   pattern_labels = _check_labels(pattern_labels, len(patterns),
                                  np.iinfo(np.int64).max, "pattern_labels")
@@ -224,7 +224,7 @@ def make_watermark_set(
   images, labels, patterns, pattern_labels = _check_pattern_set(
       images, labels, patterns, pattern_labels)
   if not 0.0 <= ratio <= 1.0:
-    raise CCDDError(f"the watermark ratio |D_W|/|D_C| must lie in [0, 1], "
+    raise ValueError(f"the watermark ratio |D_W|/|D_C| must lie in [0, 1], "
                     f"got {ratio}")
   size = math.floor(ratio * len(images) + 0.5)
   # Round-robin over a random permutation: counts differ by at most one.
@@ -245,7 +245,7 @@ def make_watermark_set(
 
 
 def trigger_set(images: np.ndarray, labels: np.ndarray, patterns: np.ndarray,
-                pattern_labels: np.ndarray, m: Optional[int],
+                pattern_labels: np.ndarray, m: int | None,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """Stamps held-out images of other classes with each pattern (for Acc_W).
 
@@ -277,7 +277,7 @@ def trigger_set(images: np.ndarray, labels: np.ndarray, patterns: np.ndarray,
   return stamp(images[carrier_ids], patterns, pattern_ids), pattern_ids
 
 
-def verification_queries(num_images: int, n_patterns: int, m: Optional[int],
+def verification_queries(num_images: int, n_patterns: int, m: int | None,
                          rng: np.random.Generator
                         ) -> tuple[np.ndarray, np.ndarray]:
   """Draws m carriers per pattern, independently of the key's labels.
@@ -307,7 +307,7 @@ def trigger_visibility(pixels: np.ndarray, patterns: np.ndarray) -> np.ndarray:
 
   `pixels` are images in [0, 1] or uint8 [N, H, W, C]; returns float [N].
   """
-  patterns = _check_images(patterns, "patterns").astype(np.float64)
+  patterns = _check_uint8_images(patterns, "patterns").astype(np.float64)
   p = patterns.shape[1]
   pixels = np.asarray(pixels, np.float64)
   if pixels.max() > 1.0:
@@ -340,7 +340,7 @@ def _check_predictions(predictions, pattern_ids, n_patterns, num_classes,
 
 def pattern_counts(predictions: np.ndarray, pattern_ids: np.ndarray,
                    n_patterns: int, num_classes: int,
-                   carrier_labels: Optional[np.ndarray] = None) -> np.ndarray:
+                   carrier_labels: np.ndarray | None = None) -> np.ndarray:
   """Returns counts int64 [n, C]: queries of pattern i predicted as class c.
 
   With `carrier_labels` (each query's own class), a query predicted as its own
@@ -361,7 +361,7 @@ def pattern_counts(predictions: np.ndarray, pattern_ids: np.ndarray,
 
 def watermark_accuracy(predictions: np.ndarray, pattern_ids: np.ndarray,
                        pattern_labels: np.ndarray,
-                       carrier_labels: Optional[np.ndarray] = None) -> float:
+                       carrier_labels: np.ndarray | None = None) -> float:
   """Acc_W: the fraction of trigger queries predicted as their pattern's label.
 
   With `carrier_labels`, queries whose own class is the pattern's label are
@@ -378,17 +378,17 @@ def watermark_accuracy(predictions: np.ndarray, pattern_ids: np.ndarray,
     kept = carrier_labels != targets
     predictions, targets = predictions[kept], targets[kept]
   if not predictions.size:
-    raise CCDDError("Acc_W needs at least one trigger query")
+    raise ValueError("Acc_W needs at least one trigger query")
   return float(np.mean(predictions == targets))
 
 
 def _check_counts(counts, labels) -> tuple[np.ndarray, np.ndarray]:
   counts = np.asarray(counts)
   if counts.ndim != 2 or counts.shape[0] < 1 or counts.shape[1] < 2:
-    raise CCDDError(f"counts must have shape [n >= 1, C >= 2], got "
+    raise ValueError(f"counts must have shape [n >= 1, C >= 2], got "
                     f"{counts.shape}")
   if counts.dtype.kind not in "iu" or counts.min() < 0:
-    raise CCDDError("counts must be non-negative integers")
+    raise ValueError("counts must be non-negative integers")
   labels = _check_labels(labels, counts.shape[0], counts.shape[1], "labels")
   return counts.astype(np.int64), labels
 
@@ -483,18 +483,18 @@ def _predict_queries(predict_fn, images, carrier_ids, patterns, pattern_ids,
     queries = stamp(images[carrier_ids[batch]], patterns, pattern_ids[batch])
     answer = np.asarray(predict_fn(queries))
     if answer.shape != (len(queries),) or answer.dtype.kind not in "iu":
-      raise CCDDError(f"predict_fn must return {len(queries)} integer classes "
+      raise ValueError(f"predict_fn must return {len(queries)} integer classes "
                       f"for {len(queries)} images, got {answer.dtype} "
                       f"{answer.shape}")
     if answer.min() < 0 or answer.max() >= num_classes:
-      raise CCDDError(f"predict_fn returned a class outside [0, {num_classes})")
+      raise ValueError(f"predict_fn returned a class outside [0, {num_classes})")
     predictions[batch] = answer
   return predictions
 
 
 def verify(predict_fn: Callable[[np.ndarray], np.ndarray], key: bytes,
            images: np.ndarray, labels: np.ndarray, *, n_patterns: int,
-           patch_size: int, num_classes: int, m: Optional[int],
+           patch_size: int, num_classes: int, m: int | None,
            alpha: float = 1e-6, rng: np.random.Generator,
            batch_size: int = 1024) -> dict:
   """Stage III: queries a suspect model with keyed triggers and tests them.
@@ -520,13 +520,13 @@ def verify(predict_fn: Callable[[np.ndarray], np.ndarray], key: bytes,
     key's fingerprint, both tests' statistics and p-values, the decision,
     Acc_W on the queries and per-pattern lists; never the key or the labels.
   """
-  images = _check_images(images)
+  images = _check_uint8_images(images)
   patterns, pattern_labels = expand_key(key, n_patterns, patch_size,
                                         images.shape[-1], num_classes)
   labels = _check_labels(labels, len(images), num_classes, "labels")
   batch_size = _check_int("batch_size", batch_size, 1)
   if not 0.0 < alpha < 1.0:
-    raise CCDDError(f"alpha must lie in (0, 1), got {alpha}")
+    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
   carrier_ids, pattern_ids = verification_queries(len(images), n_patterns, m,
                                                   rng)
   predictions = _predict_queries(predict_fn, images, carrier_ids, patterns,

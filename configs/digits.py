@@ -24,9 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.watermark.queries_per_pattern = 30
 
   config.experts.num_experts = 8
-  config.experts.group_size = 1  # On 2 CPU cores: one expert per program, two at once (fastest).
+  # On 2 CPU cores: one expert per program, two programs at once (fastest).
+  config.experts.group_size = 1
   config.experts.epochs = 20
-  config.experts.lr = 0.05  # MTT uses 0.01 on CIFAR; 8x8 digits need 0.05 to reach ~95% in 20 epochs.
+  # MTT uses 0.01 on CIFAR; 8x8 digits need 0.05 to reach ~95% in 20 epochs.
+  config.experts.lr = 0.05
   config.experts.batch_size = 64
   config.experts.wm_batch_size = 16
   config.experts.prune_examples = 256

@@ -12,7 +12,6 @@ Writes <root>/tradeoff.md, <root>/tradeoff.json and <root>/tradeoff.png.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,23 +20,8 @@ import sys
 
 import numpy as np
 
+from ccdd_jax import config_loader
 from ccdd_jax import pipeline
-
-
-def load_config(path: str, overrides: list[str]):
-  """get_config() of a config file, with key=value overrides (values parsed as JSON)."""
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(json.loads(value))
-  return config
 
 
 def row(name: str, value: float, report: dict) -> dict:
@@ -58,7 +42,8 @@ def main():
   parser.add_argument("--lambda1", default="0,0.25,0.5,1,2,4")
   parser.add_argument("--beta", default="0,0.25,0.5,1,2")
   parser.add_argument("--set", action="append", default=[],
-                      help="config override key=value, e.g. distill.iterations=200")
+                      help="config override field=value, read as --config.field=value "
+                      "(e.g. distill.iterations=200)")
   args = parser.parse_args()
   root = pathlib.Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
@@ -66,20 +51,20 @@ def main():
   rows = []
 
   for value in [float(v) for v in args.lambda1.split(",") if v]:
-    config = load_config(args.config, args.set)
+    config = config_loader.load(args.config, args.set)
     config.experts.lambda1 = value
     workdir = root / f"lambda1_{value:g}"
     print(f"== lambda1 = {value:g} -> {workdir}", file=sys.stderr, flush=True)
     rows.append(row("lambda1", value, pipeline.run(config, str(workdir), "all", key_file)))
     write_outputs(root, rows)
 
-  config = load_config(args.config, args.set)
+  config = config_loader.load(args.config, args.set)
   base = root / "experts_base"
   if not (base / "experts.json").is_file():
     pipeline.run(config, str(base), "keygen", key_file)
     pipeline.run(config, str(base), "experts", key_file)
   for value in [float(v) for v in args.beta.split(",") if v]:
-    config = load_config(args.config, args.set)
+    config = config_loader.load(args.config, args.set)
     config.distill.beta = value
     workdir = root / f"beta_{value:g}"
     print(f"== beta = {value:g} -> {workdir}", file=sys.stderr, flush=True)

@@ -1,18 +1,21 @@
 """Shared fixtures: tiny configs so jit compilation on 2 CPU cores stays cheap."""
 
 import pathlib
-import sys
 
 import pytest
 
+from ccdd_jax import config_loader
+from ccdd_jax import settings
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "configs"))
+
+
+config_section = settings.section  # Tests build configs from the real schema.
 
 
 def tiny_config():
   """The digits config scaled down to seconds."""
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config()
+  config = config_loader.load("digits")
   config.model.width = 8
   config.experts.num_experts = 2
   config.experts.epochs = 3

@@ -2,11 +2,10 @@
 
 import math
 
+from conftest import config_section
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.test_util import check_grads
-import ml_collections
 import numpy as np
 import pytest
 
@@ -253,14 +252,15 @@ def test_unknown_op_raises():
 
 
 def test_params_from_config_dict_and_bad_settings():
-  config = ml_collections.ConfigDict({"strategy": "flip", "flip_prob": 1.0})
+  config = config_section("dsa", strategy="flip")
+  config.flip_prob = 1.0
   params = dsa.as_params(config)
   assert params == dsa.DSAConfig(strategy="flip", flip_prob=1.0)
   with pytest.raises(CCDDError, match="flip_probability"):
     dsa.as_params({"flip_probability": 1.0})
   with pytest.raises(CCDDError, match="scale"):
     dsa.DSAConfig(scale=0.5)
-  with pytest.raises(CCDDError, match="NHWC"):
+  with pytest.raises(ValueError, match="NHWC"):
     dsa.augment(jnp.zeros((8, 8, 3)), jax.random.key(0))
 
 

@@ -2,16 +2,20 @@
 
 import os
 import pathlib
+import subprocess
 import sys
 import tarfile
 
-import ml_collections
+from conftest import config_section
 import numpy as np
 from PIL import Image
 import pytest
 
 from ccdd_jax import CCDDError
 from ccdd_jax import data
+from ccdd_jax import image_files
+from ccdd_jax import preprocess
+from ccdd_jax import tfds_source
 
 CIFAR_TARBALL = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
                  / "cifar10-jpeg.tar.gz")
@@ -36,8 +40,8 @@ def _make_folder(root: pathlib.Path, n_train=3, n_test=2, suffix=".png"):
 
 
 def _config(root, cache_dir, **kwargs):
-  return ml_collections.ConfigDict(dict(name="folder", root=str(root),
-                                        cache_dir=str(cache_dir), **kwargs))
+  return config_section("data", name="folder", root=str(root),
+                                        cache_dir=str(cache_dir), **kwargs)
 
 
 def _cache_files(cache_dir):
@@ -55,7 +59,8 @@ def test_folder_loads_png(tmp_path):
   # PNG is lossless: the first dog image is value 40.
   np.testing.assert_array_equal(ds.train_images[3, 0, 0], [40, 215, 20])
   assert ds.num_classes == 3 and ds.image_shape == (8, 8, 3)
-  assert ds.mean.shape == (3,) and ds.std.shape == (3,)
+  mean, std = preprocess.channel_stats(ds.train_images)
+  assert mean.shape == (3,) and std.shape == (3,)
 
 
 def test_folder_loads_jpeg_any_case_and_grayscale(tmp_path):
@@ -117,7 +122,7 @@ def test_cache_is_written_and_reused(tmp_path, monkeypatch):
   def _fail(*args, **kwargs):
     raise AssertionError("decoded again instead of reading the cache")
 
-  monkeypatch.setattr(data, "_decode", _fail)
+  monkeypatch.setattr(image_files, "_decode", _fail)
   second = data.load_dataset(_config(root, cache))
   np.testing.assert_array_equal(first.train_images, second.train_images)
   np.testing.assert_array_equal(first.test_labels, second.test_labels)
@@ -136,6 +141,33 @@ def test_unwritable_cache_dir_still_loads(tmp_path):
   blocker.write_text("x")
   ds = data.load_dataset(_config(root, blocker / "cache"))
   assert ds.train_images.shape[0] == 9
+
+
+PLAIN_KEYS = {"name", "train_images", "train_labels", "test_images", "test_labels",
+              "class_names"}
+
+
+def test_image_files_returns_plain_arrays(tmp_path):
+  root = _make_folder(tmp_path / "imgs")
+  loaded = image_files.load_image_files("folder", str(root), cache_dir=str(tmp_path / "c"))
+  assert type(loaded) is dict and set(loaded) == PLAIN_KEYS
+  assert loaded["name"] == "folder:imgs" and loaded["class_names"] == CLASSES
+  assert all(type(c) is str for c in loaded["class_names"])
+  ds = data.load_dataset(_config(root, tmp_path / "c"))  # From the cache just written.
+  for key in PLAIN_KEYS - {"name", "class_names"}:
+    np.testing.assert_array_equal(getattr(ds, key), loaded[key])
+    assert getattr(ds, key).dtype == loaded[key].dtype
+  with pytest.raises(ValueError, match="imagenet"):  # API misuse, not a user error.
+    image_files.load_image_files("imagenet", str(root), cache_dir=str(tmp_path / "c"))
+
+
+def test_loaders_do_not_import_data():
+  """image_files, tfds_source and preprocess sit below data: no import cycle."""
+  code = ("import sys; import ccdd_jax.image_files, ccdd_jax.tfds_source, "
+          "ccdd_jax.preprocess, ccdd_jax.file_cache; "
+          "assert 'ccdd_jax.data' not in sys.modules, 'data imported'; "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported eagerly'")
+  subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _make_tinyimagenet(root: pathlib.Path):
@@ -158,8 +190,8 @@ def _make_tinyimagenet(root: pathlib.Path):
 
 def test_tinyimagenet(tmp_path):
   root = _make_tinyimagenet(tmp_path / "tiny-imagenet-200")
-  cfg = ml_collections.ConfigDict(dict(name="tinyimagenet", root=str(root),
-                                       cache_dir=str(tmp_path / "cache")))
+  cfg = config_section("data", name="tinyimagenet", root=str(root),
+                                       cache_dir=str(tmp_path / "cache"))
   ds = data.load_dataset(cfg)
   assert ds.class_names == ("n01", "n02")
   assert ds.train_images.shape == (6, 8, 8, 3) and ds.train_images.dtype == np.uint8
@@ -174,8 +206,8 @@ def test_tinyimagenet_bad_annotation(tmp_path):
   root = _make_tinyimagenet(tmp_path / "tiny")
   with open(root / "val" / "val_annotations.txt", "a") as f:
     f.write("val_x.JPEG\tn99\t0\t0\t1\t1\n")
-  cfg = ml_collections.ConfigDict(dict(name="tinyimagenet", root=str(root),
-                                       cache_dir=str(tmp_path / "cache")))
+  cfg = config_section("data", name="tinyimagenet", root=str(root),
+                                       cache_dir=str(tmp_path / "cache"))
   with pytest.raises(CCDDError, match="n99"):
     data.load_dataset(cfg)
   os.remove(root / "wnids.txt")
@@ -184,8 +216,8 @@ def test_tinyimagenet_bad_annotation(tmp_path):
 
 
 def _tiny_config(root, cache):
-  return ml_collections.ConfigDict(dict(name="tinyimagenet", root=str(root),
-                                        cache_dir=str(cache)))
+  return config_section("data", name="tinyimagenet", root=str(root),
+                                        cache_dir=str(cache))
 
 
 def test_tinyimagenet_bad_layouts(tmp_path):
@@ -262,15 +294,15 @@ def test_bad_inputs(tmp_path):
   not_tar.write_bytes(b"garbage")
   _raises(_config(not_tar, cache), not_tar)
 
-  _raises(ml_collections.ConfigDict(dict(name="folder")), "data.root")
-  _raises(ml_collections.ConfigDict(dict(name="imagenet")), "imagenet")
-  _raises(ml_collections.ConfigDict(dict(name="tinyimagenet", root=str(missing),
-                                         cache_dir=str(cache))), missing)
+  _raises(config_section("data", name="folder"), "data.root")
+  _raises(config_section("data", name="imagenet"), "imagenet")
+  _raises(config_section("data", name="tinyimagenet", root=str(missing),
+                                         cache_dir=str(cache)), missing)
 
 
 def _tfds_config(name, data_dir="", **kwargs):
-  return ml_collections.ConfigDict(dict(name=f"tfds:{name}", tfds_data_dir=str(data_dir),
-                                        **kwargs))
+  return config_section("data", name=f"tfds:{name}", tfds_data_dir=str(data_dir),
+                                        **kwargs)
 
 
 def _tfds_with_tensorflow():
@@ -313,11 +345,15 @@ def test_tfds_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=6):
     ds = data.load_dataset(_tfds_config("cifar10", tmp_path))
     small = data.load_dataset(_tfds_config("mnist", tmp_path, image_size=10))
+    loaded = tfds_source.load_tfds("cifar10", str(tmp_path))
+  assert type(loaded) is dict and set(loaded) == PLAIN_KEYS
+  assert loaded["name"] == "tfds:cifar10" and loaded["class_names"] == ds.class_names
+  np.testing.assert_array_equal(loaded["train_images"], ds.train_images)
   assert ds.name == "tfds:cifar10" and ds.num_classes == 10
   assert ds.train_images.dtype == np.uint8 and ds.train_images.shape == (6, 32, 32, 3)
   assert ds.test_images.shape == (6, 32, 32, 3)
   assert ds.train_labels.dtype == np.int64 and ds.train_labels.shape == (6,)
-  assert ds.mean.shape == (3,)
+  assert preprocess.channel_stats(ds.train_images)[0].shape == (3,)
   assert small.train_images.shape == (6, 10, 10, 1) and small.num_classes == 10
 
 
@@ -405,7 +441,7 @@ def _kornia_zca(train_u8, eps):
 
 def test_zca_whitens_to_identity_covariance_as_eps_vanishes():
   x = _toy_images()
-  pre = data.fit_preprocessor(x, zca=True, zca_eps=1e-9)
+  pre = preprocess.fit_preprocessor(x, zca=True, zca_eps=1e-9)
   z = pre.apply(x)
   assert z.dtype == np.float32 and z.shape == x.shape
   flat = z.reshape(len(z), -1).astype(np.float64)
@@ -417,7 +453,7 @@ def test_zca_eps_shrinks_each_eigenvalue_to_s_over_s_plus_eps():
   x = _toy_images(seed=1)
   eps = 0.1
   _, _, _, u, s = _kornia_zca(x, eps)
-  z = data.fit_preprocessor(x, zca=True, zca_eps=eps).apply(x)
+  z = preprocess.fit_preprocessor(x, zca=True, zca_eps=eps).apply(x)
   cov = np.cov(z.reshape(len(z), -1).astype(np.float64), rowvar=False)
   np.testing.assert_allclose(u.T @ cov @ u, np.diag(s / (s + eps)), atol=1e-4)
 
@@ -427,7 +463,7 @@ def test_zca_matches_kornia_formulas_on_random_data():
   train = rng.integers(0, 256, (300, 4, 4, 3), dtype=np.uint8)
   other = rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
   whiten, unwhiten, _, _, _ = _kornia_zca(train, 0.1)
-  pre = data.fit_preprocessor(train, zca=True)  # MTT's eps, 0.1, is the default.
+  pre = preprocess.fit_preprocessor(train, zca=True)  # MTT's eps, 0.1, is the default.
   assert pre.zca and pre.zca_eps == 0.1
   np.testing.assert_allclose(pre.apply(other), whiten(other), atol=1e-4)
   z = np.random.default_rng(3).normal(size=(5, 4, 4, 3)).astype(np.float32)
@@ -437,22 +473,28 @@ def test_zca_matches_kornia_formulas_on_random_data():
 
 def test_zca_round_trips_to_pixels():
   x = _toy_images(seed=4)
-  pre = data.fit_preprocessor(x, zca=True, zca_eps=0.1)
+  pre = preprocess.fit_preprocessor(x, zca=True, zca_eps=0.1)
   back = pre.to_pixels(pre.apply(x), clip=False)
   assert back.dtype == np.float32
   np.testing.assert_allclose(back, x / 255.0, atol=1e-5)
   # A single image [H, W, C] works too, and more rows than one chunk.
   np.testing.assert_allclose(pre.apply(x[0]), pre.apply(x[:1])[0], atol=1e-6)
-  many = np.concatenate([x] * 11)  # 4,400 rows > data._CHUNK
-  np.testing.assert_array_equal(pre.apply(many)[-len(x):], pre.apply(x))
+  many = np.concatenate([x] * 11)  # 4,400 rows > preprocess._CHUNK
+  out = pre.apply(many)
+  # OpenBLAS rounding can depend on the row count of a matmul, so bitwise
+  # equality holds chunk for chunk, and across row counts to float32 round-off.
+  chunk = preprocess._CHUNK
+  np.testing.assert_array_equal(
+      out, np.concatenate([pre.apply(many[s:s + chunk]) for s in range(0, len(many), chunk)]))
+  np.testing.assert_allclose(out[-len(x):], pre.apply(x), rtol=0, atol=1e-6)
 
 
 def test_preprocessor_without_zca_is_normalize():
   x = _toy_images(n=50, channels=1, seed=5)
-  pre = data.fit_preprocessor(x, zca=False)
+  pre = preprocess.fit_preprocessor(x, zca=False)
   assert not pre.zca
-  mean, std = data.channel_stats(x)
-  np.testing.assert_array_equal(pre.apply(x), data.normalize(x, mean, std))
+  mean, std = preprocess.channel_stats(x)
+  np.testing.assert_array_equal(pre.apply(x), preprocess.normalize(x, mean, std))
   z = pre.apply(x)
   np.testing.assert_allclose(pre.to_pixels(z), np.clip(z * std + mean, 0.0, 1.0), atol=1e-7)
   np.testing.assert_allclose(pre.to_pixels(z, clip=False), x / 255.0, atol=1e-6)
@@ -461,11 +503,11 @@ def test_preprocessor_without_zca_is_normalize():
 @pytest.mark.parametrize("zca", [False, True])
 def test_preprocessor_arrays_round_trip_through_npz(tmp_path, zca):
   x = _toy_images(n=60, seed=6)
-  pre = data.fit_preprocessor(x, zca=zca, zca_eps=0.2)
+  pre = preprocess.fit_preprocessor(x, zca=zca, zca_eps=0.2)
   path = tmp_path / "distilled.npz"
   np.savez(path, images=pre.apply(x[:3]), labels=np.arange(3), **pre.as_arrays())
   with np.load(path, allow_pickle=False) as f:
-    loaded = data.Preprocessor.from_arrays(f)
+    loaded = preprocess.Preprocessor.from_arrays(f)
   assert loaded.zca == zca and loaded.zca_eps == pre.zca_eps
   np.testing.assert_array_equal(loaded.apply(x), pre.apply(x))
   z = pre.apply(x)
@@ -476,34 +518,41 @@ def test_preprocessor_bad_inputs():
   x = _toy_images(n=40)
   for eps in (0.0, -1.0):
     with pytest.raises(CCDDError, match="zca_eps"):
-      data.fit_preprocessor(x, zca=True, zca_eps=eps)
-  pre = data.fit_preprocessor(x, zca=True)
+      preprocess.fit_preprocessor(x, zca=True, zca_eps=eps)
+  pre = preprocess.fit_preprocessor(x, zca=True)
   with pytest.raises(CCDDError, match="48 values") as info:
     pre.apply(np.zeros((2, 5, 5, 3), np.uint8))
   assert "\n" not in str(info.value)
   arrays = pre.as_arrays()
   del arrays["zca_inverse"]
   with pytest.raises(CCDDError, match="zca_inverse"):
-    data.Preprocessor.from_arrays(arrays)
+    preprocess.Preprocessor.from_arrays(arrays)
   with pytest.raises(CCDDError, match="preprocess_mean"):
-    data.Preprocessor.from_arrays({"images": x})
+    preprocess.Preprocessor.from_arrays({"images": x})
 
 
 def test_zca_fit_cache(tmp_path, monkeypatch):
   x = _toy_images(n=80, seed=7)
-  first = data.fit_preprocessor(x, zca=True, cache_dir=str(tmp_path))
+  first = preprocess.fit_preprocessor(x, zca=True, cache_dir=str(tmp_path))
   assert len(list(tmp_path.glob("zca-*.npz"))) == 1
 
   def _fail(*args, **kwargs):
     raise AssertionError("fitted again instead of reading the cache")
 
-  monkeypatch.setattr(data, "_fit_zca", _fail)
-  second = data.fit_preprocessor(x, zca=True, cache_dir=str(tmp_path))
+  monkeypatch.setattr(preprocess, "_fit_zca", _fail)
+  second = preprocess.fit_preprocessor(x, zca=True, cache_dir=str(tmp_path))
   np.testing.assert_array_equal(second.zca_transform, first.zca_transform)
   np.testing.assert_array_equal(second.apply(x), first.apply(x))
   # Another eps or other images are another entry; no cache_dir, no cache.
   for kwargs in (dict(zca_eps=0.2), dict(cache_dir=None)):
     with pytest.raises(AssertionError):
-      data.fit_preprocessor(x, zca=True, **{"cache_dir": str(tmp_path), **kwargs})
+      preprocess.fit_preprocessor(x, zca=True, **{"cache_dir": str(tmp_path), **kwargs})
   with pytest.raises(AssertionError):
-    data.fit_preprocessor(x[1:], zca=True, cache_dir=str(tmp_path))
+    preprocess.fit_preprocessor(x[1:], zca=True, cache_dir=str(tmp_path))
+
+
+def test_zca_cache_name_is_stable(tmp_path):
+  """The cache key (CACHE_VERSION, shape, dtype, eps, pixels) is pinned: old entries stay valid."""
+  x = (np.arange(40 * 48) * 7 % 256).astype(np.uint8).reshape(40, 4, 4, 3)
+  preprocess.fit_preprocessor(x, zca=True, cache_dir=str(tmp_path))
+  assert [p.name for p in tmp_path.iterdir()] == ["zca-767527bce792b17c.npz"]

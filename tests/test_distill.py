@@ -1,10 +1,10 @@
 """Trajectory matching: the scan, the loss, and its gradient."""
 
 import chex
+from conftest import config_section
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -13,7 +13,7 @@ from ccdd_jax import distill
 from ccdd_jax import inner_loop
 from ccdd_jax import models
 
-NO_AUG = ml_collections.ConfigDict({"strategy": "none"})
+NO_AUG = config_section("dsa", strategy="none")
 
 
 def enable_x64():
@@ -36,12 +36,9 @@ def tiny_problem(dtype=jnp.float32):
 
 
 def distill_config(**kw):
-  cfg = ml_collections.ConfigDict(dict(syn_steps=4, batch_syn=0, beta=0.0, expert_epochs=1,
-                                       max_start_epoch=0, lr_img=1.0, lr_lr=1e-5,
-                                       lr_teacher=0.05, iterations=2, unroll="auto",
-                                       remat="none"))
-  cfg.update(kw)
-  return cfg
+  return config_section("distill", **{**dict(
+      syn_steps=4, batch_syn=0, beta=0.0, expert_epochs=1, max_start_epoch=0, lr_img=1.0,
+      lr_lr=1e-5, lr_teacher=0.05, iterations=2, unroll="auto", remat="none"), **kw})
 
 
 def test_scan_student_equals_python_loop():

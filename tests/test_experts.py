@@ -3,18 +3,19 @@
 import os
 
 import chex
+from conftest import config_section
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ccdd_jax import attacks
+from ccdd_jax import checkpoints
 from ccdd_jax import experts
 from ccdd_jax import inner_loop
 from ccdd_jax import models
-from ccdd_jax import trajectories
+from ccdd_jax import parallel
 
-NO_AUG = ml_collections.ConfigDict({"strategy": "none"})
+NO_AUG = config_section("dsa", strategy="none")
 
 
 def setup():
@@ -28,7 +29,7 @@ def setup():
            "wm_labels": jnp.array([1, 1, 2, 2]), "anchor": anchor,
            "channel_mask": jnp.array([1.0, 0.0, 1.0, 0.0]),
            "rng": jax.random.PRNGKey(3), "family_rng": jax.random.PRNGKey(4)}
-  cfg = ml_collections.ConfigDict(dict(lambda1=2.0, lambda2=0.5, lambda3=3.0))
+  cfg = config_section("experts", lambda1=2.0, lambda2=0.5, lambda3=3.0)
   return apply, params, batch, cfg
 
 
@@ -57,18 +58,18 @@ def test_prune_mask_removes_least_active_channels():
 def test_expert_kinds_share_their_initial_parameters(tiny_run):
   workdir, config, _ = tiny_run
   root = workdir / "trajectories"
-  net = models.build_model(config.model, 10)
+  net = models.build(config.model.name, 10, config.model)
   like = jax.eval_shape(lambda: models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0)))
   for index in range(config.experts.num_experts):
-    first = [trajectories.restore_params(root, kind, index, 0, like) for kind in experts.KINDS]
-    last = [trajectories.restore_params(root, kind, index, config.experts.epochs, like)
+    first = [checkpoints.restore_params(root, kind, index, 0, like) for kind in experts.KINDS]
+    last = [checkpoints.restore_params(root, kind, index, config.experts.epochs, like)
             for kind in experts.KINDS]
     for other in first[1:]:
       jax.tree_util.tree_map(np.testing.assert_array_equal, first[0], other)
     # Their losses differ, so their trajectories do.
     diff = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), last[0], last[1])
     assert max(jax.tree_util.tree_leaves(diff)) > 0
-    meta = trajectories.read_meta(root, "watermarked", index)
+    meta = checkpoints.read_meta(root, "watermarked", index)
     assert 0.0 <= meta["acc_w"] <= 1.0 and 0.0 <= meta["test_acc"] <= 1.0
 
 
@@ -83,9 +84,9 @@ def test_expert_groups_and_concurrency():
           "train_labels": jnp.arange(12) % 3,
           "wm_images": jax.random.normal(jax.random.PRNGKey(6), (4, 8, 8, 1)),
           "wm_labels": jnp.array([1, 1, 2, 2]), "prune_images": jnp.zeros((4, 8, 8, 1))}
-  cfg = ml_collections.ConfigDict(dict(
-      epochs=2, lr=0.05, momentum=0.0, batch_size=6, wm_batch_size=2, lambda1=1.0,
-      lambda2=0.0, lambda3=1.0, prune_ratio=0.5, group_size=1))
+  cfg = config_section(
+      "experts", epochs=2, lr=0.05, momentum=0.0, batch_size=6, wm_batch_size=2, lambda1=1.0,
+      lambda2=0.0, lambda3=1.0, prune_ratio=0.5, group_size=1)
   progress = []
   train = lambda cfg, concurrency, **kw: experts.train_experts(
       "watermarked", cfg, apply, NO_AUG, init, init, rng, data, concurrency=concurrency, **kw)
@@ -95,5 +96,5 @@ def test_expert_groups_and_concurrency():
   chex.assert_shape(jax.tree_util.tree_leaves(one_by_one)[0][:, :, 0], (3, 3))
   cfg.group_size = 2  # Groups of 2 and 1: vmapped, so equal up to rounding.
   chex.assert_trees_all_close(train(cfg, 2), one_by_one, rtol=1e-5, atol=1e-5)
-  assert experts.resolve_concurrency(3) == 3
-  assert experts.resolve_concurrency(0) == (os.cpu_count() or 1)  # CPU backend here.
+  assert parallel.resolve_concurrency(3) == 3
+  assert parallel.resolve_concurrency(0) == (os.cpu_count() or 1)  # CPU backend here.

@@ -1,10 +1,10 @@
 """The DC/MTT benchmark networks: shapes, channel masks, batch norm, meta-gradients."""
 
 import chex
+from conftest import config_section
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -12,7 +12,7 @@ from ccdd_jax import CCDDError
 from ccdd_jax import distill
 from ccdd_jax import models
 
-NO_AUG = ml_collections.ConfigDict({"strategy": "none"})
+NO_AUG = config_section("dsa", strategy="none")
 IMAGE_SHAPE = (32, 32, 3)
 
 # Narrow variants (same architecture, width 8) keep the second-order meta-gradient cheap.
@@ -86,7 +86,7 @@ def test_meta_loss_gradient_reaches_the_images(name):
   net = NARROW[name]()
   flat, unravel = ravel_pytree(init(net))
   apply_flat = lambda w, x: net.apply({"params": unravel(w)}, x)
-  cfg = ml_collections.ConfigDict(dict(syn_steps=2, batch_syn=0, beta=0.0))
+  cfg = config_section("distill", syn_steps=2, batch_syn=0, beta=0.0)
   meta = distill.make_meta_loss(cfg, apply_flat, NO_AUG, num_syn=4)
   images = jax.random.normal(jax.random.PRNGKey(1), (4,) + IMAGE_SHAPE)
   labels = jnp.array([0, 1, 2, 3])
@@ -100,24 +100,35 @@ def test_meta_loss_gradient_reaches_the_images(name):
   assert float(jnp.max(jnp.abs(grad))) > 0
 
 
-def test_build_model_names_and_errors():
-  for name, cls in [("resnet18", models.ResNet18), ("vgg11", models.VGG11),
-                    ("alexnet", models.AlexNet)]:
-    net = models.build_model(ml_collections.ConfigDict({"name": name, "norm": "batch"}), 10)
-    assert isinstance(net, cls)
-  net = models.build_model(ml_collections.ConfigDict({"name": "vgg11"}), 10)
-  assert net.norm == "instance"
+def test_registry_builds_every_architecture_and_rejects_bad_names():
+  model_cfg = config_section("model", conv_impl="lax")
+  for arch, cls in [("resnet18:batch", models.ResNet18), ("vgg11:batch", models.VGG11),
+                    ("alexnet", models.AlexNet), ("convnet:none", models.ConvNet)]:
+    assert isinstance(models.build(arch, 10, model_cfg), cls)
+  assert models.build("vgg11", 10, model_cfg).norm == "instance"
+  assert models.build("convnet", 10, model_cfg).norm == model_cfg.norm
+  assert models.build("resnet18", 10, model_cfg, width=8).width == 8
+  assert models.parse_arch("resnet18:batch") == ("resnet18", "batch")
+  assert models.parse_arch("alexnet") == ("alexnet", "")
   with pytest.raises(CCDDError, match="available: convnet, resnet18, vgg11, alexnet"):
-    models.build_model(ml_collections.ConfigDict({"name": "lenet"}), 10)
-  net = models.build_model(ml_collections.ConfigDict({"name": "resnet18", "norm": "layer"}), 10)
-  with pytest.raises(CCDDError, match="norm"):
-    models.init_params(net, IMAGE_SHAPE, jax.random.PRNGKey(0))
+    models.build("lenet", 10, model_cfg)
+  with pytest.raises(CCDDError, match="resnet18 has no norm 'layer': use instance or batch"):
+    models.build("resnet18:layer", 10, model_cfg)
+  with pytest.raises(CCDDError, match="alexnet has no norm 'instance'"):
+    models.parse_arch("alexnet:instance")
+  assert models.eval_architectures("", "convnet") == ["convnet"]
+  assert models.eval_architectures("alexnet, convnet:none,convnet", "convnet") == [
+      "convnet", "alexnet", "convnet:none"]
+  net = models.build_network("convnet", 10, IMAGE_SHAPE, model_cfg)
+  flat = ravel_pytree(net.init_params(jax.random.PRNGKey(0), 1))[0]
+  images = jnp.ones((2,) + IMAGE_SHAPE)
+  params = jax.tree_util.tree_map(lambda x: x[0], net.init_params(jax.random.PRNGKey(0), 1))
+  np.testing.assert_allclose(net.apply_flat(flat, images), net.apply(params, images), rtol=1e-6)
 
 
 def test_convnet_depth4_on_64x64():
-  cfg = ml_collections.ConfigDict({"name": "convnet", "width": 8, "depth": 4,
-                                   "norm": "instance", "conv_impl": "lax"})
-  net = models.build_model(cfg, 10)
+  cfg = config_section("model", width=8, depth=4, norm="instance", conv_impl="lax")
+  net = models.build("convnet", 10, cfg)
   params = models.init_params(net, (64, 64, 3), jax.random.PRNGKey(0))
   logits, features = jax.jit(lambda p, x: net.apply({"params": p}, x, return_features=True))(
       params, jnp.ones((2, 64, 64, 3)))

@@ -3,10 +3,11 @@
 import functools
 
 import chex
+from conftest import config_section
+from conftest import tiny_config
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -14,8 +15,9 @@ from ccdd_jax import CCDDError
 from ccdd_jax import distill
 from ccdd_jax import inner_loop
 from ccdd_jax import models
+from ccdd_jax import settings
 
-FLIP = ml_collections.ConfigDict({"strategy": "flip"})
+FLIP = config_section("dsa", strategy="flip")
 
 
 def problem(conv_impl="lax", num=6):
@@ -30,15 +32,12 @@ def problem(conv_impl="lax", num=6):
 
 
 def distill_config(**kw):
-  cfg = ml_collections.ConfigDict(dict(syn_steps=5, batch_syn=4, beta=0.5, expert_epochs=1,
-                                       max_start_epoch=1, lr_img=1.0, lr_lr=1e-5,
-                                       lr_teacher=0.05, iterations=3, unroll="auto",
-                                       remat="none"))
-  cfg.update(kw)
-  return cfg
+  return config_section("distill", **{**dict(
+      syn_steps=5, batch_syn=4, beta=0.5, expert_epochs=1, max_start_epoch=1, lr_img=1.0,
+      lr_lr=1e-5, lr_teacher=0.05, iterations=3, unroll="auto", remat="none"), **kw})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def meta_gradient(conv_impl="lax", unroll=1, remat="none", syn_steps=4):
   """(loss, d loss / d images, d loss / d lr) of eq. 10 through `syn_steps` DSA steps."""
   apply_flat, flat, images, labels, target = problem(conv_impl)
@@ -87,9 +86,16 @@ def test_unknown_unroll_and_remat_are_one_line_errors():
   assert inner_loop.resolve_unroll("full", 20) == 20
   assert inner_loop.resolve_unroll("4", 20) == 4
   assert inner_loop.resolve_unroll(50, 20) == 20
-  with pytest.raises(CCDDError, match="distill.unroll"):
+  with pytest.raises(ValueError, match="unknown unroll '0'"):
     inner_loop.resolve_unroll("0", 20)
-  with pytest.raises(CCDDError, match="distill.remat"):
+  config = tiny_config()
+  config.distill.unroll = "0"
+  with pytest.raises(CCDDError, match="invalid config: distill.unroll = '0'"):
+    settings.validate(config)
+  config.distill.unroll, config.distill.remat = "auto", "sometimes"
+  with pytest.raises(CCDDError, match="invalid config: distill.remat = 'sometimes'"):
+    settings.validate(config)
+  with pytest.raises(ValueError, match="unknown remat policy 'sometimes'"):
     inner_loop.sgd_scan(lambda w, _: jnp.sum(w), jnp.ones(2), jnp.zeros(2), jnp.ones(2),
                         remat="sometimes")
 

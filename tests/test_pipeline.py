@@ -2,21 +2,22 @@
 
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
 
+import conftest
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import data as data_lib
+from ccdd_jax import checkpoints
 from ccdd_jax import pipeline
+from ccdd_jax import preprocess
 from ccdd_jax import watermark
-import conftest
+from ccdd_jax import workdir as workdir_lib
 
 REPO = conftest.REPO
 
@@ -33,8 +34,8 @@ def test_outputs_and_report(tiny_run):
     assert f["preprocess_mean"].shape == f["preprocess_std"].shape == (1,)
     assert float(f["preprocess_std"][0]) > 0 and "zca_transform" not in f.files
     # The exported pixels are the images mapped back through the saved transform.
-    preprocess = data_lib.Preprocessor.from_arrays(f)
-    np.testing.assert_allclose(f["pixels"], preprocess.to_pixels(f["images"]), atol=1e-6)
+    preprocessor = preprocess.Preprocessor.from_arrays(f)
+    np.testing.assert_allclose(f["pixels"], preprocessor.to_pixels(f["images"]), atol=1e-6)
     assert 0.0 <= f["pixels"].min() and f["pixels"].max() <= 1.0
   on_disk = json.loads((workdir / "report.json").read_text())
   for name in pipeline.SETS:
@@ -109,11 +110,11 @@ def test_networks_that_never_saw_a_key_are_not_verified(tiny_run):
   ctx = pipeline.Context(config, workdir, workdir / "owner.key")
   claims, trials = 0, 0
   for name in pipeline.SETS:
-    params = pipeline.restore_models(pipeline.model_dir(ctx, "convnet", name), ctx.net,
-                                     config.eval.num_seeds)
+    params = checkpoints.restore_networks(workdir_lib.networks_dir(workdir, "convnet", name),
+                                          ctx.net.like_params(), config.eval.num_seeds)
     one = jax.tree_util.tree_map(lambda x: x[0], params)
-    predict = lambda u8: np.asarray(
-        ctx.apply(one, ctx.normalize(u8)).argmax(-1)).astype(np.int64)
+    predict = lambda u8, one=one: np.asarray(
+        ctx.net.apply(one, ctx.preprocess.apply(u8)).argmax(-1)).astype(np.int64)
     for trial in range(20):
       result = watermark.verify(
           predict, watermark.generate_key(), ctx.dataset.test_images,
@@ -147,12 +148,14 @@ def run_main(*args):
     (["--stage=verify", "--key_file=/nonexistent/owner.key"], "no key file at /nonexistent"),
     (["--config=configs/nope.py"], "nope.py"),
     (["--stage=distill"], "no key file"),
+    (["--config.distill.nope=3"], "unknown field 'distill.nope' (distill has batch_syn"),
+    (["--config=lenet"], "no config file 'lenet'"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
   result = run_main(f"--workdir={tmp_path / 'w'}", *args)
   assert result.returncode != 0
   assert "Traceback" not in result.stderr
-  error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(error_lines) == 1 and message in error_lines[0], result.stderr
 
 

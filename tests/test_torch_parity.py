@@ -5,21 +5,22 @@ images give the same logits, the same distillation loss and gradients, and
 the same expert parameters after one epoch over the same minibatches.
 """
 
-import pathlib
-import sys
-
 import jax
 from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
+from benchmarks import parity
+from benchmarks import runners
+from benchmarks import vs_pytorch
+from benchmarks import workers
+from benchmarks.bench_settings import Setting
+from benchmarks.bench_settings import make_problem
+from ccdd_jax import models
+
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-import torch_mtt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import vs_pytorch  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ccdd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import torch_mtt  # noqa: E402  (imports torch: after the skip)
 
 TINY = dict(image_size=8, channels=1, num_classes=10, width=8, depth=2)
 
@@ -54,11 +55,11 @@ def test_parameter_layout_gives_same_logits(conv_impl):
 
 
 def test_distill_iteration_matches_meta_gradient():
-  setting = vs_pytorch.Setting("tiny", "distill", **TINY, lr=0.05, ipc=2, syn_steps=5)
-  problem = vs_pytorch.make_problem(setting, seed=0)
-  jax_runner = vs_pytorch.JaxDistill(setting, problem, "auto", seed=0)
+  setting = Setting("tiny", "distill", **TINY, lr=0.05, ipc=2, syn_steps=5)
+  problem = make_problem(setting, seed=0)
+  jax_runner = runners.JaxDistill(setting, problem, "auto", seed=0)
   jax_runner.prepare()
-  torch_runner = vs_pytorch.TorchDistill(setting, problem, "cpu", seed=0)
+  torch_runner = runners.TorchDistill(setting, problem, "cpu", seed=0)
   jax_result = jax_runner.result(jax_runner.run())
   torch_result = torch_runner.result(torch_runner.run())
   assert 0.5 < float(torch_result["loss"]) < 2.0
@@ -68,32 +69,32 @@ def test_distill_iteration_matches_meta_gradient():
   np.testing.assert_allclose(jax_result["lr_grad"], torch_result["lr_grad"], rtol=1e-4)
   np.testing.assert_allclose(jax_result["image_grad"], torch_result["image_grad"],
                              rtol=1e-4, atol=1e-5 * scale)
-  errors = vs_pytorch.compare_distill(jax_result, torch_result)
+  errors = parity.compare_distill(jax_result, torch_result)
   assert errors["image_grad"]["rel"] < 1e-4, errors
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_expert_epoch_matches_trainer_step(momentum):
-  setting = vs_pytorch.Setting("tiny_expert", "expert", **TINY, lr=0.05, num_train=96,
-                               batch_size=16, momentum=momentum)
-  problem = vs_pytorch.make_problem(setting, seed=1)
-  jax_runner = vs_pytorch.JaxExpert(setting, problem, "auto", seed=1)
-  torch_runner = vs_pytorch.TorchExpert(setting, problem, "cpu", seed=1)
-  batches = vs_pytorch.fixed_batches(setting, seed=1)
+  setting = Setting("tiny_expert", "expert", **TINY, lr=0.05, num_train=96, batch_size=16,
+                    momentum=momentum)
+  problem = make_problem(setting, seed=1)
+  jax_runner = runners.JaxExpert(setting, problem, "auto", seed=1)
+  torch_runner = runners.TorchExpert(setting, problem, "cpu", seed=1)
+  batches = parity.fixed_batches(setting, seed=1)
   assert batches.shape == (6, 16) and len(np.unique(batches)) == 96
   start = torch_runner.flat.numpy()
-  jax_end = vs_pytorch.jax_expert_end(jax_runner, problem, batches)
-  torch_end = vs_pytorch.torch_expert_end(torch_runner, batches)
+  jax_end = parity.jax_expert_end(jax_runner, problem, batches)
+  torch_end = parity.torch_expert_end(torch_runner, batches)
   assert np.linalg.norm(torch_end - start) > 1e-3  # The epoch moved the parameters.
-  errors = vs_pytorch.compare_expert(jax_end, torch_end, start)
+  errors = parity.compare_expert(jax_end, torch_end, start)
   assert errors["update"]["rel"] < 1e-4, errors
   np.testing.assert_allclose(jax_end, torch_end, rtol=0, atol=1e-5)
 
 
 def test_time_worker_checks_parity_and_times_both():
-  setting = vs_pytorch.Setting("tiny", "distill", **TINY, lr=0.05, ipc=1, syn_steps=2)
+  setting = Setting("tiny", "distill", **TINY, lr=0.05, ipc=1, syn_steps=2)
   args = vs_pytorch.parse_args(["--repeats", "2", "--threads", "1", "--torch_device", "cpu"])
-  result = vs_pytorch.time_worker(setting, args)
+  result = workers.time_worker(setting, args)
   assert result["parity"]["ok"], result["parity"]
   assert result["parity"]["errors"]["loss"]["rel"] < 1e-5
   for framework in ("jax", "torch"):

@@ -1,4 +1,4 @@
-"""Tests for ccdd_jax.trajectories."""
+"""Tests for ccdd_jax.checkpoints."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import trajectories
+from ccdd_jax import checkpoints
 
 
 def _tree(rng, lead=()):
@@ -38,12 +38,12 @@ def test_save_restore_bit_for_bit(tmp_path):
   traj[2]["params"]["Odd_1"]["scale"] = np.array([np.nextafter(np.float32(1), 2)], np.float32)
   traj[3]["params"]["Dense_0"]["bias"] = np.array([-0.0, np.inf, 1e-45], np.float32)
   traj = [jax.tree.map(jnp.asarray, t) if i % 2 else t for i, t in enumerate(traj)]
-  trajectories.save_trajectory(tmp_path, "clean", 3, traj)
+  checkpoints.save_trajectory(tmp_path, "clean", 3, traj)
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), traj[0])
   for epoch, expected in enumerate(traj):
-    _assert_tree_equal(trajectories.restore_params(tmp_path, "clean", 3, epoch, like), expected)
+    _assert_tree_equal(checkpoints.restore_params(tmp_path, "clean", 3, epoch, like), expected)
   # `like` may also be a tree of concrete arrays.
-  _assert_tree_equal(trajectories.restore_params(tmp_path, "clean", 3, 1, traj[0]), traj[1])
+  _assert_tree_equal(checkpoints.restore_params(tmp_path, "clean", 3, 1, traj[0]), traj[1])
 
 
 def _file_bytes_read():
@@ -63,14 +63,14 @@ def test_single_epoch_restore_reads_only_that_epoch(tmp_path):
     params["Big"] = {"kernel": rng.standard_normal((100, 200)).astype(np.float32)}
     traj.append({"params": params})
   epoch_bytes = sum(x.nbytes for x in jax.tree.leaves(traj[0]))
-  trajectories.save_trajectory(tmp_path, "watermarked", 0, traj)
+  checkpoints.save_trajectory(tmp_path, "watermarked", 0, traj)
 
   before = _file_bytes_read()
-  one = trajectories.restore_params(tmp_path, "watermarked", 0, 7, traj[0])
+  one = checkpoints.restore_params(tmp_path, "watermarked", 0, 7, traj[0])
   read_one = _file_bytes_read() - before
   _assert_tree_equal(one, traj[7])
   before = _file_bytes_read()
-  trajectories.load_trajectories(tmp_path, "watermarked", traj[0])
+  checkpoints.load_trajectories(tmp_path, "watermarked", traj[0])
   read_all = _file_bytes_read() - before
   assert read_all > 10 * epoch_bytes
   assert read_one < 1.5 * epoch_bytes
@@ -81,59 +81,59 @@ def test_save_stacked_and_load_trajectories(tmp_path):
   num_experts, num_epochs = 3, 4
   stacked = _tree(rng, lead=(num_experts, num_epochs + 1))
   metas = [{"test_accuracy": 0.5 + i / 10} for i in range(num_experts)]
-  indices = trajectories.save_stacked(tmp_path, "fp_enhanced", jax.tree.map(jnp.asarray, stacked),
+  indices = checkpoints.save_stacked(tmp_path, "fp_enhanced", jax.tree.map(jnp.asarray, stacked),
                                       start_index=2, metadata_per_expert=metas)
   assert indices == [2, 3, 4]
   like = jax.tree.map(lambda x: x[0, 0], stacked)
 
-  loaded = trajectories.load_trajectories(tmp_path, "fp_enhanced", like)
+  loaded = checkpoints.load_trajectories(tmp_path, "fp_enhanced", like)
   _assert_tree_equal(loaded, stacked)
 
-  selected = trajectories.load_trajectories(tmp_path, "fp_enhanced", like, epochs=[4, 0, 2],
+  selected = checkpoints.load_trajectories(tmp_path, "fp_enhanced", like, epochs=[4, 0, 2],
                                             indices=[4, 2])
   expected = jax.tree.map(lambda x: x[np.array([2, 0])][:, np.array([4, 0, 2])], stacked)
   _assert_tree_equal(selected, expected)
 
-  one = trajectories.restore_params(tmp_path, "fp_enhanced", 3, 2, like)
+  one = checkpoints.restore_params(tmp_path, "fp_enhanced", 3, 2, like)
   _assert_tree_equal(one, jax.tree.map(lambda x: x[1, 2], stacked))
-  assert trajectories.read_meta(tmp_path, "fp_enhanced", 4)["test_accuracy"] == pytest.approx(0.7)
+  assert checkpoints.read_meta(tmp_path, "fp_enhanced", 4)["test_accuracy"] == pytest.approx(0.7)
 
 
 def test_save_trajectory_accepts_epoch_stacked_tree(tmp_path):
   rng = np.random.default_rng(3)
   stacked = _tree(rng, lead=(3,))
-  trajectories.save_trajectory(tmp_path, "clean", 0, stacked)
-  assert trajectories.num_epochs(tmp_path, "clean", 0) == 2
+  checkpoints.save_trajectory(tmp_path, "clean", 0, stacked)
+  assert checkpoints.num_epochs(tmp_path, "clean", 0) == 2
   like = jax.tree.map(lambda x: x[0], stacked)
-  _assert_tree_equal(trajectories.restore_params(tmp_path, "clean", 0, 2, like),
+  _assert_tree_equal(checkpoints.restore_params(tmp_path, "clean", 0, 2, like),
                      jax.tree.map(lambda x: x[2], stacked))
 
 
 def test_list_experts_num_epochs_and_meta(tmp_path):
   rng = np.random.default_rng(4)
-  assert trajectories.list_experts(tmp_path, "clean") == []
-  assert trajectories.list_experts(tmp_path / "missing", "clean") == []
+  assert checkpoints.list_experts(tmp_path, "clean") == []
+  assert checkpoints.list_experts(tmp_path / "missing", "clean") == []
   for index, n in ((5, 2), (0, 1), (12, 3)):
     meta = {"test_accuracy": np.float32(0.25), "seed": index, "notes": {"lr": [0.01, None]}}
-    trajectories.save_trajectory(tmp_path, "clean", index, [_tree(rng) for _ in range(n + 1)],
+    checkpoints.save_trajectory(tmp_path, "clean", index, [_tree(rng) for _ in range(n + 1)],
                                  metadata=meta)
-  trajectories.save_trajectory(tmp_path, "watermarked", 7, [_tree(rng)])
+  checkpoints.save_trajectory(tmp_path, "watermarked", 7, [_tree(rng)])
   # A directory without meta.json (an interrupted save) is not a complete expert.
   (tmp_path / "clean" / "0009" / "trajectory").mkdir(parents=True)
 
-  assert trajectories.list_experts(tmp_path, "clean") == [0, 5, 12]
-  assert trajectories.list_experts(tmp_path, "watermarked") == [7]
-  assert trajectories.list_experts(tmp_path, "fp_enhanced") == []
-  assert trajectories.num_epochs(tmp_path, "clean", 5) == 2
-  assert trajectories.num_epochs(tmp_path, "watermarked", 7) == 0
+  assert checkpoints.list_experts(tmp_path, "clean") == [0, 5, 12]
+  assert checkpoints.list_experts(tmp_path, "watermarked") == [7]
+  assert checkpoints.list_experts(tmp_path, "fp_enhanced") == []
+  assert checkpoints.num_epochs(tmp_path, "clean", 5) == 2
+  assert checkpoints.num_epochs(tmp_path, "watermarked", 7) == 0
 
-  meta = trajectories.read_meta(tmp_path, "clean", 12)
+  meta = checkpoints.read_meta(tmp_path, "clean", 12)
   assert meta.pop("leaves")["['params']['Odd_1']['kernel']"] == "float32[7, 1, 13]"
   assert meta == {"kind": "clean", "index": 12, "num_epochs": 3, "format_version": 1,
                   "test_accuracy": 0.25, "seed": 12, "notes": {"lr": [0.01, None]}}
   json.loads((tmp_path / "clean" / "0012" / "meta.json").read_text())
   with pytest.raises(CCDDError, match=r"clean/0009 under .* incomplete"):
-    trajectories.num_epochs(tmp_path, "clean", 9)
+    checkpoints.num_epochs(tmp_path, "clean", 9)
 
 
 def test_missing_root_expert_and_epoch_errors(tmp_path):
@@ -141,50 +141,50 @@ def test_missing_root_expert_and_epoch_errors(tmp_path):
   traj = [_tree(rng) for _ in range(3)]
   like = traj[0]
   with pytest.raises(CCDDError, match=r"no trajectories directory .*nowhere: run --stage=experts"):
-    trajectories.restore_params(tmp_path / "nowhere", "clean", 0, 0, like)
-  trajectories.save_trajectory(tmp_path, "watermarked", 1, traj)
+    checkpoints.restore_params(tmp_path / "nowhere", "clean", 0, 0, like)
+  checkpoints.save_trajectory(tmp_path, "watermarked", 1, traj)
   with pytest.raises(CCDDError, match=r"no trajectory for expert watermarked/0003 under .*"
                      r": run --stage=experts first"):
-    trajectories.restore_params(tmp_path, "watermarked", 3, 0, like)
+    checkpoints.restore_params(tmp_path, "watermarked", 3, 0, like)
   with pytest.raises(CCDDError, match=r"no trajectory for expert watermarked/0001 epoch 12 under "
                      r".*: the expert has epochs 0\.\.2 only"):
-    trajectories.restore_params(tmp_path, "watermarked", 1, 12, like)
+    checkpoints.restore_params(tmp_path, "watermarked", 1, 12, like)
   with pytest.raises(CCDDError, match=r"no trajectory for expert watermarked/0001 epoch 3 under"):
-    trajectories.load_trajectories(tmp_path, "watermarked", like, epochs=[0, 3])
+    checkpoints.load_trajectories(tmp_path, "watermarked", like, epochs=[0, 3])
   shutil.rmtree(tmp_path / "watermarked" / "0001" / "trajectory")
   with pytest.raises(CCDDError, match=r"no trajectory checkpoint for expert watermarked/0001 "
                      r"under .*: run --stage=experts first"):
-    trajectories.load_trajectories(tmp_path, "watermarked", like)
+    checkpoints.load_trajectories(tmp_path, "watermarked", like)
   with pytest.raises(CCDDError, match=r"no clean expert trajectories under"):
-    trajectories.load_trajectories(tmp_path, "clean", like)
+    checkpoints.load_trajectories(tmp_path, "clean", like)
   with pytest.raises(CCDDError, match=r"no trajectory for expert watermarked/0002 under"):
-    trajectories.read_meta(tmp_path, "watermarked", 2)
+    checkpoints.read_meta(tmp_path, "watermarked", 2)
 
 
 def test_bad_arguments(tmp_path):
   rng = np.random.default_rng(6)
   traj = [_tree(rng) for _ in range(2)]
-  with pytest.raises(CCDDError, match=r"unknown expert kind 'dirty'"):
-    trajectories.save_trajectory(tmp_path, "dirty", 0, traj)
-  with pytest.raises(CCDDError, match=r"reserved keys \['num_epochs'\]"):
-    trajectories.save_trajectory(tmp_path, "clean", 0, traj, metadata={"num_epochs": 3})
-  with pytest.raises(CCDDError, match=r"not JSON serialisable"):
-    trajectories.save_trajectory(tmp_path, "clean", 0, traj, metadata={"f": object()})
-  trajectories.save_trajectory(tmp_path, "clean", 1, traj)
-  with pytest.raises(CCDDError, match=r"already exists"):
-    trajectories.save_trajectory(tmp_path, "clean", 1, traj)
-  trajectories.save_trajectory(tmp_path, "clean", 1, traj[:1], overwrite=True)
-  assert trajectories.num_epochs(tmp_path, "clean", 1) == 0
+  with pytest.raises(ValueError, match=r"unknown expert kind 'dirty'"):
+    checkpoints.save_trajectory(tmp_path, "dirty", 0, traj)
+  with pytest.raises(ValueError, match=r"reserved keys \['num_epochs'\]"):
+    checkpoints.save_trajectory(tmp_path, "clean", 0, traj, metadata={"num_epochs": 3})
+  with pytest.raises(TypeError, match=r"not JSON serialisable"):
+    checkpoints.save_trajectory(tmp_path, "clean", 0, traj, metadata={"f": object()})
+  checkpoints.save_trajectory(tmp_path, "clean", 1, traj)
+  with pytest.raises(ValueError, match=r"already exists"):
+    checkpoints.save_trajectory(tmp_path, "clean", 1, traj)
+  checkpoints.save_trajectory(tmp_path, "clean", 1, traj[:1], overwrite=True)
+  assert checkpoints.num_epochs(tmp_path, "clean", 1) == 0
   with pytest.raises(CCDDError, match=r"epoch 1 under .*: the expert has epochs 0\.\.0 only"):
-    trajectories.restore_params(tmp_path, "clean", 1, 1, traj[0])
+    checkpoints.restore_params(tmp_path, "clean", 1, 1, traj[0])
   wrong = jax.tree.map(lambda x: np.zeros(x.shape + (2,), x.dtype), traj[0])
   with pytest.raises(CCDDError, match=r"cannot restore expert clean/0001 with the given parameter"
                      r" structure: leaf \['params'\]\['Conv_0'\]\['bias'\] is float32\[5\] on disk "
                      r"but float32\[5, 2\]"):
-    trajectories.restore_params(tmp_path, "clean", 1, 0, wrong)
+    checkpoints.restore_params(tmp_path, "clean", 1, 0, wrong)
   as_f64 = jax.tree.map(lambda x: x.astype(np.float64), traj[0])
   with pytest.raises(CCDDError, match=r"float32\[5\] on disk but float64\[5\] in `like`"):
-    trajectories.restore_params(tmp_path, "clean", 1, 0, as_f64)
+    checkpoints.restore_params(tmp_path, "clean", 1, 0, as_f64)
   missing_leaf = {"params": dict(traj[0]["params"], Extra={"w": np.zeros(2, np.float32)})}
   with pytest.raises(CCDDError, match=r"leaf \['params'\]\['Extra'\]\['w'\] is absent on disk"):
-    trajectories.restore_params(tmp_path, "clean", 1, 0, missing_leaf)
+    checkpoints.restore_params(tmp_path, "clean", 1, 0, missing_leaf)

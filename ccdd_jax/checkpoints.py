@@ -1,6 +1,6 @@
-"""Expert training trajectories stored as Orbax checkpoints.
+"""Orbax I/O of the run: expert trajectories and evaluated networks.
 
-An expert is identified by its kind ("clean", "watermarked" or "fp_enhanced")
+Trajectories. An expert is identified by its kind ("clean", "watermarked" or "fp_enhanced")
 and an integer index. Its trajectory is one parameter pytree per epoch: epoch 0
 holds the initial parameters and epoch e the parameters after e epochs.
 
@@ -19,6 +19,10 @@ has a fixed cost of ~20 ms per checkpoint on top of ~1.5 ms per leaf.
 `list_experts`) only once its checkpoint is finalised. Its "leaves" entry maps
 each leaf's key path to "dtype[shape]" and is checked against `like` on restore
 (Orbax would otherwise silently cast dtypes).
+
+Evaluated networks. The networks trained on one set with one architecture
+are saved stacked (leading axis = seeds) as one Orbax checkpoint
+(`save_networks` / `restore_networks`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -31,15 +35,16 @@ import shutil
 from typing import Any
 
 import jax
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import orbax.checkpoint as ocp
 
 from ccdd_jax import CCDDError
+from ccdd_jax.experts import KINDS
 
 PyTree = Any
 PathLike = str | os.PathLike
 
-KINDS = ("clean", "watermarked", "fp_enhanced")
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 CHECKPOINT_DIR = "trajectory"
@@ -80,13 +85,13 @@ def _checkpointer() -> ocp.Checkpointer:
 
 def _check_kind(kind: str) -> str:
   if kind not in KINDS:
-    raise CCDDError(f"unknown expert kind {kind!r}: expected one of {', '.join(KINDS)}")
+    raise ValueError(f"unknown expert kind {kind!r}: expected one of {', '.join(KINDS)}")
   return kind
 
 
 def _check_index(index: int, what: str = "expert index") -> int:
   if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-    raise CCDDError(f"{what} must be a non-negative integer, got {index!r}")
+    raise ValueError(f"{what} must be a non-negative integer, got {index!r}")
   return int(index)
 
 
@@ -142,7 +147,7 @@ def _meta_json(meta: Mapping[str, Any], expert_name: str) -> str:
   try:
     return json.dumps(dict(meta), indent=2, sort_keys=True, default=_json_default) + "\n"
   except (TypeError, ValueError) as e:
-    raise CCDDError(f"metadata for expert {expert_name} is not JSON serialisable: {e}") from e
+    raise TypeError(f"metadata for expert {expert_name} is not JSON serialisable: {e}") from e
 
 
 def _write_atomically(path: pathlib.Path, text: str) -> None:
@@ -163,14 +168,14 @@ def _split_epochs(params_per_epoch: Sequence[PyTree] | PyTree) -> list[PyTree]:
     stacked = _to_numpy_tree(params_per_epoch)
     leaves = jax.tree.leaves(stacked)
     if not leaves:
-      raise CCDDError("stacked trajectory has no array leaves")
+      raise ValueError("stacked trajectory has no array leaves")
     lengths = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
     if len(lengths) != 1 or None in lengths:
-      raise CCDDError("stacked trajectory leaves disagree on the leading epoch axis: "
+      raise ValueError("stacked trajectory leaves disagree on the leading epoch axis: "
                       f"{sorted(map(str, lengths))}")
     epochs = [jax.tree.map(lambda x, e=e: x[e], stacked) for e in range(lengths.pop())]
   if not epochs:
-    raise CCDDError("trajectory is empty: need at least the initial parameters (epoch 0)")
+    raise ValueError("trajectory is empty: need at least the initial parameters (epoch 0)")
   return epochs
 
 
@@ -185,21 +190,21 @@ def save_trajectory(root: PathLike, kind: str, index: int,
   metadata = dict(metadata or {})
   clash = sorted(set(metadata) & set(_RESERVED_META_KEYS))
   if clash:
-    raise CCDDError(f"trajectory metadata may not set reserved keys {clash}")
+    raise ValueError(f"trajectory metadata may not set reserved keys {clash}")
   epochs = _split_epochs(params_per_epoch)
   specs = _leaf_specs(epochs[0])
   if not specs:
-    raise CCDDError(f"parameters of expert {name} have no array leaves")
+    raise ValueError(f"parameters of expert {name} have no array leaves")
   for epoch, params in enumerate(epochs[1:], start=1):
     if _leaf_specs(params) != specs:
-      raise CCDDError(f"epoch {epoch} of expert {name} differs from epoch 0 in parameter "
+      raise ValueError(f"epoch {epoch} of expert {name} differs from epoch 0 in parameter "
                       "structure, shape or dtype")
   # Serialise the metadata first so that bad metadata leaves nothing on disk.
   meta_text = _meta_json({"kind": kind, "index": index, "num_epochs": len(epochs) - 1,
                           "format_version": FORMAT_VERSION, "leaves": specs, **metadata}, name)
   if expert_dir.exists():
     if not overwrite:
-      raise CCDDError(f"trajectory for expert {name} already exists in {expert_dir}: "
+      raise ValueError(f"trajectory for expert {name} already exists in {expert_dir}: "
                       "delete it or save with overwrite=True")
     shutil.rmtree(expert_dir)
   expert_dir.mkdir(parents=True)
@@ -221,13 +226,13 @@ def save_stacked(root: PathLike, kind: str, stacked_params: PyTree, start_index:
   stacked = _to_numpy_tree(stacked_params)
   leaves = jax.tree.leaves(stacked)
   if not leaves or any(leaf.ndim < 2 for leaf in leaves):
-    raise CCDDError("stacked trajectories need leaves shaped [num_experts, num_epochs + 1, ...]")
+    raise ValueError("stacked trajectories need leaves shaped [num_experts, num_epochs + 1, ...]")
   counts = {leaf.shape[0] for leaf in leaves}
   if len(counts) != 1:
-    raise CCDDError(f"stacked trajectory leaves disagree on the expert axis: {sorted(counts)}")
+    raise ValueError(f"stacked trajectory leaves disagree on the expert axis: {sorted(counts)}")
   num_experts = counts.pop()
   if metadata_per_expert is not None and len(metadata_per_expert) != num_experts:
-    raise CCDDError(f"got {len(metadata_per_expert)} metadata dicts for {num_experts} experts")
+    raise ValueError(f"got {len(metadata_per_expert)} metadata dicts for {num_experts} experts")
   indices = []
   for i in range(num_experts):
     meta = metadata_per_expert[i] if metadata_per_expert is not None else None
@@ -324,7 +329,7 @@ def load_trajectories(root: PathLike, kind: str, like: PyTree,
       raise CCDDError(f"no {kind} expert trajectories under {root}: {_HINT}")
   indices = [_check_index(i) for i in indices]
   if not indices:
-    raise CCDDError("load_trajectories got an empty list of expert indices")
+    raise ValueError("load_trajectories got an empty list of expert indices")
   if epochs is None:
     counts = {num_epochs(root, kind, i) for i in indices}
     if len(counts) != 1:
@@ -333,7 +338,7 @@ def load_trajectories(root: PathLike, kind: str, like: PyTree,
     epochs = range(counts.pop() + 1)
   epochs = [_check_index(e, "epoch") for e in epochs]
   if not epochs:
-    raise CCDDError("load_trajectories got an empty list of epochs")
+    raise ValueError("load_trajectories got an empty list of epochs")
   abstract = _abstract(like)
   out_leaves, treedef = jax.tree.flatten(jax.tree.map(
       lambda s: np.empty((len(indices), len(epochs)) + tuple(s.shape), s.dtype), abstract))
@@ -347,3 +352,38 @@ def load_trajectories(root: PathLike, kind: str, like: PyTree,
   finally:
     ckptr.close()
   return jax.tree.unflatten(treedef, out_leaves)
+
+
+def load_flat_trajectories(root: PathLike, kind: str, like: PyTree, epochs: int) -> np.ndarray:
+  """Epochs 0..epochs-1 of every expert of `kind` as flat vectors [experts, epochs, P]."""
+  stacked = load_trajectories(root, kind, like, epochs=range(epochs))
+  flatten = lambda p: ravel_pytree(p)[0]
+  return np.asarray(jax.vmap(jax.vmap(flatten))(stacked))
+
+
+def save_networks(path: PathLike, stacked_params: PyTree) -> None:
+  """Saves stacked evaluation networks (leading axis = seeds) as one Orbax checkpoint."""
+  path = pathlib.Path(path)
+  if path.exists():
+    shutil.rmtree(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _quiet_orbax()
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path.absolute(), stacked_params)
+  ckptr.wait_until_finished()
+  ckptr.close()
+
+
+def restore_networks(path: PathLike, like: PyTree, num_seeds: int) -> PyTree:
+  """Restores `num_seeds` stacked networks shaped like `like` saved by `save_networks`."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise CCDDError(f"no evaluated networks at {path}: run --stage=evaluate first")
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct((num_seeds,) + tuple(s.shape), s.dtype), like)
+  _quiet_orbax()
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    return jax.tree.map(np.asarray, ckptr.restore(path.absolute(), abstract))
+  finally:
+    ckptr.close()

@@ -1,0 +1,65 @@
+"""The workdir's layout: where each stage's outputs live, and the distilled sets' files.
+
+  owner.key                       the secret key (mode 0600; --key_file elsewhere)
+  trajectories/<kind>/NNNN/       experts (checkpoints.py)
+  <set>.npz                       a distilled set: images, labels, lr, preprocessing
+  models/<architecture>/<set>/    evaluated networks (checkpoints.py)
+  *.json, report.md, *.png        figures and pictures (reporting.py)
+"""
+
+import os
+import pathlib
+
+import numpy as np
+
+from ccdd_jax import CCDDError
+from ccdd_jax import preprocess
+
+
+def prepare(workdir: str | os.PathLike) -> pathlib.Path:
+  """Creates the workdir, or fails in one line when it cannot be written."""
+  path = pathlib.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise CCDDError(f"cannot create workdir {path}: {e.strerror}") from e
+  if not os.access(path, os.W_OK):
+    raise CCDDError(f"workdir {path} is not writable")
+  return path
+
+
+def trajectories_dir(workdir: pathlib.Path) -> pathlib.Path:
+  """The root of the experts' trajectories."""
+  return pathlib.Path(workdir) / "trajectories"
+
+
+def networks_dir(workdir: pathlib.Path, arch: str, name: str) -> pathlib.Path:
+  """Where the evaluated networks of one architecture and set are saved."""
+  return pathlib.Path(workdir) / "models" / arch.replace(":", "_") / name
+
+
+def save_distilled(workdir: pathlib.Path, name: str, images: np.ndarray, labels: np.ndarray,
+                   lr: float, from_trigger: np.ndarray, losses: np.ndarray,
+                   preprocessor: preprocess.Preprocessor) -> pathlib.Path:
+  """Writes `<name>.npz` atomically: a kill leaves the old file or the new one, never half.
+
+  It holds the network inputs (`images`), their [0, 1] `pixels`, hard
+  `labels`, the learned `lr`, the D_W-seeded slots (`from_trigger`), eq. 10's
+  history (`losses`) and the input transform (`Preprocessor.as_arrays`).
+  """
+  path = pathlib.Path(workdir) / f"{name}.npz"
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, images=images, labels=labels, lr=np.float32(lr), from_trigger=from_trigger,
+             losses=losses, pixels=preprocessor.to_pixels(images), **preprocessor.as_arrays())
+  os.replace(tmp, path)
+  return path
+
+
+def load_distilled(workdir: pathlib.Path, name: str) -> dict:
+  """The arrays of a distilled set written by the distill stage."""
+  path = pathlib.Path(workdir) / f"{name}.npz"
+  if not path.is_file():
+    raise CCDDError(f"no distilled set at {path}: run --stage=distill first")
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
