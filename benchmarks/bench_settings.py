@@ -27,6 +27,7 @@ TARGET_OFFSET = 0.01  # w* = w_0 + TARGET_OFFSET * N(0, 1): a stand-in expert ta
 @dataclasses.dataclass(frozen=True)
 class Setting:
   """One benchmarked computation: a distillation iteration or an expert epoch."""
+
   name: str
   kind: str  # "distill" or "expert"
   image_size: int
@@ -52,8 +53,9 @@ class Setting:
     hwc = f"{self.image_size}x{self.image_size}x{self.channels}"
     net = f"ConvNet w{self.width} d{self.depth}"
     if self.kind == "distill":
-      return (f"{self.num_classes * self.ipc} imgs {hwc} (ipc {self.ipc}), {net}, "
-              f"{self.syn_steps} steps")
+      return (
+        f"{self.num_classes * self.ipc} imgs {hwc} (ipc {self.ipc}), {net}, {self.syn_steps} steps"
+      )
     steps = self.num_train // self.batch_size
     return f"{self.num_train} imgs {hwc}, batch {self.batch_size} x {steps} steps, {net}"
 
@@ -63,8 +65,9 @@ class Setting:
 
   def network(self, conv_impl: str = "auto") -> models.Network:
     """ccdd_jax's ConvNet for this setting (through the model registry)."""
-    return models.build_network("convnet", self.num_classes, self.image_shape,
-                                self.model_config(conv_impl))
+    return models.build_network(
+      "convnet", self.num_classes, self.image_shape, self.model_config(conv_impl)
+    )
 
 
 @functools.cache
@@ -79,36 +82,72 @@ def all_settings() -> dict[str, Setting]:
   """Every named setting: digits (configs/digits.py) and CIFAR-10 shapes (paper configs)."""
   found = {}
   digits = config_loader.load("digits")
-  digits_net = dict(image_size=8, channels=1, num_classes=10, width=digits.model.width,
-                    depth=digits.model.depth)
+  digits_net = dict(
+    image_size=8, channels=1, num_classes=10, width=digits.model.width, depth=digits.model.depth
+  )
   for steps in (digits.distill.syn_steps, 40, 80):
     name = "digits" if steps == digits.distill.syn_steps else f"digits_s{steps}"
-    found.setdefault(name, Setting(name, "distill", **digits_net, lr=digits.distill.lr_teacher,
-                                   ipc=digits.distill.ipc, syn_steps=steps, data="digits"))
+    found.setdefault(
+      name,
+      Setting(
+        name,
+        "distill",
+        **digits_net,
+        lr=digits.distill.lr_teacher,
+        ipc=digits.distill.ipc,
+        syn_steps=steps,
+        data="digits",
+      ),
+    )
   found["digits_expert"] = Setting(
-      "digits_expert", "expert", **digits_net, lr=digits.experts.lr,
-      num_train=len(digits_dataset().train_labels), batch_size=digits.experts.batch_size,
-      momentum=digits.experts.momentum, data="digits")
+    "digits_expert",
+    "expert",
+    **digits_net,
+    lr=digits.experts.lr,
+    num_train=len(digits_dataset().train_labels),
+    batch_size=digits.experts.batch_size,
+    momentum=digits.experts.momentum,
+    data="digits",
+  )
   for ipc in (1, 10):
     paper = settings_lib.paper_config("cifar10", ipc)
-    cifar_net = dict(image_size=32, channels=3, num_classes=10, width=paper.model.width,
-                     depth=paper.model.depth)
+    cifar_net = dict(
+      image_size=32, channels=3, num_classes=10, width=paper.model.width, depth=paper.model.depth
+    )
     for steps in (20, 30, 40, 80):
       name = f"cifar10_ipc{ipc}_s{steps}"
-      found[name] = Setting(name, "distill", **cifar_net, lr=paper.distill.lr_teacher, ipc=ipc,
-                            syn_steps=steps)
+      found[name] = Setting(
+        name, "distill", **cifar_net, lr=paper.distill.lr_teacher, ipc=ipc, syn_steps=steps
+      )
   paper = settings_lib.paper_config("cifar10", 10)
   found["cifar10_expert"] = Setting(
-      "cifar10_expert", "expert", image_size=32, channels=3, num_classes=10,
-      width=paper.model.width, depth=paper.model.depth, lr=paper.experts.lr, num_train=50000,
-      batch_size=paper.experts.batch_size, momentum=paper.experts.momentum)
+    "cifar10_expert",
+    "expert",
+    image_size=32,
+    channels=3,
+    num_classes=10,
+    width=paper.model.width,
+    depth=paper.model.depth,
+    lr=paper.experts.lr,
+    num_train=50000,
+    batch_size=paper.experts.batch_size,
+    momentum=paper.experts.momentum,
+  )
   return found
 
 
-DEFAULT_SETTINGS = ("digits", "digits_s40", "digits_s80",
-                    "cifar10_ipc1_s20", "cifar10_ipc1_s40", "cifar10_ipc1_s80",
-                    "cifar10_ipc10_s20", "cifar10_ipc10_s40", "cifar10_ipc10_s80",
-                    "digits_expert")
+DEFAULT_SETTINGS = (
+  "digits",
+  "digits_s40",
+  "digits_s80",
+  "cifar10_ipc1_s20",
+  "cifar10_ipc1_s40",
+  "cifar10_ipc1_s80",
+  "cifar10_ipc10_s20",
+  "cifar10_ipc10_s40",
+  "cifar10_ipc10_s80",
+  "digits_expert",
+)
 
 
 def resolve_settings(spec: str) -> list[Setting]:
@@ -126,6 +165,7 @@ def resolve_settings(spec: str) -> list[Setting]:
 @dataclasses.dataclass
 class Problem:
   """Inputs of one setting: flax parameter trees and NHWC numpy data."""
+
   params: Any  # Initial parameters (flax tree).
   target: Any  # distill: the expert target w* (flax tree); expert: unused (None).
   images: np.ndarray  # distill: the synthetic set; expert: the training set.
@@ -151,11 +191,12 @@ def make_problem(setting: Setting, seed: int, dtype=np.float32) -> Problem:
   """
   net = setting.network()
   params = jax.tree_util.tree_map(
-      lambda p: np.asarray(p, np.float32),
-      jax.device_get(models.init_params(net.module, setting.image_shape,
-                                        jax.random.PRNGKey(seed))))
-  cast = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32).astype(dtype),
-                                             tree)
+    lambda p: np.asarray(p, np.float32),
+    jax.device_get(models.init_params(net.module, setting.image_shape, jax.random.PRNGKey(seed))),
+  )
+  cast = lambda tree: jax.tree_util.tree_map(
+    lambda a: np.asarray(a, np.float32).astype(dtype), tree
+  )
   rng = np.random.default_rng(seed)
   if setting.data == "digits":
     dataset = digits_dataset()
@@ -164,15 +205,26 @@ def make_problem(setting: Setting, seed: int, dtype=np.float32) -> Problem:
   else:
     num = setting.num_train if setting.kind == "expert" else setting.ipc * setting.num_classes
     train_x = rng.standard_normal((num,) + setting.image_shape, np.float32)
-    train_y = (np.arange(num) % setting.num_classes if setting.kind == "distill"
-               else rng.integers(0, setting.num_classes, num))
+    train_y = (
+      np.arange(num) % setting.num_classes
+      if setting.kind == "distill"
+      else rng.integers(0, setting.num_classes, num)
+    )
   if setting.kind == "expert":
-    return Problem(cast(params), None, cast(train_x[:setting.num_train]),
-                   np.asarray(train_y, np.int64)[:setting.num_train])
+    return Problem(
+      cast(params),
+      None,
+      cast(train_x[: setting.num_train]),
+      np.asarray(train_y, np.int64)[: setting.num_train],
+    )
   # Synthetic set: the first `ipc` training images of each class, class-major.
-  chosen = np.concatenate([np.flatnonzero(train_y == c)[:setting.ipc]
-                           for c in range(setting.num_classes)])
-  target = {name: {key: _target_leaf(name, key, value, rng) for key, value in leaf.items()}
-            for name, leaf in params.items()}
-  return Problem(cast(params), cast(target), cast(train_x[chosen]),
-                 np.asarray(train_y[chosen], np.int64))
+  chosen = np.concatenate(
+    [np.flatnonzero(train_y == c)[: setting.ipc] for c in range(setting.num_classes)]
+  )
+  target = {
+    name: {key: _target_leaf(name, key, value, rng) for key, value in leaf.items()}
+    for name, leaf in params.items()
+  }
+  return Problem(
+    cast(params), cast(target), cast(train_x[chosen]), np.asarray(train_y[chosen], np.int64)
+  )

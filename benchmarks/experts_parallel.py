@@ -38,26 +38,38 @@ def expert_inputs(config) -> tuple[dict, int, tuple]:
   """The trainer's `data` dict for the digits set, its class count and image shape."""
   ds = data_lib.load_dataset(config.data)
   side, channels = ds.image_shape[0], ds.image_shape[-1]
-  patterns, labels = watermark.expand_key(bytes(range(32)), config.watermark.n_patterns,
-                                          config.watermark.patch_size or side // 2, channels,
-                                          ds.num_classes)
+  patterns, labels = watermark.expand_key(
+    bytes(range(32)),
+    config.watermark.n_patterns,
+    config.watermark.patch_size or side // 2,
+    channels,
+    ds.num_classes,
+  )
   rng = np.random.default_rng(0)
   wm_images, wm_labels, _ = watermark.make_watermark_set(
-      ds.train_images, ds.train_labels, patterns, labels, config.watermark.ratio, rng)
+    ds.train_images, ds.train_labels, patterns, labels, config.watermark.ratio, rng
+  )
   scale = lambda x: jnp.asarray(x, jnp.float32) / 255.0
-  prune = rng.choice(len(ds.train_labels), min(config.experts.prune_examples,
-                                               len(ds.train_labels)), replace=False)
-  data = {"train_images": scale(ds.train_images),
-          "train_labels": jnp.asarray(ds.train_labels, jnp.int32),
-          "wm_images": scale(wm_images), "wm_labels": jnp.asarray(wm_labels, jnp.int32),
-          "prune_images": scale(ds.train_images[prune])}
+  prune = rng.choice(
+    len(ds.train_labels), min(config.experts.prune_examples, len(ds.train_labels)), replace=False
+  )
+  data = {
+    "train_images": scale(ds.train_images),
+    "train_labels": jnp.asarray(ds.train_labels, jnp.int32),
+    "wm_images": scale(wm_images),
+    "wm_labels": jnp.asarray(wm_labels, jnp.int32),
+    "prune_images": scale(ds.train_images[prune]),
+  }
   return data, ds.num_classes, ds.image_shape
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--kinds", default="watermarked",
-                      help="comma-separated expert kinds (clean, watermarked, fp_enhanced)")
+  parser.add_argument(
+    "--kinds",
+    default="watermarked",
+    help="comma-separated expert kinds (clean, watermarked, fp_enhanced)",
+  )
   parser.add_argument("--experts", type=int, default=0, help="K; 0 = experts.num_experts")
   parser.add_argument("--epochs", type=int, default=0, help="0 = experts.epochs")
   parser.add_argument("--conv", default="", help="model.conv_impl; '' = the config's")
@@ -71,65 +83,87 @@ def main():
     config.model.conv_impl = args.conv
   k = args.experts or expert_config.num_experts
   load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-  print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
-        f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {load}")
+  print(
+    f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
+    f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    f"load average {load}"
+  )
   data, num_classes, image_shape = expert_inputs(config)
   network = models.build_network(config.model.name, num_classes, image_shape, config.model)
-  print(f"digits experts: K = {k}, {expert_config.epochs} epochs of "
-        f"{len(data['train_labels'])} images (batch {expert_config.batch_size}, D_W batch "
-        f"{expert_config.wm_batch_size}), ConvNet width {config.model.width} depth "
-        f"{config.model.depth}, conv_impl {models.resolve_conv_impl(config.model.conv_impl)}, "
-        f"DSA {config.dsa.strategy!r}")
+  print(
+    f"digits experts: K = {k}, {expert_config.epochs} epochs of "
+    f"{len(data['train_labels'])} images (batch {expert_config.batch_size}, D_W batch "
+    f"{expert_config.wm_batch_size}), ConvNet width {config.model.width} depth "
+    f"{config.model.depth}, conv_impl {models.resolve_conv_impl(config.model.conv_impl)}, "
+    f"DSA {config.dsa.strategy!r}"
+  )
   init = network.init_params(jax.random.PRNGKey(0), k)
   anchors = jax.tree_util.tree_map(lambda p: p + 0.01, init)
   rngs = jax.random.split(jax.random.PRNGKey(1), k)
   family_rng = jax.random.PRNGKey(2)
-  print(f"run s: median wall time of {args.repeats} runs, K experts each; speed-up: "
-        f"experts / s over one at a time's; cpu s: process CPU time (all threads), less "
-        f"sensitive to other load; max |diff|: largest parameter difference from one at a time")
-  print(f"{'kind':12} {'path':24} {'compile s':>10} {'run s':>8} {'experts / s':>12} "
-        f"{'speed-up':>9} {'cpu s':>8} {'cpu speed-up':>13} {'max |diff|':>11}")
+  print(
+    f"run s: median wall time of {args.repeats} runs, K experts each; speed-up: "
+    f"experts / s over one at a time's; cpu s: process CPU time (all threads), less "
+    f"sensitive to other load; max |diff|: largest parameter difference from one at a time"
+  )
+  print(
+    f"{'kind':12} {'path':24} {'compile s':>10} {'run s':>8} {'experts / s':>12} "
+    f"{'speed-up':>9} {'cpu s':>8} {'cpu speed-up':>13} {'max |diff|':>11}"
+  )
   for kind in args.kinds.split(","):
     trainer = experts.make_trainer(kind, expert_config, network.apply, config.dsa)
     train = jax.jit(jax.vmap(trainer, in_axes=(0, 0, 0, None, None)))
     workers = parallel.resolve_concurrency(0)
     # name -> (experts per vmapped program, programs at once)
-    paths = {"one at a time": (1, 1), f"vmapped (K = {k})": (k, 1),
-             f"{workers} at once": (1, workers),
-             f"vmapped {k // workers}, {workers} at once": (max(1, k // workers), workers)}
+    paths = {
+      "one at a time": (1, 1),
+      f"vmapped (K = {k})": (k, 1),
+      f"{workers} at once": (1, workers),
+      f"vmapped {k // workers}, {workers} at once": (max(1, k // workers), workers),
+    }
     compiled, compile_s, params = {}, {}, {}
     run_s, cpu_s = {p: [] for p in paths}, {p: [] for p in paths}
     for path, (size, _) in paths.items():
       start = time.perf_counter()
       if size not in compiled:
-        compiled[size] = train.lower(part(init, 0, size), part(anchors, 0, size),
-                                     part(rngs, 0, size), family_rng, data).compile()
+        compiled[size] = train.lower(
+          part(init, 0, size), part(anchors, 0, size), part(rngs, 0, size), family_rng, data
+        ).compile()
       compile_s[path] = time.perf_counter() - start
     for _ in range(args.repeats):  # Interleaved, so that load drifts hit every path.
       for path, (size, at_once) in paths.items():
-        inputs = [(part(init, i, size), part(anchors, i, size), part(rngs, i, size),
-                   family_rng, data) for i in range(0, k, size)]
+        inputs = [
+          (part(init, i, size), part(anchors, i, size), part(rngs, i, size), family_rng, data)
+          for i in range(0, k, size)
+        ]
         start, cpu_start = time.perf_counter(), time.process_time()
         outs = parallel.run_concurrently(compiled[size], inputs, at_once)
         run_s[path].append(time.perf_counter() - start)
         cpu_s[path].append(time.process_time() - cpu_start)
-        params[path] = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs),
-                                              *jax.device_get(outs))
+        params[path] = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *jax.device_get(outs))
     median = {p: statistics.median(t) for p, t in run_s.items()}
     cpu = {p: statistics.median(t) for p, t in cpu_s.items()}
     base = "one at a time"
     for path in paths:
-      diff = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-          lambda a, b: float(np.abs(a - b).max()), params[path], params[base])))
-      print(f"{kind:12} {path:24} {compile_s[path]:10.2f} {median[path]:8.2f} "
-            f"{k / median[path]:12.2f} {median[base] / median[path]:9.2f} "
-            f"{cpu[path]:8.2f} {cpu[base] / cpu[path]:13.2f} {diff:11.2g}", flush=True)
+      diff = max(
+        jax.tree_util.tree_leaves(
+          jax.tree_util.tree_map(
+            lambda a, b: float(np.abs(a - b).max()), params[path], params[base]
+          )
+        )
+      )
+      print(
+        f"{kind:12} {path:24} {compile_s[path]:10.2f} {median[path]:8.2f} "
+        f"{k / median[path]:12.2f} {median[base] / median[path]:9.2f} "
+        f"{cpu[path]:8.2f} {cpu[base] / cpu[path]:13.2f} {diff:11.2g}",
+        flush=True,
+      )
 
 
 def part(tree, start: int, size: int):
   """Experts start .. start + size - 1 of a stacked pytree."""
-  return jax.tree_util.tree_map(lambda x: x[start:start + size], tree)
+  return jax.tree_util.tree_map(lambda x: x[start : start + size], tree)
+
 
 if __name__ == "__main__":
   main()

@@ -26,14 +26,15 @@ from ccdd_jax import settings as settings_lib
 
 # name -> (images per class, side, channels, ConvNet width, depth); 10 classes.
 SETTINGS = {
-    "digits": (10, 8, 1, 16, 2),  # configs/digits.py
-    "cifar10_ipc10": (10, 32, 3, 128, 3),  # configs/cifar10_ipc10.py shapes
-    "cifar10_ipc1": (1, 32, 3, 128, 3),  # configs/cifar10_ipc1.py shapes
+  "digits": (10, 8, 1, 16, 2),  # configs/digits.py
+  "cifar10_ipc10": (10, 32, 3, 128, 3),  # configs/cifar10_ipc10.py shapes
+  "cifar10_ipc1": (1, 32, 3, 128, 3),  # configs/cifar10_ipc1.py shapes
 }
 
 
-def iteration_memory(setting: str, steps: int, remat: str, conv_impl: str, unroll: str,
-                     dsa: str) -> dict:
+def iteration_memory(
+  setting: str, steps: int, remat: str, conv_impl: str, unroll: str, dsa: str
+) -> dict:
   """memory_analysis() figures (bytes) of one compiled distillation iteration."""
   ipc, side, channels, width, depth = SETTINGS[setting]
   model_config = settings_lib.section("model", width=width, depth=depth, conv_impl=conv_impl)
@@ -42,19 +43,32 @@ def iteration_memory(setting: str, steps: int, remat: str, conv_impl: str, unrol
   num = 10 * ipc
   cfg = settings_lib.section("distill", syn_steps=steps, batch_syn=0, beta=0.5)
   dsa_config = settings_lib.section("dsa", strategy=dsa)
-  meta = distill.make_meta_loss(cfg, network.apply_flat, dsa_config, num, unroll=unroll,
-                                remat=remat)
+  meta = distill.make_meta_loss(
+    cfg, network.apply_flat, dsa_config, num, unroll=unroll, remat=remat
+  )
   grad = jax.jit(jax.value_and_grad(meta, argnums=(0, 1)))
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   p = sum(leaf.size for leaf in jax.tree_util.tree_leaves(network.like_params()))
-  compiled = grad.lower(f32(num, *shape), f32(), jax.ShapeDtypeStruct((num,), jnp.int32),
-                        f32(p), f32(p), f32(p), f32(p), jax.random.PRNGKey(0)).compile()
+  compiled = grad.lower(
+    f32(num, *shape),
+    f32(),
+    jax.ShapeDtypeStruct((num,), jnp.int32),
+    f32(p),
+    f32(p),
+    f32(p),
+    f32(p),
+    jax.random.PRNGKey(0),
+  ).compile()
   stats = compiled.memory_analysis()
   if stats is None:
     raise SystemExit(f"memory_analysis() is not available on {jax.default_backend()}")
-  out = {"params": p, "temp": stats.temp_size_in_bytes,
-         "arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-         "alias": stats.alias_size_in_bytes}
+  out = {
+    "params": p,
+    "temp": stats.temp_size_in_bytes,
+    "arguments": stats.argument_size_in_bytes,
+    "outputs": stats.output_size_in_bytes,
+    "alias": stats.alias_size_in_bytes,
+  }
   out["peak"] = out["arguments"] + out["outputs"] + out["temp"] - out["alias"]
   return out
 
@@ -69,22 +83,32 @@ def main():
   parser.add_argument("--dsa", default="color_crop_cutout_flip_scale_rotate")
   args = parser.parse_args()
   conv_impl = models.resolve_conv_impl(args.conv)
-  print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
-        f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-  print(f"conv_impl {conv_impl}, unroll {args.unroll}, DSA {args.dsa!r}, beta 0.5, "
-        f"batch_syn = all; MiB = 2^20 bytes")
+  print(
+    f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
+    f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+  )
+  print(
+    f"conv_impl {conv_impl}, unroll {args.unroll}, DSA {args.dsa!r}, beta 0.5, "
+    f"batch_syn = all; MiB = 2^20 bytes"
+  )
   steps = [int(s) for s in args.steps.split(",")]
-  print(f"{'setting':14} {'remat':7} {'P':>8} " + " ".join(
-      f"{'temp@' + str(n):>10} {'peak@' + str(n):>10}" for n in steps) +
-        f" {'peak x' + str(steps[-1]) + '/' + str(steps[0]):>12}")
+  print(
+    f"{'setting':14} {'remat':7} {'P':>8} "
+    + " ".join(f"{'temp@' + str(n):>10} {'peak@' + str(n):>10}" for n in steps)
+    + f" {'peak x' + str(steps[-1]) + '/' + str(steps[0]):>12}"
+  )
   for setting in args.settings.split(","):
     for remat in args.remat.split(","):
-      figures = [iteration_memory(setting, n, remat, conv_impl, args.unroll, args.dsa)
-                 for n in steps]
-      mib = lambda b: f"{b / 2 ** 20:10.1f}"
-      print(f"{setting:14} {remat:7} {figures[0]['params']:8d} " + " ".join(
-          f"{mib(f['temp'])} {mib(f['peak'])}" for f in figures) +
-            f" {figures[-1]['peak'] / figures[0]['peak']:12.2f}", flush=True)
+      figures = [
+        iteration_memory(setting, n, remat, conv_impl, args.unroll, args.dsa) for n in steps
+      ]
+      mib = lambda b: f"{b / 2**20:10.1f}"
+      print(
+        f"{setting:14} {remat:7} {figures[0]['params']:8d} "
+        + " ".join(f"{mib(f['temp'])} {mib(f['peak'])}" for f in figures)
+        + f" {figures[-1]['peak'] / figures[0]['peak']:12.2f}",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

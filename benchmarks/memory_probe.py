@@ -26,8 +26,12 @@ def xla_memory(compiled) -> dict:
     return {}
   if analysis is None:
     return {}
-  fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-            "generated_code_size_in_bytes")
+  fields = (
+    "temp_size_in_bytes",
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "generated_code_size_in_bytes",
+  )
   return {f: int(getattr(analysis, f)) for f in fields if hasattr(analysis, f)}
 
 
@@ -74,8 +78,11 @@ def host_peak(run: Callable[[], object]) -> dict:
   before = _status_kib()
   run()
   after = _status_kib()
-  return {"peak_bytes": 1024 * (after["VmHWM"] - before["VmRSS"]),
-          "rss_before_bytes": 1024 * before["VmRSS"], "method": method}
+  return {
+    "peak_bytes": 1024 * (after["VmHWM"] - before["VmRSS"]),
+    "rss_before_bytes": 1024 * before["VmRSS"],
+    "method": method,
+  }
 
 
 def jax_device_peak(run: Callable[[], object]) -> dict:
@@ -92,8 +99,9 @@ def torch_device_peak(torch, run: Callable[[], object]) -> dict:
   return {"peak_bytes": int(torch.cuda.max_memory_allocated()), "method": DEVICE_METHOD}
 
 
-def run_watched(command: Sequence[str], env: dict, out_path: str, max_rss_kib: int,
-                timeout_s: float) -> tuple[dict, str | None, int]:
+def run_watched(
+  command: Sequence[str], env: dict, out_path: str, max_rss_kib: int, timeout_s: float
+) -> tuple[dict, str | None, int]:
   """Runs `command`, killed past `max_rss_kib` or `timeout_s`: (its JSON, killed_for, status).
 
   The JSON is what the child wrote to `out_path` ({} if nothing): complete,

@@ -24,8 +24,10 @@ def relative(a: np.ndarray, b: np.ndarray) -> dict:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   norm = float(np.linalg.norm(b.ravel()))
   diff = float(np.linalg.norm((a - b).ravel()))
-  return {"max_abs": float(np.max(np.abs(a - b))) if a.size else 0.0,
-          "rel": diff / norm if norm else diff}
+  return {
+    "max_abs": float(np.max(np.abs(a - b))) if a.size else 0.0,
+    "rel": diff / norm if norm else diff,
+  }
 
 
 def compare_distill(result: dict, reference: dict) -> dict:
@@ -42,11 +44,12 @@ def fixed_batches(setting: Setting, seed: int) -> np.ndarray:
   """A seeded minibatch order [steps, batch] of one epoch (remainder dropped)."""
   steps = setting.num_train // setting.batch_size
   order = np.random.default_rng(seed).permutation(setting.num_train)
-  return order[:steps * setting.batch_size].reshape(steps, setting.batch_size)
+  return order[: steps * setting.batch_size].reshape(steps, setting.batch_size)
 
 
-def jax_expert_end(jax_runner: runners.JaxExpert, problem: Problem,
-                   batches: np.ndarray) -> np.ndarray:
+def jax_expert_end(
+  jax_runner: runners.JaxExpert, problem: Problem, batches: np.ndarray
+) -> np.ndarray:
   """JAX end parameters after one epoch over `batches`, as a torch-order flat vector."""
   end = jax_runner.on_batches(problem.params, problem.images, problem.labels, batches)
   return runners.torch_flat(end, jax_runner.setting)
@@ -62,19 +65,32 @@ def torch_expert_end(torch_runner: runners.TorchExpert, batches: np.ndarray) -> 
 @contextlib.contextmanager
 def exact_torch_convolutions(torch):
   """Turns off oneDNN convolutions (CPU: im2col + GEMM) and TF32 (GPU) inside the block."""
-  saved = (torch.backends.mkldnn.enabled, torch.backends.cudnn.allow_tf32,
-           torch.backends.cuda.matmul.allow_tf32)
+  saved = (
+    torch.backends.mkldnn.enabled,
+    torch.backends.cudnn.allow_tf32,
+    torch.backends.cuda.matmul.allow_tf32,
+  )
   torch.backends.mkldnn.enabled = False
   torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
   try:
     yield
   finally:
-    (torch.backends.mkldnn.enabled, torch.backends.cudnn.allow_tf32,
-     torch.backends.cuda.matmul.allow_tf32) = saved
+    (
+      torch.backends.mkldnn.enabled,
+      torch.backends.cudnn.allow_tf32,
+      torch.backends.cuda.matmul.allow_tf32,
+    ) = saved
 
 
-def check_parity(setting: Setting, framework_runners: dict, outputs: dict, problem: Problem,
-                 seed: int, loss_rtol: float, grad_rtol: float) -> dict:
+def check_parity(
+  setting: Setting,
+  framework_runners: dict,
+  outputs: dict,
+  problem: Problem,
+  seed: int,
+  loss_rtol: float,
+  grad_rtol: float,
+) -> dict:
   """JAX against torch (as timed) in float32, with a tolerance scaled to float32 rounding.
 
   Some image gradients are ill-conditioned: on CIFAR shapes, float32 puts
@@ -102,8 +118,10 @@ def check_parity(setting: Setting, framework_runners: dict, outputs: dict, probl
     errors = compare_expert(jax_expert_end(jax_runner, problem, batches), torch_end, start)
     with exact_torch_convolutions(torch):
       spread = compare_expert(torch_expert_end(torch_runner, batches), torch_end, start)
-  tolerance = {key: max(loss_rtol if key == "loss" else grad_rtol,
-                        SPREAD_FACTOR * spread[key]["rel"]) for key in errors}
+  tolerance = {
+    key: max(loss_rtol if key == "loss" else grad_rtol, SPREAD_FACTOR * spread[key]["rel"])
+    for key in errors
+  }
   ok = all(errors[key]["rel"] <= tolerance[key] for key in errors)
   return {"ok": bool(ok), "errors": errors, "torch_spread": spread, "tolerance": tolerance}
 
@@ -122,10 +140,12 @@ def float64_check(setting: Setting, ends: dict, problem64: Problem) -> dict:
     compare = lambda end, reference: compare_expert(end, reference, start)
   truth = ends[("jax", "float64")]
   agreement = compare(ends[("torch", "float64")], truth)
-  return {"ok": all(error["rel"] <= FLOAT64_RTOL for error in agreement.values()),
-          "float64_torch_vs_jax": agreement,
-          "float32_error_jax": compare(ends[("jax", "float32")], truth),
-          "float32_error_torch": compare(ends[("torch", "float32")], truth)}
+  return {
+    "ok": all(error["rel"] <= FLOAT64_RTOL for error in agreement.values()),
+    "float64_torch_vs_jax": agreement,
+    "float32_error_jax": compare(ends[("jax", "float32")], truth),
+    "float32_error_torch": compare(ends[("torch", "float32")], truth),
+  }
 
 
 def errors_text(errors: dict, spread: dict | None = None) -> str:
@@ -143,5 +163,6 @@ def parity_text(parity: dict | None) -> str:
   """One line summarising a `check_parity` result."""
   if not parity:
     return "-"
-  return (("ok: " if parity["ok"] else "FAIL: ")
-          + errors_text(parity["errors"], parity["torch_spread"]))
+  return ("ok: " if parity["ok"] else "FAIL: ") + errors_text(
+    parity["errors"], parity["torch_spread"]
+  )

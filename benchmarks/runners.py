@@ -37,6 +37,7 @@ def import_torch():
   import torch  # pylint: disable=g-import-not-at-top
 
   from benchmarks import torch_mtt  # pylint: disable=g-import-not-at-top
+
   return torch, torch_mtt
 
 
@@ -51,8 +52,9 @@ def torch_device(requested: str) -> str:
 def torch_shape(setting: Setting):
   """torch_mtt.ConvNetShape of `setting`."""
   _, torch_mtt = import_torch()
-  return torch_mtt.ConvNetShape(setting.image_size, setting.channels, setting.num_classes,
-                                setting.width, setting.depth)
+  return torch_mtt.ConvNetShape(
+    setting.image_size, setting.channels, setting.num_classes, setting.width, setting.depth
+  )
 
 
 def torch_flat(params: Any, setting: Setting) -> np.ndarray:
@@ -68,6 +70,7 @@ def _to_nchw(torch, images: np.ndarray, device: str):
 
 class Runner:
   """One framework's computation for one setting."""
+
   compiled = None
 
   def prepare(self) -> float:
@@ -84,6 +87,7 @@ class Runner:
 
 class _JaxRunner(Runner):
   """A jitted `self.function` applied to `self.args`, compiled ahead of time."""
+
   function: Any
   args: tuple
 
@@ -101,8 +105,15 @@ class _JaxRunner(Runner):
 class JaxDistill(_JaxRunner):
   """ccdd_jax's meta-gradient: value_and_grad of `distill.make_meta_loss` w.r.t. images and lr."""
 
-  def __init__(self, setting: Setting, problem: Problem, conv_impl: str, seed: int,
-               unroll: str = "1", remat: str = "none"):
+  def __init__(
+    self,
+    setting: Setting,
+    problem: Problem,
+    conv_impl: str,
+    seed: int,
+    unroll: str = "1",
+    remat: str = "none",
+  ):
     self.setting = setting
     network = setting.network(conv_impl)
     start, unravel = ravel_pytree(problem.params)  # The problem's dtype (float32 or float64).
@@ -112,27 +123,45 @@ class JaxDistill(_JaxRunner):
     scan_options = {"unroll": setting.syn_steps if unroll == "full" else int(unroll)}
     if remat != "none":  # Passed only when asked: older make_meta_loss has no `remat`.
       scan_options["remat"] = remat
-    meta_loss = distill.make_meta_loss(config, apply_flat, no_dsa(), len(problem.labels),
-                                       **scan_options)
+    meta_loss = distill.make_meta_loss(
+      config, apply_flat, no_dsa(), len(problem.labels), **scan_options
+    )
     self.function = jax.jit(jax.value_and_grad(meta_loss, argnums=(0, 1)))
-    self.args = (jnp.asarray(problem.images), jnp.asarray(setting.lr, problem.images.dtype),
-                 jnp.asarray(problem.labels, jnp.int32), start, target, start, target,
-                 jax.random.PRNGKey(seed))
+    self.args = (
+      jnp.asarray(problem.images),
+      jnp.asarray(setting.lr, problem.images.dtype),
+      jnp.asarray(problem.labels, jnp.int32),
+      start,
+      target,
+      start,
+      target,
+      jax.random.PRNGKey(seed),
+    )
 
   def result(self, out) -> dict:
     """Loss, image gradient (NCHW) and lr gradient as numpy arrays."""
     loss, (image_grad, lr_grad) = jax.device_get(out)
-    return {"loss": np.asarray(loss, np.float64),
-            "image_grad": np.asarray(image_grad).transpose(0, 3, 1, 2),
-            "lr_grad": np.asarray(lr_grad, np.float64)}
+    return {
+      "loss": np.asarray(loss, np.float64),
+      "image_grad": np.asarray(image_grad).transpose(0, 3, 1, 2),
+      "lr_grad": np.asarray(lr_grad, np.float64),
+    }
 
 
 def _expert_config(setting: Setting) -> ml_collections.ConfigDict:
   """The `experts` config section for one clean epoch of `setting`."""
   return settings_lib.section(
-      "experts", epochs=1, lr=setting.lr, momentum=setting.momentum,
-      batch_size=setting.batch_size, wm_batch_size=1, lambda1=0.0, lambda2=0.0, lambda3=0.0,
-      prune_ratio=0.5)
+    "experts",
+    epochs=1,
+    lr=setting.lr,
+    momentum=setting.momentum,
+    batch_size=setting.batch_size,
+    wm_batch_size=1,
+    lambda1=0.0,
+    lambda2=0.0,
+    lambda3=0.0,
+    prune_ratio=0.5,
+  )
 
 
 class JaxExpert(_JaxRunner):
@@ -144,25 +173,30 @@ class JaxExpert(_JaxRunner):
     train = experts.make_trainer("clean", _expert_config(setting), self.apply, no_dsa())
     self.function = jax.jit(train)
     params = jax.tree_util.tree_map(jnp.asarray, problem.params)
-    data = {"train_images": jnp.asarray(problem.images),
-            "train_labels": jnp.asarray(problem.labels, jnp.int32),
-            "wm_images": jnp.zeros((1,) + setting.image_shape, jnp.float32),
-            "wm_labels": jnp.zeros((1,), jnp.int32)}
+    data = {
+      "train_images": jnp.asarray(problem.images),
+      "train_labels": jnp.asarray(problem.labels, jnp.int32),
+      "wm_images": jnp.zeros((1,) + setting.image_shape, jnp.float32),
+      "wm_labels": jnp.zeros((1,), jnp.int32),
+    }
     rng, family_rng = jax.random.split(jax.random.PRNGKey(seed))
     self.args = (params, params, rng, family_rng, data)
 
   def on_batches(self, params, images, labels, batches: np.ndarray):
     """End params of one epoch over the given minibatches [steps, batch] (the trainer's step)."""
-    loss_fn = experts.expert_loss_fn("clean", _expert_config(self.setting), self.apply,
-                                     no_dsa())
+    loss_fn = experts.expert_loss_fn("clean", _expert_config(self.setting), self.apply, no_dsa())
     steps = batches.shape[0]
     keys = jax.random.split(jax.random.PRNGKey(0), steps)
-    step_inputs = {"images": jnp.asarray(images)[batches],
-                   "labels": jnp.asarray(labels, jnp.int32)[batches],
-                   "rng": keys, "family_rng": keys}
+    step_inputs = {
+      "images": jnp.asarray(images)[batches],
+      "labels": jnp.asarray(labels, jnp.int32)[batches],
+      "rng": keys,
+      "family_rng": keys,
+    }
     lrs = jnp.full((steps,), self.setting.lr, images.dtype)
-    epoch = jax.jit(lambda p, s: inner_loop.sgd_scan(
-        loss_fn, p, s, lrs, momentum=self.setting.momentum)[0])
+    epoch = jax.jit(
+      lambda p, s: inner_loop.sgd_scan(loss_fn, p, s, lrs, momentum=self.setting.momentum)[0]
+    )
     return jax.device_get(epoch(params, step_inputs))
 
 
@@ -184,9 +218,16 @@ class TorchDistill(Runner):
 
   def run(self):
     """One distillation iteration (loss, image gradient, lr gradient)."""
-    out = self.torch_mtt.distill_iteration(self.net, self.start, self.target, self.images,
-                                           self.labels, self.lr, self.setting.syn_steps,
-                                           self.generator)
+    out = self.torch_mtt.distill_iteration(
+      self.net,
+      self.start,
+      self.target,
+      self.images,
+      self.labels,
+      self.lr,
+      self.setting.syn_steps,
+      self.generator,
+    )
     if self.device.startswith("cuda"):
       self.torch.cuda.synchronize()
     return out
@@ -194,8 +235,11 @@ class TorchDistill(Runner):
   def result(self, out) -> dict:
     """Loss, image gradient (NCHW) and lr gradient as numpy arrays."""
     loss, image_grad, lr_grad = (t.detach().cpu().numpy() for t in out)
-    return {"loss": np.asarray(loss, np.float64), "image_grad": image_grad,
-            "lr_grad": np.asarray(lr_grad, np.float64)}
+    return {
+      "loss": np.asarray(loss, np.float64),
+      "image_grad": image_grad,
+      "lr_grad": np.asarray(lr_grad, np.float64),
+    }
 
 
 class TorchExpert(Runner):
@@ -216,15 +260,18 @@ class TorchExpert(Runner):
   def reset(self):
     """Fresh parameters (the initial ones) and a fresh optimiser."""
     self.params, self.optimizer = self.torch_mtt.make_expert(
-        self.flat, self.net, self.setting.lr, self.setting.momentum)
+      self.flat, self.net, self.setting.lr, self.setting.momentum
+    )
 
   def run(self, batches=None):
     """One epoch over `batches`, or over a fresh shuffle; returns the flat end parameters."""
     if batches is None:  # The reference's DataLoader reshuffles every epoch.
-      batches = self.torch_mtt.epoch_batches(len(self.labels), self.setting.batch_size,
-                                             self.generator, self.device)
-    self.torch_mtt.expert_epoch(self.net, self.params, self.optimizer, self.images,
-                                self.labels, batches)
+      batches = self.torch_mtt.epoch_batches(
+        len(self.labels), self.setting.batch_size, self.generator, self.device
+      )
+    self.torch_mtt.expert_epoch(
+      self.net, self.params, self.optimizer, self.images, self.labels, batches
+    )
     if self.device.startswith("cuda"):
       self.torch.cuda.synchronize()
     return self.torch_mtt.flatten(self.params)
@@ -238,8 +285,9 @@ def make_runner(framework: str, setting: Setting, problem: Problem, options) -> 
   """
   if framework == "jax":
     if setting.kind == "distill":
-      return JaxDistill(setting, problem, options.conv_impl, options.seed, options.unroll,
-                        options.remat)
+      return JaxDistill(
+        setting, problem, options.conv_impl, options.seed, options.unroll, options.remat
+      )
     return JaxExpert(setting, problem, options.conv_impl, options.seed)
   cls = TorchDistill if setting.kind == "distill" else TorchExpert
   return cls(setting, problem, options.torch_device, options.seed)

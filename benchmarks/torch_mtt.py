@@ -38,6 +38,7 @@ GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default; ccdd_jax.models uses the 
 @dataclasses.dataclass(frozen=True)
 class ConvNetShape:
   """Sizes of a ConvNet and of its square input images."""
+
   image_size: int
   channels: int
   num_classes: int
@@ -57,13 +58,17 @@ class ConvNetShape:
     shapes = []
     in_channels = self.channels
     for block in range(self.depth):
-      shapes += [(f"conv_{block}.weight", (self.width, in_channels, 3, 3)),
-                 (f"conv_{block}.bias", (self.width,)),
-                 (f"norm_{block}.weight", (self.width,)),
-                 (f"norm_{block}.bias", (self.width,))]
+      shapes += [
+        (f"conv_{block}.weight", (self.width, in_channels, 3, 3)),
+        (f"conv_{block}.bias", (self.width,)),
+        (f"norm_{block}.weight", (self.width,)),
+        (f"norm_{block}.bias", (self.width,)),
+      ]
       in_channels = self.width
-    shapes += [("head.weight", (self.num_classes, self.width * self.feature_side ** 2)),
-               ("head.bias", (self.num_classes,))]
+    shapes += [
+      ("head.weight", (self.num_classes, self.width * self.feature_side**2)),
+      ("head.bias", (self.num_classes,)),
+    ]
     return shapes
 
   @property
@@ -79,24 +84,32 @@ def unflatten(flat: torch.Tensor, net: ConvNetShape) -> list[torch.Tensor]:
   return [part.view(shape) for part, shape in zip(torch.split(flat, sizes), shapes)]
 
 
-def forward(params: Sequence[torch.Tensor], images: torch.Tensor,
-            net: ConvNetShape) -> torch.Tensor:
+def forward(
+  params: Sequence[torch.Tensor], images: torch.Tensor, net: ConvNetShape
+) -> torch.Tensor:
   """Logits of the reference ConvNet for NCHW `images`; `params` in `parameter_shapes` order."""
   x = images
   for block in range(net.depth):
-    conv_w, conv_b, norm_w, norm_b = params[4 * block:4 * block + 4]
+    conv_w, conv_b, norm_w, norm_b = params[4 * block : 4 * block + 4]
     x = F.conv2d(x, conv_w, conv_b, padding=1)
     x = F.group_norm(x, net.width, norm_w, norm_b, eps=GROUP_NORM_EPS)
     x = F.relu(x, inplace=True)  # The reference uses nn.ReLU(inplace=True).
     x = F.avg_pool2d(x, kernel_size=2, stride=2)
-  head_w, head_b = params[4 * net.depth:]
+  head_w, head_b = params[4 * net.depth :]
   return F.linear(x.reshape(x.shape[0], -1), head_w, head_b)
 
 
-def distill_iteration(net: ConvNetShape, flat_start: torch.Tensor, target: torch.Tensor,
-                      images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-                      syn_steps: int, generator: torch.Generator, batch_syn: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def distill_iteration(
+  net: ConvNetShape,
+  flat_start: torch.Tensor,
+  target: torch.Tensor,
+  images: torch.Tensor,
+  labels: torch.Tensor,
+  lr: torch.Tensor,
+  syn_steps: int,
+  generator: torch.Generator,
+  batch_syn: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
   """One MTT iteration: returns (loss, d loss / d images, d loss / d lr), all detached.
 
   `batch_syn` 0 means the whole synthetic set every step. The minibatch order
@@ -124,25 +137,37 @@ def distill_iteration(net: ConvNetShape, flat_start: torch.Tensor, target: torch
   return loss.detach(), images.grad, lr.grad
 
 
-def make_expert(flat_params: torch.Tensor, net: ConvNetShape, lr: float, momentum: float = 0.0,
-                weight_decay: float = 0.0) -> tuple[list[torch.Tensor], torch.optim.SGD]:
+def make_expert(
+  flat_params: torch.Tensor,
+  net: ConvNetShape,
+  lr: float,
+  momentum: float = 0.0,
+  weight_decay: float = 0.0,
+) -> tuple[list[torch.Tensor], torch.optim.SGD]:
   """Leaf parameter tensors copied from `flat_params` and their torch.optim.SGD."""
   params = [p.detach().clone().requires_grad_(True) for p in unflatten(flat_params, net)]
   optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
   return params, optimizer
 
 
-def epoch_batches(num_examples: int, batch_size: int, generator: torch.Generator,
-                  device: Any = "cpu") -> torch.Tensor:
+def epoch_batches(
+  num_examples: int, batch_size: int, generator: torch.Generator, device: Any = "cpu"
+) -> torch.Tensor:
   """Indices [steps, batch] of one shuffled epoch (the remainder dropped, as ccdd_jax does)."""
   batch_size = min(batch_size, num_examples)
   steps = num_examples // batch_size
   order = torch.randperm(num_examples, generator=generator)
-  return order[:steps * batch_size].view(steps, batch_size).to(device)
+  return order[: steps * batch_size].view(steps, batch_size).to(device)
 
 
-def expert_epoch(net: ConvNetShape, params: Sequence[torch.Tensor], optimizer: torch.optim.SGD,
-                 images: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor) -> None:
+def expert_epoch(
+  net: ConvNetShape,
+  params: Sequence[torch.Tensor],
+  optimizer: torch.optim.SGD,
+  images: torch.Tensor,
+  labels: torch.Tensor,
+  batches: torch.Tensor,
+) -> None:
   """One epoch of expert training over the minibatches `batches` [steps, batch], in place."""
   for indices in batches:
     loss = F.cross_entropy(forward(params, images[indices], net), labels[indices])
@@ -178,14 +203,16 @@ def torch_flat_to_flax(flat: np.ndarray, net: ConvNetShape) -> dict:
   """The inverse of `flax_to_torch_flat`: a ConvNet parameter tree of numpy arrays."""
   flat = np.asarray(flat)
   sizes = [int(np.prod(shape)) for _, shape in net.parameter_shapes()]
-  parts = [part.reshape(shape) for part, (_, shape) in
-           zip(np.split(flat, np.cumsum(sizes)[:-1]), net.parameter_shapes())]
+  parts = [
+    part.reshape(shape)
+    for part, (_, shape) in zip(np.split(flat, np.cumsum(sizes)[:-1]), net.parameter_shapes())
+  ]
   tree = {}
   for block in range(net.depth):
-    conv_w, conv_b, norm_w, norm_b = parts[4 * block:4 * block + 4]
+    conv_w, conv_b, norm_w, norm_b = parts[4 * block : 4 * block + 4]
     tree[f"conv_{block}"] = {"kernel": conv_w.transpose(2, 3, 1, 0), "bias": conv_b}
     tree[f"norm_{block}"] = {"scale": norm_w, "bias": norm_b}
-  head_w, head_b = parts[4 * net.depth:]
+  head_w, head_b = parts[4 * net.depth :]
   side = net.feature_side
   kernel = head_w.reshape(net.num_classes, net.width, side, side).transpose(2, 3, 1, 0)
   tree["head"] = {"kernel": kernel.reshape(-1, net.num_classes), "bias": head_b}

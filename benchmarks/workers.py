@@ -32,15 +32,23 @@ def log(message: str):
 
 def environment(options) -> dict:
   """Versions, devices and threads of this process."""
-  info = {"python": platform.python_version(), "jax": jax.__version__,
-          "jax_backend": jax.default_backend(), "jax_device": jax.devices()[0].device_kind,
-          "conv_impl": models.resolve_conv_impl(options.conv_impl), "unroll": options.unroll,
-          "remat": options.remat,
-          "cpu_cores": len(os.sched_getaffinity(0))}
+  info = {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jax_backend": jax.default_backend(),
+    "jax_device": jax.devices()[0].device_kind,
+    "conv_impl": models.resolve_conv_impl(options.conv_impl),
+    "unroll": options.unroll,
+    "remat": options.remat,
+    "cpu_cores": len(os.sched_getaffinity(0)),
+  }
   if "torch" in options.frameworks:
     torch, _ = runners.import_torch()
-    info.update(torch=torch.__version__, torch_device=options.torch_device,
-                torch_threads=torch.get_num_threads())
+    info.update(
+      torch=torch.__version__,
+      torch_device=options.torch_device,
+      torch_threads=torch.get_num_threads(),
+    )
   return info
 
 
@@ -56,8 +64,13 @@ def time_worker(setting: Setting, options) -> dict:
   if "torch" in options.frameworks:
     setup_torch(options)
   problem = make_problem(setting, options.seed)
-  result = {"setting": setting.name, "kind": setting.kind, "shapes": setting.describe(),
-            "environment": environment(options), "load_average_start": os.getloadavg()[0]}
+  result = {
+    "setting": setting.name,
+    "kind": setting.kind,
+    "shapes": setting.describe(),
+    "environment": environment(options),
+    "load_average_start": os.getloadavg()[0],
+  }
   framework_runners, outputs = {}, {}
   for framework in options.frameworks:
     runner = runners.make_runner(framework, setting, problem, options)
@@ -72,14 +85,20 @@ def time_worker(setting: Setting, options) -> dict:
       result[framework]["xla_memory"] = memory_probe.xla_memory(runner.compiled)
     log(f"[{setting.name}] {framework}: compile {compile_s:.2f} s, first run {first_s:.2f} s")
   if len(framework_runners) == 2:
-    result["parity"] = parity.check_parity(setting, framework_runners, outputs, problem,
-                                           options.seed, options.loss_rtol, options.grad_rtol)
+    result["parity"] = parity.check_parity(
+      setting,
+      framework_runners,
+      outputs,
+      problem,
+      options.seed,
+      options.loss_rtol,
+      options.grad_rtol,
+    )
     log(f"[{setting.name}] parity: {parity.parity_text(result['parity'])}")
   del outputs
   times = {framework: [] for framework in framework_runners}
   for repeat in range(options.repeats):
-    order = (list(framework_runners) if repeat % 2 == 0
-             else list(reversed(framework_runners)))
+    order = list(framework_runners) if repeat % 2 == 0 else list(reversed(framework_runners))
     for framework in order:
       framework_runners[framework].reset()
       begin = time.perf_counter()
@@ -90,8 +109,10 @@ def time_worker(setting: Setting, options) -> dict:
     result[framework]["times_s"] = seconds
     result[framework]["median_s"] = statistics.median(seconds) if seconds else None
     if seconds:
-      log(f"[{setting.name}] {framework}: median {1000 * statistics.median(seconds):.1f} ms "
-          f"over {len(seconds)}")
+      log(
+        f"[{setting.name}] {framework}: median {1000 * statistics.median(seconds):.1f} ms "
+        f"over {len(seconds)}"
+      )
   return result
 
 
@@ -102,8 +123,10 @@ def float64_worker(setting: Setting, options) -> dict:
   values as the timing run's; the float64 one is the float32 one upcast.
   """
   setup_torch(options)
-  problems = {name: make_problem(setting, options.seed, dtype)
-              for name, dtype in (("float32", np.float32), ("float64", np.float64))}
+  problems = {
+    name: make_problem(setting, options.seed, dtype)
+    for name, dtype in (("float32", np.float32), ("float64", np.float64))
+  }
   jax.config.update("jax_enable_x64", True)
   ends = {}
   for precision, problem in problems.items():
@@ -116,11 +139,12 @@ def float64_worker(setting: Setting, options) -> dict:
       else:
         batches = parity.fixed_batches(setting, options.seed)
         ends[(framework, precision)] = (
-            parity.jax_expert_end(runner, problem, batches) if framework == "jax"
-            else parity.torch_expert_end(runner, batches))
+          parity.jax_expert_end(runner, problem, batches)
+          if framework == "jax"
+          else parity.torch_expert_end(runner, batches)
+        )
       log(f"[{setting.name}] float64 check: {framework} {precision} done")
-  return {"setting": setting.name,
-          **parity.float64_check(setting, ends, problems["float64"])}
+  return {"setting": setting.name, **parity.float64_check(setting, ends, problems["float64"])}
 
 
 def memory_worker(setting: Setting, framework: str, options, out_path: str = "") -> dict:
@@ -136,8 +160,11 @@ def memory_worker(setting: Setting, framework: str, options, out_path: str = "")
   runner.prepare()
   runner.reset()
   result = {"setting": setting.name, "framework": framework}
-  on_gpu = (jax.default_backend() == "gpu" if framework == "jax"
-            else options.torch_device.startswith("cuda"))
+  on_gpu = (
+    jax.default_backend() == "gpu"
+    if framework == "jax"
+    else options.torch_device.startswith("cuda")
+  )
   if framework == "jax":
     result["xla_memory"] = memory_probe.xla_memory(runner.compiled)
     if out_path:

@@ -57,6 +57,7 @@ DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 @dataclasses.dataclass(frozen=True)
 class DSAConfig:
   """Hyperparameters of DSA; the defaults are those of the MTT reference."""
+
   strategy: str = DEFAULT_STRATEGY
   scale: float = 1.2
   rotate_degrees: float = 15.0
@@ -85,8 +86,7 @@ class DSAConfig:
 
 # A config holds no arrays: registering it as a leafless pytree lets it be
 # passed straight through `jax.jit` (it becomes part of the static structure).
-jax.tree_util.register_pytree_node(
-    DSAConfig, lambda config: ((), config), lambda config, _: config)
+jax.tree_util.register_pytree_node(DSAConfig, lambda config: ((), config), lambda config, _: config)
 
 
 def default_params() -> DSAConfig:
@@ -103,13 +103,13 @@ def as_params(params: None | DSAConfig | Mapping[str, Any] | Any) -> DSAConfig:
   if hasattr(params, "to_dict"):  # ml_collections.ConfigDict
     params = params.to_dict()
   if not isinstance(params, Mapping):
-    raise CCDDError(
-        f"dsa params must be a DSAConfig or a mapping, got {type(params).__name__}")
+    raise CCDDError(f"dsa params must be a DSAConfig or a mapping, got {type(params).__name__}")
   known = {field.name for field in dataclasses.fields(DSAConfig)}
   unknown = sorted(set(params) - known)
   if unknown:
-    raise CCDDError(f"unknown dsa setting(s) {', '.join(unknown)}; "
-                    f"known: {', '.join(sorted(known))}")
+    raise CCDDError(
+      f"unknown dsa setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+    )
   return DSAConfig(**params)
 
 
@@ -140,8 +140,7 @@ def _per_sample(values: Array, images: Array) -> Array:
   return jnp.asarray(values).astype(images.dtype).reshape(-1, 1, 1, 1)
 
 
-def _uniform(rng: PRNGKey, batch_size: int, minval: float = 0.0,
-             maxval: float = 1.0) -> Array:
+def _uniform(rng: PRNGKey, batch_size: int, minval: float = 0.0, maxval: float = 1.0) -> Array:
   """Per-sample float32 uniform draws (float32 so results do not depend on x64)."""
   return jax.random.uniform(rng, (batch_size,), jnp.float32, minval, maxval)
 
@@ -152,8 +151,7 @@ def _gather_pixels(images: Array, rows: Array, cols: Array) -> Array:
   inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
   flat_index = jnp.clip(rows, 0, height - 1) * width + jnp.clip(cols, 0, width - 1)
   flat_images = images.reshape(batch, height * width, channels)
-  gathered = jnp.take_along_axis(
-      flat_images, flat_index.reshape(batch, -1, 1), axis=1)
+  gathered = jnp.take_along_axis(flat_images, flat_index.reshape(batch, -1, 1), axis=1)
   gathered = gathered.reshape(rows.shape + (channels,))
   return jnp.where(inside[..., None], gathered, jnp.zeros((), images.dtype))
 
@@ -168,13 +166,12 @@ def _bilinear_sample(images: Array, rows: Array, cols: Array) -> Array:
   col0 = col_floor.astype(jnp.int32)
   weight_dtype = jnp.promote_types(images.dtype, jnp.float32)
   corners = (
-      (row0, col0, (1 - row_frac) * (1 - col_frac)),
-      (row0, col0 + 1, (1 - row_frac) * col_frac),
-      (row0 + 1, col0, row_frac * (1 - col_frac)),
-      (row0 + 1, col0 + 1, row_frac * col_frac),
+    (row0, col0, (1 - row_frac) * (1 - col_frac)),
+    (row0, col0 + 1, (1 - row_frac) * col_frac),
+    (row0 + 1, col0, row_frac * (1 - col_frac)),
+    (row0 + 1, col0 + 1, row_frac * col_frac),
   )
-  output = sum(_gather_pixels(images, r, c) * w.astype(weight_dtype)
-               for r, c, w in corners)
+  output = sum(_gather_pixels(images, r, c) * w.astype(weight_dtype) for r, c, w in corners)
   return output.astype(images.dtype)
 
 
@@ -225,8 +222,7 @@ def cut_out(images: Array, centers: Array, size: Sequence[int]) -> Array:
   left = (centers[:, 1] - box_width // 2)[:, None, None]
   rows = jnp.arange(height, dtype=jnp.int32)[None, :, None]
   cols = jnp.arange(width, dtype=jnp.int32)[None, None, :]
-  in_box = ((rows >= top) & (rows < top + box_height) &
-            (cols >= left) & (cols < left + box_width))
+  in_box = (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width)
   return jnp.where(in_box[..., None], jnp.zeros((), images.dtype), images)
 
 
@@ -239,8 +235,10 @@ def flip_where(images: Array, should_flip: Array) -> Array:
 def scale_matrices(scale_x: Array, scale_y: Array) -> Array:
   """(B, 2, 3) affine matrices diag(scale_x, scale_y) in PyTorch affine_grid convention."""
   zeros = jnp.zeros_like(scale_x)
-  return jnp.stack([jnp.stack([scale_x, zeros, zeros], axis=-1),
-                    jnp.stack([zeros, scale_y, zeros], axis=-1)], axis=-2)
+  return jnp.stack(
+    [jnp.stack([scale_x, zeros, zeros], axis=-1), jnp.stack([zeros, scale_y, zeros], axis=-1)],
+    axis=-2,
+  )
 
 
 def rotation_matrices(angles: Array) -> Array:
@@ -251,8 +249,9 @@ def rotation_matrices(angles: Array) -> Array:
   """
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   zeros = jnp.zeros_like(angles)
-  return jnp.stack([jnp.stack([cos, -sin, zeros], axis=-1),
-                    jnp.stack([sin, cos, zeros], axis=-1)], axis=-2)
+  return jnp.stack(
+    [jnp.stack([cos, -sin, zeros], axis=-1), jnp.stack([sin, cos, zeros], axis=-1)], axis=-2
+  )
 
 
 @jax.jit
@@ -275,10 +274,8 @@ def affine_warp(images: Array, theta: Array) -> Array:
   aspect_w_over_h = (width - 1) / max(height - 1, 1)
   aspect_h_over_w = (height - 1) / max(width - 1, 1)
   t = theta[:, :, :, None, None]
-  cols = (half_w + t[:, 0, 0] * x + t[:, 0, 1] * y * aspect_w_over_h
-          + t[:, 0, 2] * half_w)
-  rows = (half_h + t[:, 1, 0] * x * aspect_h_over_w + t[:, 1, 1] * y
-          + t[:, 1, 2] * half_h)
+  cols = half_w + t[:, 0, 0] * x + t[:, 0, 1] * y * aspect_w_over_h + t[:, 0, 2] * half_w
+  rows = half_h + t[:, 1, 0] * x * aspect_h_over_w + t[:, 1, 1] * y + t[:, 1, 2] * half_h
   return _bilinear_sample(images, rows, cols)
 
 
@@ -338,8 +335,7 @@ def crop(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Array:
   params = as_params(params)
   _check_float_nhwc(images)
   batch, height, width, _ = images.shape
-  max_shift = jnp.array([max_crop_shift(height, params), max_crop_shift(width, params)],
-                        jnp.int32)
+  max_shift = jnp.array([max_crop_shift(height, params), max_crop_shift(width, params)], jnp.int32)
   shifts = jax.random.randint(rng, (batch, 2), -max_shift, max_shift + 1, jnp.int32)
   return translate(images, shifts)
 
@@ -394,16 +390,16 @@ def rotate(images: Array, rng: PRNGKey, params: DSAConfig | None = None) -> Arra
 AugmentFn = Callable[[Array, PRNGKey, DSAConfig | None], Array]
 
 FAMILIES: Mapping[str, AugmentFn] = {
-    "color": color,
-    "crop": crop,
-    "cutout": cutout,
-    "flip": flip,
-    "scale": scale,
-    "rotate": rotate,
-    # Single colour ops, handy on their own (not in the reference strategies).
-    "brightness": brightness,
-    "saturation": saturation,
-    "contrast": contrast,
+  "color": color,
+  "crop": crop,
+  "cutout": cutout,
+  "flip": flip,
+  "scale": scale,
+  "rotate": rotate,
+  # Single colour ops, handy on their own (not in the reference strategies).
+  "brightness": brightness,
+  "saturation": saturation,
+  "contrast": contrast,
 }
 
 
@@ -414,13 +410,19 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
   names = tuple(strategy.strip().split("_"))
   for name in names:
     if name not in FAMILIES:
-      raise CCDDError(f"unknown DSA augmentation {name!r} in strategy {strategy!r}; "
-                      f"known: {', '.join(FAMILIES)}")
+      raise CCDDError(
+        f"unknown DSA augmentation {name!r} in strategy {strategy!r}; known: {', '.join(FAMILIES)}"
+      )
   return names
 
 
-def augment(images: Array, rng: PRNGKey, params: DSAConfig | None = None,
-            strategy: str | None = None, family_rng: PRNGKey | None = None) -> Array:
+def augment(
+  images: Array,
+  rng: PRNGKey,
+  params: DSAConfig | None = None,
+  strategy: str | None = None,
+  family_rng: PRNGKey | None = None,
+) -> Array:
   """Applies one randomly chosen DSA family of `strategy` (default params.strategy).
 
   Siamese: the same `rng` on batches of the same shape applies exactly the same
@@ -445,8 +447,9 @@ def augment(images: Array, rng: PRNGKey, params: DSAConfig | None = None,
 # Jitted so that eager calls reuse one compiled switch instead of re-tracing the
 # branches every call; inside an outer trace it is simply inlined.
 @functools.partial(jax.jit, static_argnames=("params", "names"))
-def _augment_with_families(images: Array, op_rng: PRNGKey, family_rng: PRNGKey,
-                           params: DSAConfig, names: tuple[str, ...]) -> Array:
+def _augment_with_families(
+  images: Array, op_rng: PRNGKey, family_rng: PRNGKey, params: DSAConfig, names: tuple[str, ...]
+) -> Array:
   branches = [functools.partial(FAMILIES[name], params=params) for name in names]
   if len(branches) == 1:
     return branches[0](images, op_rng)

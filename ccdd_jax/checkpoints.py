@@ -109,18 +109,21 @@ def _expert_dir(root: PathLike, kind: str, index: int) -> pathlib.Path:
 
 def _abstract(like: PyTree) -> PyTree:
   """Shape/dtype structs without sharding, so that Orbax restores numpy arrays."""
+
   def leaf(x):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
       x = np.asarray(x)
     return jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
+
   return jax.tree.map(leaf, like)
 
 
 def _leaf_specs(tree: PyTree) -> dict[str, str]:
   """Maps each leaf's key path to "dtype[shape]", e.g. "float32[3, 3, 3, 128]"."""
   flat, _ = jax.tree_util.tree_flatten_with_path(_abstract(tree))
-  return {jax.tree_util.keystr(path): f"{np.dtype(s.dtype).name}{list(s.shape)}"
-          for path, s in flat}
+  return {
+    jax.tree_util.keystr(path): f"{np.dtype(s.dtype).name}{list(s.shape)}" for path, s in flat
+  }
 
 
 def _check_like(where: str, saved: Mapping[str, str], like: Mapping[str, str]) -> None:
@@ -130,8 +133,9 @@ def _check_like(where: str, saved: Mapping[str, str], like: Mapping[str, str]) -
   for key in sorted(set(saved) | set(like)):
     if saved.get(key) != like.get(key):
       raise CCDDError(
-          f"cannot restore {where} with the given parameter structure: leaf {key} is "
-          f"{saved.get(key, 'absent')} on disk but {like.get(key, 'absent')} in `like`")
+        f"cannot restore {where} with the given parameter structure: leaf {key} is "
+        f"{saved.get(key, 'absent')} on disk but {like.get(key, 'absent')} in `like`"
+      )
 
 
 def _json_default(obj: Any) -> Any:
@@ -171,18 +175,23 @@ def _split_epochs(params_per_epoch: Sequence[PyTree] | PyTree) -> list[PyTree]:
       raise ValueError("stacked trajectory has no array leaves")
     lengths = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
     if len(lengths) != 1 or None in lengths:
-      raise ValueError("stacked trajectory leaves disagree on the leading epoch axis: "
-                      f"{sorted(map(str, lengths))}")
+      raise ValueError(
+        f"stacked trajectory leaves disagree on the leading epoch axis: {sorted(map(str, lengths))}"
+      )
     epochs = [jax.tree.map(lambda x, e=e: x[e], stacked) for e in range(lengths.pop())]
   if not epochs:
     raise ValueError("trajectory is empty: need at least the initial parameters (epoch 0)")
   return epochs
 
 
-def save_trajectory(root: PathLike, kind: str, index: int,
-                    params_per_epoch: Sequence[PyTree] | PyTree,
-                    metadata: Mapping[str, Any] | None = None,
-                    overwrite: bool = False) -> pathlib.Path:
+def save_trajectory(
+  root: PathLike,
+  kind: str,
+  index: int,
+  params_per_epoch: Sequence[PyTree] | PyTree,
+  metadata: Mapping[str, Any] | None = None,
+  overwrite: bool = False,
+) -> pathlib.Path:
   """Saves one expert's trajectory (list of per-epoch trees or a tree stacked on epochs)."""
   index = _check_index(index)
   expert_dir = _expert_dir(root, kind, index)
@@ -197,15 +206,28 @@ def save_trajectory(root: PathLike, kind: str, index: int,
     raise ValueError(f"parameters of expert {name} have no array leaves")
   for epoch, params in enumerate(epochs[1:], start=1):
     if _leaf_specs(params) != specs:
-      raise ValueError(f"epoch {epoch} of expert {name} differs from epoch 0 in parameter "
-                      "structure, shape or dtype")
+      raise ValueError(
+        f"epoch {epoch} of expert {name} differs from epoch 0 in parameter "
+        "structure, shape or dtype"
+      )
   # Serialise the metadata first so that bad metadata leaves nothing on disk.
-  meta_text = _meta_json({"kind": kind, "index": index, "num_epochs": len(epochs) - 1,
-                          "format_version": FORMAT_VERSION, "leaves": specs, **metadata}, name)
+  meta_text = _meta_json(
+    {
+      "kind": kind,
+      "index": index,
+      "num_epochs": len(epochs) - 1,
+      "format_version": FORMAT_VERSION,
+      "leaves": specs,
+      **metadata,
+    },
+    name,
+  )
   if expert_dir.exists():
     if not overwrite:
-      raise ValueError(f"trajectory for expert {name} already exists in {expert_dir}: "
-                      "delete it or save with overwrite=True")
+      raise ValueError(
+        f"trajectory for expert {name} already exists in {expert_dir}: "
+        "delete it or save with overwrite=True"
+      )
     shutil.rmtree(expert_dir)
   expert_dir.mkdir(parents=True)
   item = {_epoch_key(e): params for e, params in enumerate(epochs)}
@@ -218,9 +240,14 @@ def save_trajectory(root: PathLike, kind: str, index: int,
   return expert_dir
 
 
-def save_stacked(root: PathLike, kind: str, stacked_params: PyTree, start_index: int = 0,
-                 metadata_per_expert: Sequence[Mapping[str, Any] | None] | None = None,
-                 overwrite: bool = False) -> list[int]:
+def save_stacked(
+  root: PathLike,
+  kind: str,
+  stacked_params: PyTree,
+  start_index: int = 0,
+  metadata_per_expert: Sequence[Mapping[str, Any] | None] | None = None,
+  overwrite: bool = False,
+) -> list[int]:
   """Saves experts stacked as [num_experts, num_epochs + 1, ...]; returns their indices."""
   start_index = _check_index(start_index, "start_index")
   stacked = _to_numpy_tree(stacked_params)
@@ -236,8 +263,14 @@ def save_stacked(root: PathLike, kind: str, stacked_params: PyTree, start_index:
   indices = []
   for i in range(num_experts):
     meta = metadata_per_expert[i] if metadata_per_expert is not None else None
-    save_trajectory(root, kind, start_index + i, jax.tree.map(lambda x, i=i: x[i], stacked),
-                    metadata=meta, overwrite=overwrite)
+    save_trajectory(
+      root,
+      kind,
+      start_index + i,
+      jax.tree.map(lambda x, i=i: x[i], stacked),
+      metadata=meta,
+      overwrite=overwrite,
+    )
     indices.append(start_index + i)
   return indices
 
@@ -247,8 +280,11 @@ def list_experts(root: PathLike, kind: str) -> list[int]:
   kind_dir = pathlib.Path(root) / _check_kind(kind)
   if not kind_dir.is_dir():
     return []
-  return sorted(int(p.name) for p in kind_dir.iterdir()
-                if _EXPERT_DIR_RE.match(p.name) and (p / META_FILE).is_file())
+  return sorted(
+    int(p.name)
+    for p in kind_dir.iterdir()
+    if _EXPERT_DIR_RE.match(p.name) and (p / META_FILE).is_file()
+  )
 
 
 def read_meta(root: PathLike, kind: str, index: int) -> dict[str, Any]:
@@ -262,7 +298,8 @@ def read_meta(root: PathLike, kind: str, index: int) -> dict[str, Any]:
   path = expert_dir / META_FILE
   if not path.is_file():
     raise CCDDError(
-        f"trajectory of expert {name} under {root} is incomplete (no {META_FILE}): {_HINT}")
+      f"trajectory of expert {name} under {root} is incomplete (no {META_FILE}): {_HINT}"
+    )
   try:
     return json.loads(path.read_text())
   except (OSError, ValueError) as e:
@@ -274,28 +311,41 @@ def num_epochs(root: PathLike, kind: str, index: int) -> int:
   return int(read_meta(root, kind, index)["num_epochs"])
 
 
-def _restore_epochs(ckptr: ocp.Checkpointer, root: PathLike, kind: str, index: int,
-                    epochs: Sequence[int], abstract: PyTree) -> dict[int, PyTree]:
+def _restore_epochs(
+  ckptr: ocp.Checkpointer,
+  root: PathLike,
+  kind: str,
+  index: int,
+  epochs: Sequence[int],
+  abstract: PyTree,
+) -> dict[int, PyTree]:
   """Restores only the given epochs of one expert; the others are not read."""
   meta = read_meta(root, kind, index)
   name = _expert_name(kind, int(index))
   n = int(meta["num_epochs"])
   for epoch in epochs:
     if _check_index(epoch, "epoch") > n:
-      raise CCDDError(f"no trajectory for expert {name} epoch {epoch} under {root}: "
-                      f"the expert has epochs 0..{n} only")
+      raise CCDDError(
+        f"no trajectory for expert {name} epoch {epoch} under {root}: "
+        f"the expert has epochs 0..{n} only"
+      )
   path = _expert_dir(root, kind, index) / CHECKPOINT_DIR
   if not path.is_dir():
-    raise CCDDError(f"no trajectory checkpoint for expert {name} under {root} "
-                    f"({path} is missing): {_HINT}")
+    raise CCDDError(
+      f"no trajectory checkpoint for expert {name} under {root} ({path} is missing): {_HINT}"
+    )
   like_specs = _leaf_specs(abstract)
   _check_like(f"expert {name}", meta["leaves"], like_specs)
   wanted = set(epochs)
   skipped = jax.tree.map(lambda _: ocp.PLACEHOLDER, abstract)
   item = {_epoch_key(e): abstract if e in wanted else skipped for e in range(n + 1)}
   try:
-    restored = ckptr.restore(path.absolute(), args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+    restored = ckptr.restore(
+      path.absolute(),
+      args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)
+      ),
+    )
   except Exception as e:  # Orbax raises assorted types for bad or mismatched checkpoints.
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise CCDDError(f"cannot restore the trajectory of expert {name} from {path}: {msg}") from e
@@ -317,9 +367,13 @@ def restore_params(root: PathLike, kind: str, index: int, epoch: int, like: PyTr
     ckptr.close()
 
 
-def load_trajectories(root: PathLike, kind: str, like: PyTree,
-                      epochs: Sequence[int] | None = None,
-                      indices: Sequence[int] | None = None) -> PyTree:
+def load_trajectories(
+  root: PathLike,
+  kind: str,
+  like: PyTree,
+  epochs: Sequence[int] | None = None,
+  indices: Sequence[int] | None = None,
+) -> PyTree:
   """Loads selected epochs of experts as numpy leaves [num_experts, num_epochs, ...]."""
   if not pathlib.Path(root).is_dir():
     raise CCDDError(f"no trajectories directory {root}: {_HINT}")
@@ -333,15 +387,20 @@ def load_trajectories(root: PathLike, kind: str, like: PyTree,
   if epochs is None:
     counts = {num_epochs(root, kind, i) for i in indices}
     if len(counts) != 1:
-      raise CCDDError(f"{kind} experts under {root} have different epoch counts "
-                      f"{sorted(counts)}: pass epochs= explicitly")
+      raise CCDDError(
+        f"{kind} experts under {root} have different epoch counts "
+        f"{sorted(counts)}: pass epochs= explicitly"
+      )
     epochs = range(counts.pop() + 1)
   epochs = [_check_index(e, "epoch") for e in epochs]
   if not epochs:
     raise ValueError("load_trajectories got an empty list of epochs")
   abstract = _abstract(like)
-  out_leaves, treedef = jax.tree.flatten(jax.tree.map(
-      lambda s: np.empty((len(indices), len(epochs)) + tuple(s.shape), s.dtype), abstract))
+  out_leaves, treedef = jax.tree.flatten(
+    jax.tree.map(
+      lambda s: np.empty((len(indices), len(epochs)) + tuple(s.shape), s.dtype), abstract
+    )
+  )
   ckptr = _checkpointer()
   try:
     for a, index in enumerate(indices):
@@ -380,7 +439,8 @@ def restore_networks(path: PathLike, like: PyTree, num_seeds: int) -> PyTree:
   if not path.is_dir():
     raise CCDDError(f"no evaluated networks at {path}: run --stage=evaluate first")
   abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct((num_seeds,) + tuple(s.shape), s.dtype), like)
+    lambda s: jax.ShapeDtypeStruct((num_seeds,) + tuple(s.shape), s.dtype), like
+  )
   _quiet_orbax()
   ckptr = ocp.StandardCheckpointer()
   try:

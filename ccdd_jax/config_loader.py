@@ -86,8 +86,10 @@ def check_fields(config: ml_collections.ConfigDict, path: str, fields: Sequence[
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         where = ".".join(field.split(".")[:i]) or "the config"
         known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        raise CCDDError(f"cannot load config {path}: unknown field {field!r} ({where} has "
-                        f"{', '.join(known) or 'no fields'})")
+        raise CCDDError(
+          f"cannot load config {path}: unknown field {field!r} ({where} has "
+          f"{', '.join(known) or 'no fields'})"
+        )
       node = node[part]
 
 

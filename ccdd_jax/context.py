@@ -23,16 +23,19 @@ from ccdd_jax import watermark
 class Context:
   """What every stage derives from the config: data, networks, watermark patterns."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path,
-               key_file: pathlib.Path):
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: pathlib.Path, key_file: pathlib.Path
+  ):
     self.config, self.workdir, self.key_file = config, pathlib.Path(workdir), pathlib.Path(key_file)
     self.dataset = ds = data.load_dataset(config.data)
-    self.net = models.build_network(config.model.name, ds.num_classes, ds.image_shape,
-                                    config.model)
+    self.net = models.build_network(config.model.name, ds.num_classes, ds.image_shape, config.model)
     self.patch_size = config.watermark.patch_size or ds.image_shape[0] // 2  # Paper, Stage I.
     self.preprocess = preprocess.fit_preprocessor(
-        ds.train_images, zca=config.data.zca, zca_eps=config.data.zca_eps,
-        cache_dir=config.data.cache_dir)
+      ds.train_images,
+      zca=config.data.zca,
+      zca_eps=config.data.zca_eps,
+      cache_dir=config.data.cache_dir,
+    )
     self.train_x = self.preprocess.apply(ds.train_images)
     self.test_x = self.preprocess.apply(ds.test_images)
     self.rng = jax.random.PRNGKey(config.seed)
@@ -45,8 +48,13 @@ class Context:
   def network(self, arch: str) -> models.Network:
     """The evaluation architecture `arch` (an `eval.models` entry) on this data set."""
     ds, cfg = self.dataset, self.config
-    return self.net if arch == cfg.model.name else models.build_network(
-        arch, ds.num_classes, ds.image_shape, cfg.model, width=cfg.eval.width)
+    return (
+      self.net
+      if arch == cfg.model.name
+      else models.build_network(
+        arch, ds.num_classes, ds.image_shape, cfg.model, width=cfg.eval.width
+      )
+    )
 
   @functools.cached_property
   def key(self) -> bytes:
@@ -55,9 +63,13 @@ class Context:
 
   def patterns(self, key: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Trigger patterns and labels of `key` (default: the owner's)."""
-    return watermark.expand_key(key or self.key, self.config.watermark.n_patterns,
-                                self.patch_size, self.dataset.image_shape[-1],
-                                self.dataset.num_classes)
+    return watermark.expand_key(
+      key or self.key,
+      self.config.watermark.n_patterns,
+      self.patch_size,
+      self.dataset.image_shape[-1],
+      self.dataset.num_classes,
+    )
 
   def predictor(self, apply: Callable) -> Callable[[Any, np.ndarray], np.ndarray]:
     """`evaluate.make_predictor(apply)`, made once per network, so compiled once per shape."""
@@ -69,21 +81,28 @@ class Context:
   def watermark_set(self) -> tuple[np.ndarray, np.ndarray]:
     """D_W: stamped uint8 training images (`watermark.ratio` of D_C) and their labels y_i."""
     ds, wcfg = self.dataset, self.config.watermark
-    images, labels, _ = watermark.make_watermark_set(ds.train_images, ds.train_labels,
-                                                     *self.patterns(), wcfg.ratio, self.np_rng(1))
+    images, labels, _ = watermark.make_watermark_set(
+      ds.train_images, ds.train_labels, *self.patterns(), wcfg.ratio, self.np_rng(1)
+    )
     return images, labels
 
   @functools.cached_property
   def test_triggers(self) -> tuple[np.ndarray, np.ndarray]:
     """Every test image stamped with one pattern (Acc_W's inputs), and its pattern ids."""
     ds = self.dataset
-    images, ids = watermark.trigger_set(ds.test_images, ds.test_labels, *self.patterns(), None,
-                                        self.np_rng(9))
+    images, ids = watermark.trigger_set(
+      ds.test_images, ds.test_labels, *self.patterns(), None, self.np_rng(9)
+    )
     return self.preprocess.apply(images), ids
 
   def accuracy_and_acc_w(self, stacked_params: Any, net: models.Network | None = None):
     """Per-network test accuracy and Acc_W on all stamped test images (two lists)."""
     predict = self.predictor((net or self.net).apply)
-    return evaluate_lib.accuracy_and_acc_w(predict, stacked_params, self.test_x,
-                                           self.dataset.test_labels, *self.test_triggers,
-                                           self.patterns()[1])
+    return evaluate_lib.accuracy_and_acc_w(
+      predict,
+      stacked_params,
+      self.test_x,
+      self.dataset.test_labels,
+      *self.test_triggers,
+      self.patterns()[1],
+    )

@@ -21,6 +21,7 @@ from ccdd_jax import tfds_source
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A labelled image classification data set held in memory."""
+
   name: str
   train_images: np.ndarray  # uint8 [N, H, W, C]
   train_labels: np.ndarray  # int64 [N]
@@ -37,8 +38,9 @@ class Dataset:
     return tuple(self.train_images.shape[1:])
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+  labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """Indices of a per-class stratified train/test split."""
   if not 0.0 < test_fraction < 1.0:
     raise CCDDError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
@@ -54,13 +56,20 @@ def stratified_split(labels: np.ndarray, test_fraction: float,
 def load_digits(test_fraction: float, split_seed: int) -> Dataset:
   """scikit-learn's bundled 8x8 digits (1,797 real images), split per class."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   digits = datasets.load_digits()
   # Pixel values are 0..16; map to 0..255 so triggers live in the same range.
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int64)
   train, test = stratified_split(labels, test_fraction, np.random.default_rng(split_seed))
-  return Dataset("digits", images[train], labels[train], images[test], labels[test],
-                 tuple(str(i) for i in range(10)))
+  return Dataset(
+    "digits",
+    images[train],
+    labels[train],
+    images[test],
+    labels[test],
+    tuple(str(i) for i in range(10)),
+  )
 
 
 def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
@@ -70,13 +79,22 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
   if name == "digits":
     return load_digits(data_config.test_fraction, data_config.split_seed)
   if name in image_files.LAYOUTS:
-    return Dataset(**image_files.load_image_files(
-        name, get("root", ""), image_size=get("image_size", 0),
+    return Dataset(
+      **image_files.load_image_files(
+        name,
+        get("root", ""),
+        image_size=get("image_size", 0),
         train_subset_per_class=get("train_subset_per_class", 0),
         test_subset_per_class=get("test_subset_per_class", 0),
-        cache_dir=get("cache_dir", "")))
+        cache_dir=get("cache_dir", ""),
+      )
+    )
   if isinstance(name, str) and name.startswith("tfds:") and len(name) > 5:
-    return Dataset(**tfds_source.load_tfds(name[5:], get("tfds_data_dir", "") or "",
-                                           image_size=get("image_size", 0)))
-  raise CCDDError(f"unknown data.name {name!r}: available: digits, folder, "
-                  "tinyimagenet, tfds:<name>")
+    return Dataset(
+      **tfds_source.load_tfds(
+        name[5:], get("tfds_data_dir", "") or "", image_size=get("image_size", 0)
+      )
+    )
+  raise CCDDError(
+    f"unknown data.name {name!r}: available: digits, folder, tinyimagenet, tfds:<name>"
+  )

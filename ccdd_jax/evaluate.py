@@ -20,8 +20,15 @@ from ccdd_jax import inner_loop
 from ccdd_jax import watermark
 
 
-def make_set_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, *,
-                     epochs: int, batch_size: int, momentum: float, weight_decay: float):
+def make_set_trainer(
+  apply_fn: Callable,
+  dsa_config: ml_collections.ConfigDict,
+  *,
+  epochs: int,
+  batch_size: int,
+  momentum: float,
+  weight_decay: float,
+):
   """Returns `train(init_params, images, labels, lr, rng, family_rng) -> params`.
 
   `family_rng` picks the DSA family per step; it is shared by vmapped seeds.
@@ -31,7 +38,8 @@ def make_set_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, 
     num = labels.shape[0]
     rng_batches, rng_aug = jax.random.split(rng)
     batches = jax.vmap(lambda r: inner_loop.epoch_batches(r, num, batch_size))(
-        jax.random.split(rng_batches, epochs))
+      jax.random.split(rng_batches, epochs)
+    )
     steps_per_epoch = batches.shape[1]
     batches = batches.reshape(epochs * steps_per_epoch, -1)
     total = batches.shape[0]
@@ -45,40 +53,71 @@ def make_set_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, 
       return inner_loop.cross_entropy(apply_fn(params, x), labels[idx])
 
     params, _, _ = inner_loop.sgd_scan(
-        loss_fn, init_params,
-        (batches, jax.random.split(rng_aug, total), jax.random.split(family_rng, total)), lrs,
-        momentum=momentum, weight_decay=weight_decay)
+      loss_fn,
+      init_params,
+      (batches, jax.random.split(rng_aug, total), jax.random.split(family_rng, total)),
+      lrs,
+      momentum=momentum,
+      weight_decay=weight_decay,
+    )
     return params
 
   return train
 
 
-def make_networks_trainer(apply_fn: Callable, dsa_config: ml_collections.ConfigDict, *,
-                          epochs: int, batch_size: int, momentum: float = 0.9,
-                          weight_decay: float = 5e-4) -> Callable[..., Any]:
+def make_networks_trainer(
+  apply_fn: Callable,
+  dsa_config: ml_collections.ConfigDict,
+  *,
+  epochs: int,
+  batch_size: int,
+  momentum: float = 0.9,
+  weight_decay: float = 5e-4,
+) -> Callable[..., Any]:
   """Returns `train(init_params, images, labels, lr, rng) -> params`, compiled once per shape.
 
   One network per leading entry of `init_params` (vmapped seeds). Keep it to
   train several sets of the same shapes (the distilled and the clean
   distilled set) without compiling twice.
   """
-  run = jax.jit(jax.vmap(make_set_trainer(apply_fn, dsa_config, epochs=epochs,
-                                          batch_size=batch_size, momentum=momentum,
-                                          weight_decay=weight_decay),
-                         in_axes=(0, None, None, None, 0, None)))
+  run = jax.jit(
+    jax.vmap(
+      make_set_trainer(
+        apply_fn,
+        dsa_config,
+        epochs=epochs,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+      ),
+      in_axes=(0, None, None, None, 0, None),
+    )
+  )
 
   def train(init_params, images, labels, lr, rng):
     num_seeds = jax.tree_util.tree_leaves(init_params)[0].shape[0]
     rng, family_rng = jax.random.split(rng)
-    return run(init_params, jnp.asarray(images), jnp.asarray(labels, jnp.int32),
-               jnp.float32(lr), jax.random.split(rng, num_seeds), family_rng)
+    return run(
+      init_params,
+      jnp.asarray(images),
+      jnp.asarray(labels, jnp.int32),
+      jnp.float32(lr),
+      jax.random.split(rng, num_seeds),
+      family_rng,
+    )
 
   return train
 
 
-def train_on_sets(apply_fn: Callable, dsa_config: ml_collections.ConfigDict,
-                  eval_config: ml_collections.ConfigDict, init_params: Any, sets: dict,
-                  rng: jax.Array, on_start: Callable[[str], None] | None = None):
+def train_on_sets(
+  apply_fn: Callable,
+  dsa_config: ml_collections.ConfigDict,
+  eval_config: ml_collections.ConfigDict,
+  init_params: Any,
+  sets: dict,
+  rng: jax.Array,
+  on_start: Callable[[str], None] | None = None,
+):
   """Yields (name, stacked params, entry) for each set, trained from `init_params` (seeds).
 
   `sets` maps a name to {"images", "labels", "lr"}; the set named "real" is
@@ -90,40 +129,62 @@ def train_on_sets(apply_fn: Callable, dsa_config: ml_collections.ConfigDict,
   for name, s in sets.items():
     start = time.time()
     if name == "real":
-      lr, epochs, batch_size = (eval_config.real_lr, eval_config.real_epochs,
-                                eval_config.real_batch_size)
+      lr, epochs, batch_size = (
+        eval_config.real_lr,
+        eval_config.real_epochs,
+        eval_config.real_batch_size,
+      )
     else:
       lr, epochs, batch_size = float(s["lr"]), eval_config.epochs, eval_config.batch_size
     if on_start is not None:
-      on_start(f"on {name}: {len(s['labels'])} images x {epochs} epochs, "
-               f"{jax.tree_util.tree_leaves(init_params)[0].shape[0]} networks (lr {lr:.4g}) ...")
+      on_start(
+        f"on {name}: {len(s['labels'])} images x {epochs} epochs, "
+        f"{jax.tree_util.tree_leaves(init_params)[0].shape[0]} networks (lr {lr:.4g}) ..."
+      )
     if (epochs, batch_size) not in trainers:
       trainers[epochs, batch_size] = make_networks_trainer(
-          apply_fn, dsa_config, epochs=epochs, batch_size=batch_size,
-          momentum=eval_config.momentum, weight_decay=eval_config.weight_decay)
-    params = jax.device_get(trainers[epochs, batch_size](init_params, s["images"], s["labels"],
-                                                          lr, rng))
-    yield name, params, {"lr": lr, "epochs": epochs, "num_images": len(s["labels"]),
-                         "seconds": time.time() - start}
+        apply_fn,
+        dsa_config,
+        epochs=epochs,
+        batch_size=batch_size,
+        momentum=eval_config.momentum,
+        weight_decay=eval_config.weight_decay,
+      )
+    params = jax.device_get(
+      trainers[epochs, batch_size](init_params, s["images"], s["labels"], lr, rng)
+    )
+    yield (
+      name,
+      params,
+      {"lr": lr, "epochs": epochs, "num_images": len(s["labels"]), "seconds": time.time() - start},
+    )
 
 
-def make_predictor(apply_fn: Callable, batch_size: int = 2048
-                   ) -> Callable[[Any, np.ndarray], np.ndarray]:
+def make_predictor(
+  apply_fn: Callable, batch_size: int = 2048
+) -> Callable[[Any, np.ndarray], np.ndarray]:
   """Returns `predict(stacked_params, images) -> [seeds, N]` class predictions, compiled once."""
   predict = jax.jit(jax.vmap(lambda p, x: jnp.argmax(apply_fn(p, x), -1), in_axes=(0, None)))
 
   def predictions(stacked_params, images):
-    outs = [predict(stacked_params, jnp.asarray(images[s:s + batch_size]))
-            for s in range(0, images.shape[0], batch_size)]
+    outs = [
+      predict(stacked_params, jnp.asarray(images[s : s + batch_size]))
+      for s in range(0, images.shape[0], batch_size)
+    ]
     return np.concatenate([np.asarray(o) for o in outs], axis=1)
 
   return predictions
 
 
-def accuracy_and_acc_w(predict: Callable[[Any, np.ndarray], np.ndarray], stacked_params: Any,
-                       test_x: np.ndarray, test_labels: np.ndarray, trigger_x: np.ndarray,
-                       pattern_ids: np.ndarray, pattern_labels: np.ndarray
-                      ) -> tuple[list[float], list[float]]:
+def accuracy_and_acc_w(
+  predict: Callable[[Any, np.ndarray], np.ndarray],
+  stacked_params: Any,
+  test_x: np.ndarray,
+  test_labels: np.ndarray,
+  trigger_x: np.ndarray,
+  pattern_ids: np.ndarray,
+  pattern_labels: np.ndarray,
+) -> tuple[list[float], list[float]]:
   """Per-network test accuracy and the paper's Acc_W on stamped test images.
 
   `predict` is a `make_predictor` function; `trigger_x` are the normalised
@@ -136,10 +197,16 @@ def accuracy_and_acc_w(predict: Callable[[Any, np.ndarray], np.ndarray], stacked
   return [float(a) for a in acc], [float(a) for a in acc_w]
 
 
-def verify_networks(predict: Callable[[Any, np.ndarray], np.ndarray], stacked_params: Any,
-                    to_inputs: Callable[[np.ndarray], np.ndarray], key: bytes,
-                    images: np.ndarray, labels: np.ndarray, rngs: list, **verify_kwargs
-                   ) -> dict:
+def verify_networks(
+  predict: Callable[[Any, np.ndarray], np.ndarray],
+  stacked_params: Any,
+  to_inputs: Callable[[np.ndarray], np.ndarray],
+  key: bytes,
+  images: np.ndarray,
+  labels: np.ndarray,
+  rngs: list,
+  **verify_kwargs,
+) -> dict:
   """`watermark.verify` of each stacked network (one rng each); p-values and verdicts.
 
   `to_inputs` maps uint8 queries to network inputs; `verify_kwargs` are
@@ -147,12 +214,23 @@ def verify_networks(predict: Callable[[Any, np.ndarray], np.ndarray], stacked_pa
   """
   runs = []
   for seed, rng in enumerate(rngs):
-    one = jax.tree_util.tree_map(lambda x, s=seed: x[s:s + 1], stacked_params)
-    runs.append(watermark.verify(lambda u8, p=one: predict(p, to_inputs(u8))[0], key, images,
-                                 labels, rng=rng, **verify_kwargs))
-  return {"p_values": [r["p_conditional"] for r in runs],
-          "p_values_majority": [r["p_majority"] for r in runs],
-          "verified": [r["verified"] for r in runs], "runs": runs}
+    one = jax.tree_util.tree_map(lambda x, s=seed: x[s : s + 1], stacked_params)
+    runs.append(
+      watermark.verify(
+        lambda u8, p=one: predict(p, to_inputs(u8))[0],
+        key,
+        images,
+        labels,
+        rng=rng,
+        **verify_kwargs,
+      )
+    )
+  return {
+    "p_values": [r["p_conditional"] for r in runs],
+    "p_values_majority": [r["p_majority"] for r in runs],
+    "verified": [r["verified"] for r in runs],
+    "runs": runs,
+  }
 
 
 def summarize(values) -> dict:

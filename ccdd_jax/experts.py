@@ -36,8 +36,12 @@ def squared_distance(a, b) -> jax.Array:
   return sum(jax.tree_util.tree_leaves(leaves))
 
 
-def expert_loss_fn(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
-                   dsa_config: ml_collections.ConfigDict):
+def expert_loss_fn(
+  kind: str,
+  expert_config: ml_collections.ConfigDict,
+  apply_fn,
+  dsa_config: ml_collections.ConfigDict,
+):
   """Loss of one expert step for `kind`; the three kinds differ only here."""
   lambda1 = expert_config.lambda1
   lambda2 = expert_config.lambda2
@@ -62,8 +66,13 @@ def expert_loss_fn(kind: str, expert_config: ml_collections.ConfigDict, apply_fn
   return loss_fn
 
 
-def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
-                 dsa_config: ml_collections.ConfigDict, unroll: int = 1):
+def make_trainer(
+  kind: str,
+  expert_config: ml_collections.ConfigDict,
+  apply_fn,
+  dsa_config: ml_collections.ConfigDict,
+  unroll: int = 1,
+):
   """Returns `train(init_params, anchor, rng, family_rng, data) -> params per epoch`.
 
   `family_rng` picks the DSA family of each step; share it across vmapped
@@ -88,10 +97,10 @@ def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
       batches = inner_loop.epoch_batches(rng_perm, num_train, expert_config.batch_size)
       steps = batches.shape[0]
       step_inputs = {
-          "images": data["train_images"][batches],
-          "labels": data["train_labels"][batches],
-          "rng": jax.random.split(rng_aug, steps),
-          "family_rng": jax.random.split(family_epoch, steps),
+        "images": data["train_images"][batches],
+        "labels": data["train_labels"][batches],
+        "rng": jax.random.split(rng_aug, steps),
+        "family_rng": jax.random.split(family_epoch, steps),
       }
       if kind != "clean":
         wm_idx = jax.random.randint(rng_wm, (steps, expert_config.wm_batch_size), 0, num_wm)
@@ -107,23 +116,39 @@ def make_trainer(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
         return loss_fn(p, {**step_input, **constants})
 
       lrs = jnp.full((steps,), expert_config.lr, jnp.float32)
-      params, _, _ = inner_loop.sgd_scan(step_loss, params, step_inputs, lrs,
-                                         momentum=expert_config.momentum, unroll=unroll)
+      params, _, _ = inner_loop.sgd_scan(
+        step_loss, params, step_inputs, lrs, momentum=expert_config.momentum, unroll=unroll
+      )
       return params, params
 
-    _, trajectory = jax.lax.scan(epoch, init_params,
-                                 (jax.random.split(rng, expert_config.epochs),
-                                  jax.random.split(family_rng, expert_config.epochs)))
-    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]),
-                                  init_params, trajectory)
+    _, trajectory = jax.lax.scan(
+      epoch,
+      init_params,
+      (
+        jax.random.split(rng, expert_config.epochs),
+        jax.random.split(family_rng, expert_config.epochs),
+      ),
+    )
+    return jax.tree_util.tree_map(
+      lambda a, b: jnp.concatenate([a[None], b]), init_params, trajectory
+    )
 
   return train
 
 
-def train_experts(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
-                  dsa_config: ml_collections.ConfigDict, init_params: Any, anchors: Any,
-                  rng: jax.Array, data: dict, *, concurrency: int = 0,
-                  on_group_done: Callable[[int, int], None] | None = None) -> Any:
+def train_experts(
+  kind: str,
+  expert_config: ml_collections.ConfigDict,
+  apply_fn,
+  dsa_config: ml_collections.ConfigDict,
+  init_params: Any,
+  anchors: Any,
+  rng: jax.Array,
+  data: dict,
+  *,
+  concurrency: int = 0,
+  on_group_done: Callable[[int, int], None] | None = None,
+) -> Any:
   """Trains stacked experts in parallel; returns params [experts, epochs + 1, ...].
 
   `init_params` and `anchors` have a leading experts axis (anchors may be
@@ -135,30 +160,43 @@ def train_experts(kind: str, expert_config: ml_collections.ConfigDict, apply_fn,
   one core busy per program, so concurrent programs are what use the rest
   (docs/performance.md). `on_group_done(done, total)` reports progress.
   """
-  train = jax.jit(jax.vmap(make_trainer(kind, expert_config, apply_fn, dsa_config),
-                           in_axes=(0, 0, 0, None, None)))
+  train = jax.jit(
+    jax.vmap(make_trainer(kind, expert_config, apply_fn, dsa_config), in_axes=(0, 0, 0, None, None))
+  )
   num_experts = jax.tree_util.tree_leaves(init_params)[0].shape[0]
   rng, family_rng = jax.random.split(rng)
   rngs = jax.random.split(rng, num_experts)
   group = expert_config.get("group_size", 0) or num_experts
   starts = list(range(0, num_experts, group))
-  take = lambda tree, s: jax.tree_util.tree_map(lambda x: x[s:s + group], tree)
-  inputs = [(take(init_params, s), take(anchors, s), rngs[s:s + group], family_rng, data)
-            for s in starts]
+  take = lambda tree, s: jax.tree_util.tree_map(lambda x: x[s : s + group], tree)
+  inputs = [
+    (take(init_params, s), take(anchors, s), rngs[s : s + group], family_rng, data) for s in starts
+  ]
   compiled = {}  # Compiled before the threads start, once per group size.
   for args in inputs:
     size = args[2].shape[0]
     if size not in compiled:
       compiled[size] = train.lower(*args).compile()
-  outs = parallel.run_concurrently(lambda *args: compiled[args[2].shape[0]](*args), inputs,
-                          parallel.resolve_concurrency(concurrency), on_group_done)
+  outs = parallel.run_concurrently(
+    lambda *args: compiled[args[2].shape[0]](*args),
+    inputs,
+    parallel.resolve_concurrency(concurrency),
+    on_group_done,
+  )
   return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
-def train_kinds(expert_config: ml_collections.ConfigDict, apply_fn,
-                dsa_config: ml_collections.ConfigDict, init_params: Any, rng: jax.Array,
-                data: dict, *, concurrency: int = 0,
-                on_group_done: Callable[[str, int, int], None] | None = None):
+def train_kinds(
+  expert_config: ml_collections.ConfigDict,
+  apply_fn,
+  dsa_config: ml_collections.ConfigDict,
+  init_params: Any,
+  rng: jax.Array,
+  data: dict,
+  *,
+  concurrency: int = 0,
+  on_group_done: Callable[[str, int, int], None] | None = None,
+):
   """Yields (kind, stacked params [experts, epochs + 1, ...]) for each of KINDS in turn.
 
   Expert i of every kind starts from `init_params[i]`; theta0 of eq. 4 for the
@@ -167,9 +205,20 @@ def train_kinds(expert_config: ml_collections.ConfigDict, apply_fn,
   anchors = init_params  # Unused by clean experts.
   for i, kind in enumerate(KINDS):
     progress = None if on_group_done is None else functools.partial(on_group_done, kind)
-    stacked = jax.device_get(train_experts(
-        kind, expert_config, apply_fn, dsa_config, init_params, anchors,
-        jax.random.fold_in(rng, i), data, concurrency=concurrency, on_group_done=progress))
+    stacked = jax.device_get(
+      train_experts(
+        kind,
+        expert_config,
+        apply_fn,
+        dsa_config,
+        init_params,
+        anchors,
+        jax.random.fold_in(rng, i),
+        data,
+        concurrency=concurrency,
+        on_group_done=progress,
+      )
+    )
     if kind == "clean":
       anchors = jax.tree_util.tree_map(lambda x: x[:, -1], stacked)
     yield kind, stacked

@@ -17,8 +17,7 @@ CACHE_VERSION = 1  # Part of every cache key: bump it to invalidate old entries.
 
 def default_cache_dir() -> str:
   """~/.cache/ccdd_jax, honouring XDG_CACHE_HOME."""
-  base = (os.environ.get("XDG_CACHE_HOME")
-          or os.path.join(os.path.expanduser("~"), ".cache"))
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "ccdd_jax")
 
 

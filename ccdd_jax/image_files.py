@@ -49,8 +49,10 @@ class _FileTree:
       names, stamps, dirs = [], [], []
       for dirpath, dirnames, filenames in os.walk(self.root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        dirs += [os.path.relpath(os.path.join(dirpath, d), self.root).replace(os.sep, "/")
-                 for d in dirnames]
+        dirs += [
+          os.path.relpath(os.path.join(dirpath, d), self.root).replace(os.sep, "/")
+          for d in dirnames
+        ]
         for f in filenames:
           if f.startswith("."):
             continue
@@ -92,8 +94,9 @@ class _FileTree:
     # A single top-level directory (a packed folder) is stripped.
     tops = {n.split("/", 1)[0] for n in self._names}
     self._prefix = ""
-    if (len(tops) == 1 and all("/" in n for n in self._names)
-        and not tops & {"train", "test", "val"}):
+    if (
+      len(tops) == 1 and all("/" in n for n in self._names) and not tops & {"train", "test", "val"}
+    ):
       self._prefix = tops.pop() + "/"
 
   def close(self) -> None:
@@ -128,8 +131,9 @@ class _FileTree:
         with open(os.path.join(self.root, self._prefix + n), "rb") as f:
           yield n, f.read()
       return
-    members = sorted(((self._members[self._prefix + n], n) for n in names),
-                     key=lambda mn: mn[0].offset_data)
+    members = sorted(
+      ((self._members[self._prefix + n], n) for n in names), key=lambda mn: mn[0].offset_data
+    )
     for m, n in members:
       yield n, self._tar.extractfile(m).read()
 
@@ -141,6 +145,7 @@ class _FileTree:
 def _decode(data: bytes, where: str, image_size: int) -> np.ndarray:
   """One encoded image -> uint8 [H, W, 3], optionally resized to a square."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(io.BytesIO(data)) as img:
       img = img.convert("RGB")
@@ -151,8 +156,9 @@ def _decode(data: bytes, where: str, image_size: int) -> np.ndarray:
     raise CCDDError(f"cannot decode image {where}: {e}") from e
 
 
-def _decode_split(tree: _FileTree, files: list[tuple[str, int]],
-                  image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _decode_split(
+  tree: _FileTree, files: list[tuple[str, int]], image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Decodes (name, label) files into uint8 NHWC images and int64 labels."""
   label_of = dict(files)
   index_of = {n: i for i, (n, _) in enumerate(files)}
@@ -164,9 +170,10 @@ def _decode_split(tree: _FileTree, files: list[tuple[str, int]],
       first = (name, img.shape)
     elif img.shape != first[1]:
       raise CCDDError(
-          f"image {tree.where(name)} is {img.shape[1]}x{img.shape[0]} but "
-          f"{tree.where(first[0])} is {first[1][1]}x{first[1][0]}: all images must "
-          "have one size (or set data.image_size)")
+        f"image {tree.where(name)} is {img.shape[1]}x{img.shape[0]} but "
+        f"{tree.where(first[0])} is {first[1][1]}x{first[1][0]}: all images must "
+        "have one size (or set data.image_size)"
+      )
     images[index_of[name]] = img
   labels = np.array([label_of[n] for n, _ in files], dtype=np.int64)
   return np.stack(images), labels
@@ -196,15 +203,16 @@ def _folder_splits(tree: _FileTree, train_k: int, test_k: int):
       raise CCDDError(f"no {split}/<class>/ folders in {tree.where(split)}")
   class_names = tuple(sorted(by_split["train"]))
   if tuple(sorted(by_split["test"])) != class_names:
-    raise CCDDError(f"class folders of {tree.where('test')} "
-                    f"{sorted(by_split['test'])} differ from train's {list(class_names)}")
+    raise CCDDError(
+      f"class folders of {tree.where('test')} "
+      f"{sorted(by_split['test'])} differ from train's {list(class_names)}"
+    )
   splits = []
   for split, k in (("train", train_k), ("test", test_k)):
     files = []
     for label, c in enumerate(class_names):
       if not by_split[split][c]:
-        raise CCDDError(f"class folder {tree.where(split + '/' + c)} has no "
-                        "jpg/jpeg/png images")
+        raise CCDDError(f"class folder {tree.where(split + '/' + c)} has no jpg/jpeg/png images")
       files += [(n, label) for n in _take(by_split[split][c], k)]
     splits.append(files)
   return class_names, splits[0], splits[1]
@@ -216,14 +224,18 @@ def _tinyimagenet_splits(tree: _FileTree, train_k: int, test_k: int):
   for required in ("wnids.txt", "val/val_annotations.txt"):
     if required not in names:
       raise CCDDError(f"Tiny ImageNet file {tree.where(required)} is missing")
-  class_names = tuple(sorted(w.strip() for w in tree.read_text("wnids.txt").split()
-                             if w.strip()))
+  class_names = tuple(sorted(w.strip() for w in tree.read_text("wnids.txt").split() if w.strip()))
   label_of = {w: i for i, w in enumerate(class_names)}
   train = {w: [] for w in class_names}
   for n in names:
     parts = n.split("/")
-    if (len(parts) == 4 and parts[0] == "train" and parts[2] == "images"
-        and parts[1] in train and _is_image(parts[3])):
+    if (
+      len(parts) == 4
+      and parts[0] == "train"
+      and parts[2] == "images"
+      and parts[1] in train
+      and _is_image(parts[3])
+    ):
       train[parts[1]].append(n)
   test = {w: [] for w in class_names}
   for line in tree.read_text("val/val_annotations.txt").splitlines():
@@ -232,15 +244,18 @@ def _tinyimagenet_splits(tree: _FileTree, train_k: int, test_k: int):
       continue
     fname, wnid = fields[0].strip(), fields[1].strip()
     if wnid not in label_of:
-      raise CCDDError(f"{tree.where('val/val_annotations.txt')} names wnid {wnid!r} "
-                      "not in wnids.txt")
+      raise CCDDError(
+        f"{tree.where('val/val_annotations.txt')} names wnid {wnid!r} not in wnids.txt"
+      )
     path = "val/images/" + fname
     if path not in names:
       raise CCDDError(f"validation image {tree.where(path)} is missing")
     test[wnid].append(path)
   splits = []
-  for _, by_class, k, where in (("train", train, train_k, "train/{}/images"),
-                               ("val", test, test_k, "val/images for {}")):
+  for _, by_class, k, where in (
+    ("train", train, train_k, "train/{}/images"),
+    ("val", test, test_k, "val/images for {}"),
+  ):
     files = []
     for w in class_names:
       if not by_class[w]:
@@ -250,47 +265,75 @@ def _tinyimagenet_splits(tree: _FileTree, train_k: int, test_k: int):
   return class_names, splits[0], splits[1]
 
 
-def load_image_files(kind: str, root: str, image_size: int = 0,
-                     train_subset_per_class: int = 0, test_subset_per_class: int = 0,
-                     cache_dir: str = "") -> dict:
+def load_image_files(
+  kind: str,
+  root: str,
+  image_size: int = 0,
+  train_subset_per_class: int = 0,
+  test_subset_per_class: int = 0,
+  cache_dir: str = "",
+) -> dict:
   """An image-folder ("folder") or Tiny ImageNet ("tinyimagenet") tree or .tar.gz."""
   if kind not in LAYOUTS:
     raise ValueError(f"kind must be one of {LAYOUTS}, got {kind!r}")
   if not root:
     raise CCDDError(f"data.root must be set for data.name {kind!r}")
-  for field, value in (("image_size", image_size),
-                       ("train_subset_per_class", train_subset_per_class),
-                       ("test_subset_per_class", test_subset_per_class)):
+  for field, value in (
+    ("image_size", image_size),
+    ("train_subset_per_class", train_subset_per_class),
+    ("test_subset_per_class", test_subset_per_class),
+  ):
     if int(value) < 0:
       raise CCDDError(f"data.{field} must be >= 0, got {value}")
   tree = _FileTree(root, kind)
-  key = hashlib.sha256(json.dumps(
-      [file_cache.CACHE_VERSION, kind, tree.fingerprint, int(image_size),
-       int(train_subset_per_class), int(test_subset_per_class)]).encode()).hexdigest()
+  key = hashlib.sha256(
+    json.dumps(
+      [
+        file_cache.CACHE_VERSION,
+        kind,
+        tree.fingerprint,
+        int(image_size),
+        int(train_subset_per_class),
+        int(test_subset_per_class),
+      ]
+    ).encode()
+  ).hexdigest()
   cache_dir = os.path.expanduser(cache_dir or file_cache.default_cache_dir())
   base = os.path.basename(tree.root.rstrip("/")) or "root"
   for suffix in (".tar.gz", ".tgz", ".tar"):
     if base.endswith(suffix):
-      base = base[:-len(suffix)]
+      base = base[: -len(suffix)]
   cache_file = os.path.join(cache_dir, f"{kind}-{base}-{key[:16]}.npz")
   name = f"{kind}:{base}"
   arrays = file_cache.read_cache(cache_file)
   if arrays is None:
     split_fn = _folder_splits if kind == "folder" else _tinyimagenet_splits
     try:
-      class_names, train, test = split_fn(tree, int(train_subset_per_class),
-                                          int(test_subset_per_class))
+      class_names, train, test = split_fn(
+        tree, int(train_subset_per_class), int(test_subset_per_class)
+      )
       train_x, train_y = _decode_split(tree, train, int(image_size))
       test_x, test_y = _decode_split(tree, test, int(image_size))
     finally:
       tree.close()
     if train_x.shape[1:] != test_x.shape[1:]:
-      raise CCDDError(f"train images of {tree.root} are {train_x.shape[1:]} but test "
-                      f"images are {test_x.shape[1:]}: set data.image_size")
-    arrays = dict(train_images=train_x, train_labels=train_y, test_images=test_x,
-                  test_labels=test_y, class_names=np.array(class_names, dtype=str))
+      raise CCDDError(
+        f"train images of {tree.root} are {train_x.shape[1:]} but test "
+        f"images are {test_x.shape[1:]}: set data.image_size"
+      )
+    arrays = dict(
+      train_images=train_x,
+      train_labels=train_y,
+      test_images=test_x,
+      test_labels=test_y,
+      class_names=np.array(class_names, dtype=str),
+    )
     file_cache.write_cache(cache_file, arrays)
-  return dict(name=name, train_images=arrays["train_images"],
-              train_labels=arrays["train_labels"], test_images=arrays["test_images"],
-              test_labels=arrays["test_labels"],
-              class_names=tuple(str(c) for c in arrays["class_names"]))
+  return dict(
+    name=name,
+    train_images=arrays["train_images"],
+    train_labels=arrays["train_labels"],
+    test_images=arrays["test_images"],
+    test_labels=arrays["test_labels"],
+    class_names=tuple(str(c) for c in arrays["class_names"]),
+  )

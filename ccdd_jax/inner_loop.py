@@ -41,8 +41,9 @@ def _intermediate_bytes(jaxpr) -> int:
   """Bytes of every value a jaxpr's equations produce, inner jaxprs included."""
   total = 0
   for eqn in jaxpr.eqns:
-    total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars
-                 if hasattr(v.aval, "size"))
+    total += sum(
+      v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars if hasattr(v.aval, "size")
+    )
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         sub = getattr(sub, "jaxpr", sub)
@@ -56,11 +57,14 @@ def resolve_remat(remat: str, step: Callable, carry: Any, step_input: Any) -> st
   if remat != "auto":
     return remat
   abstract = lambda tree: jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
-  step_bytes = _intermediate_bytes(jax.make_jaxpr(step)(abstract(carry),
-                                                        abstract(step_input)).jaxpr)
-  carry_bytes = sum(jnp.size(x) * jnp.result_type(x).itemsize
-                    for x in jax.tree_util.tree_leaves(carry))
+    lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+  )
+  step_bytes = _intermediate_bytes(
+    jax.make_jaxpr(step)(abstract(carry), abstract(step_input)).jaxpr
+  )
+  carry_bytes = sum(
+    jnp.size(x) * jnp.result_type(x).itemsize for x in jax.tree_util.tree_leaves(carry)
+  )
   return "nested" if step_bytes < _AUTO_NESTED_BELOW * carry_bytes else "full"
 
 
@@ -87,8 +91,9 @@ def _checkpointed(step: Callable, remat: str) -> Callable:
   if remat == "none":
     return step
   if remat == "dots":
-    return jax.checkpoint(step, prevent_cse=False,
-                          policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return jax.checkpoint(
+      step, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    )
   return jax.checkpoint(step, prevent_cse=False)  # "full" and "nested": save nothing.
 
 
@@ -111,15 +116,25 @@ def _nested_scan(step: Callable, carry: Any, xs: Any, length: int, unroll: int):
   carry, ys = jax.lax.scan(run_segment, carry, jax.tree_util.tree_map(split, xs))
   ys = jax.tree_util.tree_map(lambda y: y.reshape((head,) + y.shape[2:]), ys)
   if head < length:
-    carry, tail = jax.lax.scan(step, carry, jax.tree_util.tree_map(lambda x: x[head:], xs),
-                               unroll=min(unroll, length - head))
+    carry, tail = jax.lax.scan(
+      step, carry, jax.tree_util.tree_map(lambda x: x[head:], xs), unroll=min(unroll, length - head)
+    )
     ys = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
   return carry, ys
 
 
-def sgd_scan(loss_fn: Callable[[Params, Any], jax.Array], params: Params, step_inputs: Any,
-             learning_rates: jax.Array, *, momentum: float = 0.0, weight_decay: float = 0.0,
-             velocity: Params | None = None, unroll: int = 1, remat: str = "none"):
+def sgd_scan(
+  loss_fn: Callable[[Params, Any], jax.Array],
+  params: Params,
+  step_inputs: Any,
+  learning_rates: jax.Array,
+  *,
+  momentum: float = 0.0,
+  weight_decay: float = 0.0,
+  velocity: Params | None = None,
+  unroll: int = 1,
+  remat: str = "none",
+):
   """Runs one SGD step per leading slice of `step_inputs` inside `lax.scan`.
 
   `loss_fn(params, step_input)` returns the scalar loss of one step;
@@ -166,5 +181,4 @@ def epoch_batches(rng: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
   batch_size = min(batch_size, num_examples)
   steps = num_examples // batch_size
   perm = jax.random.permutation(rng, num_examples)
-  return perm[:steps * batch_size].reshape(steps, batch_size)
-
+  return perm[: steps * batch_size].reshape(steps, batch_size)

@@ -1,10 +1,10 @@
 r"""Runs the CCDD pipeline: python -m ccdd_jax.main --workdir runs/demo [--stage ...].
 
-  --config configs/<name>.py   a get_config() file, or a shipped config's name
-                               (default: digits); override any field as
-                               --config.distill.ipc=1
-  --stage  keygen | experts | distill | evaluate | verify | all
-  --key_file  the owner's key (default <workdir>/owner.key)
+--config configs/<name>.py   a get_config() file, or a shipped config's name
+                             (default: digits); override any field as
+                             --config.distill.ipc=1
+--stage  keygen | experts | distill | evaluate | verify | all
+--key_file  the owner's key (default <workdir>/owner.key)
 """
 
 import os
@@ -31,7 +31,7 @@ def config_error_exit(argv: list[str], error: Exception) -> None:
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1]
     elif arg.startswith("--config.") and "=" in arg:
-      overrides.append(arg[len("--config."):])
+      overrides.append(arg[len("--config.") :])
   try:
     config_loader.load(path, overrides)
   except CCDDError as reason:
@@ -53,13 +53,17 @@ def _config_argv(argv: list[str]) -> list[str]:
 try:  # Registering the flag already reads --config.* overrides from sys.argv.
   sys.argv = _config_argv(sys.argv)
   _CONFIG = config_loader.define_config_flag(
-      default=config_loader.config_path(config_loader.DEFAULT_CONFIG))
+    default=config_loader.config_path(config_loader.DEFAULT_CONFIG)
+  )
 except Exception as e:  # Overrides and config paths raise many types.
   config_error_exit(sys.argv, e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for keys, trajectories, results.")
-_STAGE = flags.DEFINE_enum("stage", "all",
-                           ["keygen", "experts", "distill", "evaluate", "verify", "all"],
-                           "Which stage to run.")
+_STAGE = flags.DEFINE_enum(
+  "stage",
+  "all",
+  ["keygen", "experts", "distill", "evaluate", "verify", "all"],
+  "Which stage to run.",
+)
 _KEY_FILE = flags.DEFINE_string("key_file", None, "Key file (default <workdir>/owner.key).")
 
 

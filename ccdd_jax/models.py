@@ -58,12 +58,14 @@ def _shift_patches(x: jax.Array, channels_first: bool) -> jax.Array:
   if channels_first:  # [C, N, H, W] -> [9 C, N H W]
     c, n, h, w = x.shape
     padded = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    return jnp.concatenate([padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)],
-                           axis=0).reshape(9 * c, n * h * w)
+    return jnp.concatenate(
+      [padded[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=0
+    ).reshape(9 * c, n * h * w)
   h, w = x.shape[1], x.shape[2]  # [N, H, W, C] -> [N, H, W, 9 C]
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.concatenate([padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
-                         axis=-1)
+  return jnp.concatenate(
+    [padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1
+  )
 
 
 def _avg_pool_2x2_channels_first(x: jax.Array) -> jax.Array:
@@ -77,7 +79,7 @@ def _avg_pool_2x2_channels_first(x: jax.Array) -> jax.Array:
   """
   c, n, h, w = x.shape
   hh, ww = h // 2, w // 2
-  x = x[:, :, :2 * hh, :2 * ww]
+  x = x[:, :, : 2 * hh, : 2 * ww]
   down_h = 0.5 * (jnp.arange(2 * hh)[:, None] // 2 == jnp.arange(hh)[None, :]).astype(x.dtype)
   down_w = 0.5 * (jnp.arange(2 * ww)[:, None] // 2 == jnp.arange(ww)[None, :]).astype(x.dtype)
   if hh * ww <= 16:  # One [4 hh ww, hh ww] matrix: cheapest for small maps.
@@ -92,6 +94,7 @@ class Conv3x3(nn.Module):
 
   `channels_first` (only with "shift") takes and returns [C, N, H, W] arrays.
   """
+
   features: int
   conv_impl: str = "lax"
   use_bias: bool = True
@@ -100,10 +103,10 @@ class Conv3x3(nn.Module):
   @nn.compact
   def __call__(self, x):
     in_features = x.shape[0] if self.channels_first else x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (3, 3, in_features, self.features))
-    bias = (self.param("bias", nn.initializers.zeros, (self.features,))
-            if self.use_bias else None)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (3, 3, in_features, self.features)
+    )
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
     if self.channels_first:
       if self.conv_impl != "shift":
         raise ValueError(f"channels_first needs conv_impl 'shift', not {self.conv_impl!r}")
@@ -118,17 +121,20 @@ class Conv3x3(nn.Module):
     elif self.conv_impl == "im2col":
       # Patches come out feature-major: (in_features, kh, kw).
       patches = jax.lax.conv_general_dilated_patches(
-          x, (3, 3), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, (3, 3), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
       matrix = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, self.features)
       y = patches @ matrix
     else:
       y = jax.lax.conv_general_dilated(
-          x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
     return y + bias if self.use_bias else y
 
 
 class _AffineNorm(nn.Module):
   """Normalises over `reduce_axes` per channel, then an affine map per channel."""
+
   reduce_axes: tuple = (1, 2)
   epsilon: float = 1e-5
   channel_axis: int = -1
@@ -149,11 +155,13 @@ class _AffineNorm(nn.Module):
 
 class InstanceNorm(_AffineNorm):
   """Per-sample, per-channel normalisation over H and W with an affine map."""
+
   reduce_axes: tuple = (1, 2)
 
 
 class BatchStatsNorm(_AffineNorm):
   """Stateless batch norm: per-channel statistics of the current batch over N, H, W."""
+
   reduce_axes: tuple = (0, 1, 2)
 
 
@@ -187,6 +195,7 @@ class ConvNet(nn.Module):
   `channels_first` (None = with "shift") runs the blocks channel-major, on
   [C, N, H, W] arrays; inputs, features and parameters stay the same.
   """
+
   num_classes: int
   width: int = 128
   depth: int = 3
@@ -201,16 +210,21 @@ class ConvNet(nn.Module):
     # Channel-major, XLA:CPU reduces the norm over contiguous H W rows, pools by
     # matmuls and needs no transposed copy for a gradient matmul: meta-gradients
     # 1.9x (digits) and 1.3x (CIFAR-10 IPC 1) faster than NHWC (docs/performance.md).
-    channels_first = (self.conv_impl == "shift" if self.channels_first is None
-                      else self.channels_first)
+    channels_first = (
+      self.conv_impl == "shift" if self.channels_first is None else self.channels_first
+    )
     if channels_first:
       x = jnp.transpose(x, (3, 0, 1, 2))
     for block in range(self.depth):
-      x = Conv3x3(self.width, self.conv_impl, channels_first=channels_first,
-                  name=f"conv_{block}")(x)
+      x = Conv3x3(self.width, self.conv_impl, channels_first=channels_first, name=f"conv_{block}")(
+        x
+      )
       if self.norm == "instance":
-        x = (InstanceNorm(reduce_axes=(2, 3), channel_axis=0, name=f"norm_{block}")(x)
-             if channels_first else InstanceNorm(name=f"norm_{block}")(x))
+        x = (
+          InstanceNorm(reduce_axes=(2, 3), channel_axis=0, name=f"norm_{block}")(x)
+          if channels_first
+          else InstanceNorm(name=f"norm_{block}")(x)
+        )
       x = nn.relu(x)
       if block == self.depth - 1 and channel_mask is not None:
         # Fine-pruning masks the last conv layer's channels.
@@ -232,6 +246,7 @@ class ConvNet(nn.Module):
 
 class BasicBlock(nn.Module):
   """ResNet basic block: two 3x3 convs with norm, projection shortcut when the shape changes."""
+
   features: int
   stride: int = 1
   norm: str = "instance"
@@ -242,21 +257,29 @@ class BasicBlock(nn.Module):
     if self.stride == 1:
       y = Conv3x3(self.features, self.conv_impl, use_bias=False, name="conv_0")(x)
     else:
-      y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), _pad(1),
-                  use_bias=False, name="conv_0")(x)
+      y = nn.Conv(
+        self.features, (3, 3), (self.stride, self.stride), _pad(1), use_bias=False, name="conv_0"
+      )(x)
     y = nn.relu(_norm(self.norm, "norm_0")(y))
     y = Conv3x3(self.features, self.conv_impl, use_bias=False, name="conv_1")(y)
     y = _norm(self.norm, "norm_1")(y)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = nn.Conv(self.features, (1, 1), (self.stride, self.stride), "VALID",
-                         use_bias=False, name="shortcut_conv")(x)
+      shortcut = nn.Conv(
+        self.features,
+        (1, 1),
+        (self.stride, self.stride),
+        "VALID",
+        use_bias=False,
+        name="shortcut_conv",
+      )(x)
       shortcut = _norm(self.norm, "shortcut_norm")(shortcut)
     return nn.relu(y + shortcut)
 
 
 class ResNet18(nn.Module):
   """DC's ResNet18 for 32x32: 3x3 stem, 4 stages of 2 basic blocks, global average pooling."""
+
   num_classes: int
   norm: str = "instance"
   conv_impl: str = "lax"
@@ -267,11 +290,12 @@ class ResNet18(nn.Module):
     x = Conv3x3(self.width, self.conv_impl, use_bias=False, name="stem_conv")(x)
     x = nn.relu(_norm(self.norm, "stem_norm")(x))
     for stage in range(4):
-      width = self.width * 2 ** stage
+      width = self.width * 2**stage
       for block in range(2):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, stride, self.norm, self.conv_impl,
-                       name=f"stage{stage}_block{block}")(x)
+        x = BasicBlock(width, stride, self.norm, self.conv_impl, name=f"stage{stage}_block{block}")(
+          x
+        )
     if channel_mask is not None:
       x = x * channel_mask  # Fine-pruning masks the last block's channels.
     features = x
@@ -284,6 +308,7 @@ VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 class VGG11(nn.Module):
   """DC's VGG11: 3x3 conv -> norm -> ReLU blocks with 2x2 max pooling, then a dense head."""
+
   num_classes: int
   norm: str = "instance"
   conv_impl: str = "lax"
@@ -312,6 +337,7 @@ class VGG11(nn.Module):
 
 class AlexNet(nn.Module):
   """DC's AlexNet for 32x32 (no norm layers): five convs, three 2x2 max pools, dense head."""
+
   num_classes: int
 
   @nn.compact
@@ -335,10 +361,10 @@ class AlexNet(nn.Module):
 # (the first is its default). One function builds them all (`build`), from
 # "name" or "name:norm" strings, for distillation and for evaluation.
 ARCHITECTURES = {
-    "convnet": ("instance", "none"),
-    "resnet18": ("instance", "batch", "none"),
-    "vgg11": ("instance", "batch", "none"),
-    "alexnet": ("none",),  # DC's AlexNet has no norm layers.
+  "convnet": ("instance", "none"),
+  "resnet18": ("instance", "batch", "none"),
+  "vgg11": ("instance", "batch", "none"),
+  "alexnet": ("none",),  # DC's AlexNet has no norm layers.
 }
 
 
@@ -346,11 +372,14 @@ def parse_arch(arch: str) -> tuple[str, str]:
   """("resnet18", "batch") from "resnet18:batch"; the norm is "" where none is given."""
   name, _, norm = arch.strip().partition(":")
   if name not in ARCHITECTURES:
-    raise CCDDError(f"unknown architecture {arch!r}: available: {', '.join(ARCHITECTURES)}, "
-                    "optionally with :<norm>")
+    raise CCDDError(
+      f"unknown architecture {arch!r}: available: {', '.join(ARCHITECTURES)}, "
+      "optionally with :<norm>"
+    )
   if norm and norm not in ARCHITECTURES[name]:
-    raise CCDDError(f"architecture {name} has no norm {norm!r}: use "
-                    f"{' or '.join(ARCHITECTURES[name])}")
+    raise CCDDError(
+      f"architecture {name} has no norm {norm!r}: use {' or '.join(ARCHITECTURES[name])}"
+    )
   return name, norm
 
 
@@ -367,8 +396,9 @@ def eval_architectures(eval_models: str, primary: str) -> list[str]:
   return sorted(archs, key=lambda a: a != primary)
 
 
-def build(arch: str, num_classes: int, model_config: ml_collections.ConfigDict,
-          width: int = 0) -> nn.Module:
+def build(
+  arch: str, num_classes: int, model_config: ml_collections.ConfigDict, width: int = 0
+) -> nn.Module:
   """The network `arch` ("name" or "name:norm") names, for `num_classes` classes.
 
   The ConvNet takes width, depth and (by default) norm from `model_config`;
@@ -378,8 +408,13 @@ def build(arch: str, num_classes: int, model_config: ml_collections.ConfigDict,
   name, norm = parse_arch(arch)
   conv_impl = resolve_conv_impl(model_config.conv_impl)
   if name == "convnet":
-    return ConvNet(num_classes=num_classes, width=model_config.width, depth=model_config.depth,
-                   norm=norm or model_config.norm, conv_impl=conv_impl)
+    return ConvNet(
+      num_classes=num_classes,
+      width=model_config.width,
+      depth=model_config.depth,
+      norm=norm or model_config.norm,
+      conv_impl=conv_impl,
+    )
   if name == "alexnet":
     return AlexNet(num_classes=num_classes)
   if not norm:
@@ -392,6 +427,7 @@ def build(arch: str, num_classes: int, model_config: ml_collections.ConfigDict,
 @dataclasses.dataclass(frozen=True, eq=False)
 class Network:
   """One architecture on one image shape: its Flax module, pure apply and parameters."""
+
   arch: str
   module: nn.Module
   image_shape: tuple
@@ -415,12 +451,16 @@ class Network:
 
   def like_params(self) -> Params:
     """Shapes and dtypes of one parameter tree."""
-    return jax.eval_shape(lambda: init_params(self.module, self.image_shape,
-                                              jax.random.PRNGKey(0)))
+    return jax.eval_shape(lambda: init_params(self.module, self.image_shape, jax.random.PRNGKey(0)))
 
 
-def build_network(arch: str, num_classes: int, image_shape: tuple,
-                  model_config: ml_collections.ConfigDict, width: int = 0) -> Network:
+def build_network(
+  arch: str,
+  num_classes: int,
+  image_shape: tuple,
+  model_config: ml_collections.ConfigDict,
+  width: int = 0,
+) -> Network:
   """`build`, wrapped with its image shape as a `Network`."""
   return Network(arch, build(arch, num_classes, model_config, width), tuple(image_shape))
 
@@ -433,6 +473,8 @@ def init_params(model: nn.Module, image_shape, rng: jax.Array) -> Params:
 
 def make_apply(model: nn.Module) -> Callable[..., jax.Array]:
   """Pure `apply(params, images, **kw) -> logits` for a model."""
+
   def apply(params, images, **kwargs):
     return model.apply({"params": params}, images, **kwargs)
+
   return apply

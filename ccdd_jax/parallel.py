@@ -20,8 +20,9 @@ def resolve_concurrency(concurrency: int) -> int:
   return (os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
 
 
-def run_concurrently(fn: Callable, inputs: list[tuple], workers: int,
-                     on_done: Callable[[int, int], None] | None = None) -> list:
+def run_concurrently(
+  fn: Callable, inputs: list[tuple], workers: int, on_done: Callable[[int, int], None] | None = None
+) -> list:
   """[fn(*args) for args in inputs], up to `workers` calls at once, results in order."""
   done = [0]
   lock = threading.Lock()

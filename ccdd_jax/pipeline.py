@@ -54,32 +54,58 @@ def stage_experts(ctx: Context) -> dict:
   cfg, num = ctx.config, len(ctx.dataset.train_labels)
   wm_images, wm_labels = ctx.watermark_set
   prune_idx = ctx.np_rng(2).choice(num, min(cfg.experts.prune_examples, num), replace=False)
-  inputs = jax.tree_util.tree_map(jnp.asarray, {
-      "train_images": ctx.train_x, "train_labels": ctx.dataset.train_labels.astype(np.int32),
-      "wm_images": ctx.preprocess.apply(wm_images), "wm_labels": wm_labels.astype(np.int32),
-      "prune_images": ctx.train_x[prune_idx]})
+  inputs = jax.tree_util.tree_map(
+    jnp.asarray,
+    {
+      "train_images": ctx.train_x,
+      "train_labels": ctx.dataset.train_labels.astype(np.int32),
+      "wm_images": ctx.preprocess.apply(wm_images),
+      "wm_labels": wm_labels.astype(np.int32),
+      "prune_images": ctx.train_x[prune_idx],
+    },
+  )
   rng_init, rng_train = jax.random.split(jax.random.fold_in(ctx.rng, 1))
   init = ctx.net.init_params(rng_init, cfg.experts.num_experts)
   summary = {"d_w_size": len(wm_labels), "d_c_size": num}
-  log(f"[experts] {cfg.experts.num_experts} experts per kind x {cfg.experts.epochs} epochs "
-      f"(|D_C| = {num}, |D_W| = {len(wm_labels)}) ...")
+  log(
+    f"[experts] {cfg.experts.num_experts} experts per kind x {cfg.experts.epochs} epochs "
+    f"(|D_C| = {num}, |D_W| = {len(wm_labels)}) ..."
+  )
   start = time.time()
 
   def progress(kind, done, total):
     if total > 1 and (done == total or done % max(1, total // 4) == 0):
       log(f"[experts] {kind}: {done}/{total} groups done ({time.time() - start:.0f} s)")
 
-  kinds = experts_lib.train_kinds(cfg.experts, ctx.net.apply, cfg.dsa, init, rng_train, inputs,
-                                  concurrency=cfg.concurrency, on_group_done=progress)
+  kinds = experts_lib.train_kinds(
+    cfg.experts,
+    ctx.net.apply,
+    cfg.dsa,
+    init,
+    rng_train,
+    inputs,
+    concurrency=cfg.concurrency,
+    on_group_done=progress,
+  )
   for kind, stacked in kinds:
     acc, acc_w = ctx.accuracy_and_acc_w(jax.tree_util.tree_map(lambda x: x[:, -1], stacked))
     metadata = [{"test_acc": a, "acc_w": w} for a, w in zip(acc, acc_w)]
-    checkpoints.save_stacked(workdir_lib.trajectories_dir(ctx.workdir), kind, stacked,
-                             metadata_per_expert=metadata, overwrite=True)
-    summary[kind] = {"acc": evaluate_lib.summarize(acc),
-                     "acc_w": evaluate_lib.summarize(acc_w), "seconds": time.time() - start}
-    log(f"[experts] {kind}: Acc {100 * np.mean(acc):.1f}% Acc_W {100 * np.mean(acc_w):.1f}% "
-        f"({summary[kind]['seconds']:.0f} s)")
+    checkpoints.save_stacked(
+      workdir_lib.trajectories_dir(ctx.workdir),
+      kind,
+      stacked,
+      metadata_per_expert=metadata,
+      overwrite=True,
+    )
+    summary[kind] = {
+      "acc": evaluate_lib.summarize(acc),
+      "acc_w": evaluate_lib.summarize(acc_w),
+      "seconds": time.time() - start,
+    }
+    log(
+      f"[experts] {kind}: Acc {100 * np.mean(acc):.1f}% Acc_W {100 * np.mean(acc_w):.1f}% "
+      f"({summary[kind]['seconds']:.0f} s)"
+    )
     start = time.time()
   reporting.write_json(ctx.workdir / "experts.json", summary)
   return summary
@@ -89,8 +115,11 @@ def stage_distill(ctx: Context) -> dict:
   """Distils the watermarked set (eq. 9, 10) and, for comparison, a clean one."""
   cfg, ds = ctx.config, ctx.dataset
   epochs = cfg.distill.max_start_epoch + cfg.distill.expert_epochs + 1
-  root, like, (patterns, pattern_labels) = (workdir_lib.trajectories_dir(ctx.workdir),
-                                           ctx.net.like_params(), ctx.patterns())
+  root, like, (patterns, pattern_labels) = (
+    workdir_lib.trajectories_dir(ctx.workdir),
+    ctx.net.like_params(),
+    ctx.patterns(),
+  )
 
   def distill_set(name, kind, twin_kind):
     start, set_cfg = time.time(), ml_collections.ConfigDict(cfg.distill.to_dict())
@@ -102,21 +131,38 @@ def stage_distill(ctx: Context) -> dict:
     else:
       twin = expert
     init_u8, labels, from_trigger = distill_lib.init_synthetic(
-        ds.train_images, ds.train_labels, ds.num_classes, set_cfg.ipc, ctx.np_rng(3),
-        patterns=patterns, pattern_labels=pattern_labels,
-        triggers_per_pattern=set_cfg.triggers_per_pattern)
-    log(f"[distill] {name}: {len(labels)} images from {expert.shape[0]} {kind} experts, "
-        f"{set_cfg.iterations} iterations x {set_cfg.syn_steps} steps")
+      ds.train_images,
+      ds.train_labels,
+      ds.num_classes,
+      set_cfg.ipc,
+      ctx.np_rng(3),
+      patterns=patterns,
+      pattern_labels=pattern_labels,
+      triggers_per_pattern=set_cfg.triggers_per_pattern,
+    )
+    log(
+      f"[distill] {name}: {len(labels)} images from {expert.shape[0]} {kind} experts, "
+      f"{set_cfg.iterations} iterations x {set_cfg.syn_steps} steps"
+    )
     progress = reporting.progress_printer(name, set_cfg.iterations)
     images, lr, losses = distill_lib.distill(
-        set_cfg, ctx.net.apply_flat, cfg.dsa, ctx.preprocess.apply(init_u8), labels,
-        (expert, twin), jax.random.fold_in(ctx.rng, 2), progress)
-    workdir_lib.save_distilled(ctx.workdir, name, images, labels, lr, from_trigger, losses,
-                               ctx.preprocess)
+      set_cfg,
+      ctx.net.apply_flat,
+      cfg.dsa,
+      ctx.preprocess.apply(init_u8),
+      labels,
+      (expert, twin),
+      jax.random.fold_in(ctx.rng, 2),
+      progress,
+    )
+    workdir_lib.save_distilled(
+      ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess
+    )
     pixels = ctx.preprocess.to_pixels(images)
     title = f"{name} ({ds.name}, IPC {set_cfg.ipc})"
-    reporting.save_grid(ctx.workdir / f"{name}.png", pixels, labels, ds.class_names,
-                        from_trigger, title)
+    reporting.save_grid(
+      ctx.workdir / f"{name}.png", pixels, labels, ds.class_names, from_trigger, title
+    )
     visibility = watermark.trigger_visibility(pixels, patterns)
     entry = reporting.distill_summary(losses, lr, visibility, from_trigger, time.time() - start)
     log(reporting.distill_line(name, entry))
@@ -149,15 +195,23 @@ def stage_evaluate(ctx: Context) -> dict:
     init = net.init_params(jax.random.fold_in(ctx.rng, 3), ecfg.num_seeds)
     announce = lambda text, a=arch: log(f"[evaluate] {a} {text}")
     for name, params, entry in evaluate_lib.train_on_sets(
-        net.apply, cfg.dsa, ecfg, init, {n: sets[n] for n in names},
-        jax.random.fold_in(ctx.rng, 4), on_start=announce):
+      net.apply,
+      cfg.dsa,
+      ecfg,
+      init,
+      {n: sets[n] for n in names},
+      jax.random.fold_in(ctx.rng, 4),
+      on_start=announce,
+    ):
       checkpoints.save_networks(workdir_lib.networks_dir(ctx.workdir, arch, name), params)
       acc, acc_w = ctx.accuracy_and_acc_w(params, net)
       entry.update(acc=evaluate_lib.summarize(acc), acc_w=evaluate_lib.summarize(acc_w))
       summary[arch][name] = entry
       reporting.write_json(ctx.workdir / "evaluation.json", summary)
-      log(f"[evaluate] {arch} on {name}: Acc {reporting.fmt_pct(entry['acc'])} "
-          f"Acc_W {reporting.fmt_pct(entry['acc_w'])} ({entry['seconds']:.0f} s)")
+      log(
+        f"[evaluate] {arch} on {name}: Acc {reporting.fmt_pct(entry['acc'])} "
+        f"Acc_W {reporting.fmt_pct(entry['acc_w'])} ({entry['seconds']:.0f} s)"
+      )
   return summary
 
 
@@ -171,21 +225,34 @@ def stage_verify(ctx: Context) -> dict:
   for arch, evaluated in evaluation.items():
     net, result[arch] = ctx.network(arch), {}
     for name in evaluated:
-      params = checkpoints.restore_networks(workdir_lib.networks_dir(ctx.workdir, arch, name),
-                                            net.like_params(), cfg.eval.num_seeds)
+      params = checkpoints.restore_networks(
+        workdir_lib.networks_dir(ctx.workdir, arch, name), net.like_params(), cfg.eval.num_seeds
+      )
       result[arch][name] = r = evaluate_lib.verify_networks(
-          ctx.predictor(net.apply), params, ctx.preprocess.apply, ctx.key, ds.test_images,
-          ds.test_labels, [ctx.np_rng(5, seed) for seed in range(cfg.eval.num_seeds)],
-          n_patterns=wcfg.n_patterns, patch_size=ctx.patch_size, num_classes=ds.num_classes,
-          m=wcfg.queries_per_pattern, alpha=wcfg.alpha)
-      log(f"[verify] {arch} on {name}: verified {sum(r['verified'])}/{len(r['verified'])} "
-          f"(median p = {np.median(r['p_values']):.3g}, alpha = {wcfg.alpha:g})")
+        ctx.predictor(net.apply),
+        params,
+        ctx.preprocess.apply,
+        ctx.key,
+        ds.test_images,
+        ds.test_labels,
+        [ctx.np_rng(5, seed) for seed in range(cfg.eval.num_seeds)],
+        n_patterns=wcfg.n_patterns,
+        patch_size=ctx.patch_size,
+        num_classes=ds.num_classes,
+        m=wcfg.queries_per_pattern,
+        alpha=wcfg.alpha,
+      )
+      log(
+        f"[verify] {arch} on {name}: verified {sum(r['verified'])}/{len(r['verified'])} "
+        f"(median p = {np.median(r['p_values']):.3g}, alpha = {wcfg.alpha:g})"
+      )
   reporting.write_json(ctx.workdir / "verification.json", result)
   return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, stage: str = "all",
-        key_file: str | None = None) -> dict:
+def run(
+  config: ml_collections.ConfigDict, workdir: str, stage: str = "all", key_file: str | None = None
+) -> dict:
   """Runs one stage or all of them; returns the report (or the stage's summary)."""
   if stage != "all" and stage not in STAGES:
     raise CCDDError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)} or all")
@@ -196,8 +263,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str = "all",
     raise CCDDError(f"no key file at {key_path}: run --stage=keygen first or pass --key_file")
   ctx = Context(config, workdir, key_path)
   timings = reporting.read_json(workdir / "timings.json")
-  functions = {"keygen": stage_keygen, "experts": stage_experts, "distill": stage_distill,
-               "evaluate": stage_evaluate, "verify": stage_verify}
+  functions = {
+    "keygen": stage_keygen,
+    "experts": stage_experts,
+    "distill": stage_distill,
+    "evaluate": stage_evaluate,
+    "verify": stage_verify,
+  }
   result = {}
   for name in STAGES if stage == "all" else (stage,):
     start = time.time()
@@ -207,8 +279,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str = "all",
   if stage not in ("all", "verify"):
     return result
   timings["total"] = sum(timings.get(s, 0.0) for s in STAGES)
-  header = reporting.report_header(config, ctx.dataset.name, ctx.dataset.num_classes,
-                                   ctx.patch_size, watermark.key_fingerprint(ctx.key), timings)
+  header = reporting.report_header(
+    config,
+    ctx.dataset.name,
+    ctx.dataset.num_classes,
+    ctx.patch_size,
+    watermark.key_fingerprint(ctx.key),
+    timings,
+  )
   report = reporting.build_report(workdir, header, config.model.name)
   reporting.write_report(workdir, report)
   return report

@@ -42,11 +42,11 @@ def _fit_zca(images: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np
   flat = images.reshape(n, -1)
   total = np.zeros(flat.shape[1])
   for start in range(0, n, _CHUNK):
-    total += flat[start:start + _CHUNK].sum(axis=0, dtype=np.float64)
+    total += flat[start : start + _CHUNK].sum(axis=0, dtype=np.float64)
   mean = total / (255.0 * n)
   cov = np.zeros((flat.shape[1],) * 2)
   for start in range(0, n, _CHUNK):
-    centred = flat[start:start + _CHUNK].astype(np.float64) / 255.0 - mean
+    centred = flat[start : start + _CHUNK].astype(np.float64) / 255.0 - mean
     cov += centred.T @ centred
   cov /= n - 1  # kornia's unbiased covariance.
   # kornia takes svd(cov); for a symmetric PSD matrix the eigendecomposition is
@@ -63,18 +63,21 @@ def _fit_zca(images: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np
 def _flatten_for(images: np.ndarray, dim: int) -> np.ndarray:
   """[..., H, W, C] -> [N, dim], checking that H * W * C matches the ZCA fit."""
   if images.ndim < 3 or int(np.prod(images.shape[-3:])) != dim:
-    raise CCDDError(f"images of shape {images.shape} do not match the ZCA transform, "
-                    f"fitted on images of {dim} values")
+    raise CCDDError(
+      f"images of shape {images.shape} do not match the ZCA transform, "
+      f"fitted on images of {dim} values"
+    )
   return images.reshape(-1, dim)
 
 
-def _chunked_affine(flat: np.ndarray, scale: float, shift: np.ndarray,
-                    matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
+def _chunked_affine(
+  flat: np.ndarray, scale: float, shift: np.ndarray, matrix: np.ndarray, offset: np.ndarray
+) -> np.ndarray:
   """(flat * scale - shift) @ matrix + offset in float32, a chunk of rows at a time."""
   out = np.empty(flat.shape, np.float32)
   for start in range(0, len(flat), _CHUNK):
-    chunk = flat[start:start + _CHUNK].astype(np.float32) * np.float32(scale) - shift
-    out[start:start + _CHUNK] = chunk @ matrix + offset
+    chunk = flat[start : start + _CHUNK].astype(np.float32) * np.float32(scale) - shift
+    out[start : start + _CHUNK] = chunk @ matrix + offset
   return out
 
 
@@ -87,6 +90,7 @@ class Preprocessor:
   flattened HWC image. kornia flattens CHW; the whitened images are the same,
   as ZCA commutes with any fixed reordering of the coordinates.
   """
+
   mean: np.ndarray  # float32 [C], of the training pixels / 255
   std: np.ndarray  # float32 [C]
   zca_mean: np.ndarray | None = None  # float32 [D], D = H * W * C
@@ -115,16 +119,21 @@ class Preprocessor:
       pixels = (images * self.std + self.mean).astype(np.float32)
     else:
       flat = _flatten_for(images, self.zca_mean.shape[0])
-      pixels = _chunked_affine(flat, 1.0, 0.0, self.zca_inverse,
-                               self.zca_mean).reshape(images.shape)
+      pixels = _chunked_affine(flat, 1.0, 0.0, self.zca_inverse, self.zca_mean).reshape(
+        images.shape
+      )
     return np.clip(pixels, 0.0, 1.0) if clip else pixels
 
   def as_arrays(self) -> dict:
     """The fitted transform as named arrays, to save beside a distilled set."""
     arrays = {"preprocess_mean": self.mean, "preprocess_std": self.std}
     if self.zca:
-      arrays.update(zca_mean=self.zca_mean, zca_transform=self.zca_transform,
-                    zca_inverse=self.zca_inverse, zca_eps=np.float64(self.zca_eps))
+      arrays.update(
+        zca_mean=self.zca_mean,
+        zca_transform=self.zca_transform,
+        zca_inverse=self.zca_inverse,
+        zca_eps=np.float64(self.zca_eps),
+      )
     return arrays
 
   @classmethod
@@ -140,12 +149,19 @@ class Preprocessor:
     get = lambda k: np.asarray(arrays[k], np.float32)
     if not present:
       return cls(get("preprocess_mean"), get("preprocess_std"))
-    return cls(get("preprocess_mean"), get("preprocess_std"), get("zca_mean"),
-               get("zca_transform"), get("zca_inverse"), float(arrays["zca_eps"]))
+    return cls(
+      get("preprocess_mean"),
+      get("preprocess_std"),
+      get("zca_mean"),
+      get("zca_transform"),
+      get("zca_inverse"),
+      float(arrays["zca_eps"]),
+    )
 
 
-def fit_preprocessor(train_images: np.ndarray, zca: bool = False, zca_eps: float = 0.1,
-                     cache_dir: str | None = None) -> Preprocessor:
+def fit_preprocessor(
+  train_images: np.ndarray, zca: bool = False, zca_eps: float = 0.1, cache_dir: str | None = None
+) -> Preprocessor:
   """Fits the input transform on uint8 training images: mean/std, or ZCA (MTT: eps 0.1).
 
   A ZCA fit is cached in cache_dir ("" for ~/.cache/ccdd_jax), keyed by a hash
@@ -158,21 +174,29 @@ def fit_preprocessor(train_images: np.ndarray, zca: bool = False, zca_eps: float
   if not zca_eps > 0:
     raise CCDDError(f"data.zca_eps must be > 0, got {zca_eps}")
   if train_images.ndim != 4 or train_images.shape[0] < 2:
-    raise CCDDError(f"ZCA needs two or more NHWC training images, got shape "
-                    f"{train_images.shape}")
+    raise CCDDError(f"ZCA needs two or more NHWC training images, got shape {train_images.shape}")
   cache_file = None
   if cache_dir is not None:
-    digest = hashlib.sha256(json.dumps(
-        [file_cache.CACHE_VERSION, "zca", list(train_images.shape), str(train_images.dtype),
-         float(zca_eps)]).encode())
+    digest = hashlib.sha256(
+      json.dumps(
+        [
+          file_cache.CACHE_VERSION,
+          "zca",
+          list(train_images.shape),
+          str(train_images.dtype),
+          float(zca_eps),
+        ]
+      ).encode()
+    )
     digest.update(np.ascontiguousarray(train_images).data)
-    cache_file = os.path.join(os.path.expanduser(cache_dir or file_cache.default_cache_dir()),
-                              f"zca-{digest.hexdigest()[:16]}.npz")
+    cache_file = os.path.join(
+      os.path.expanduser(cache_dir or file_cache.default_cache_dir()),
+      f"zca-{digest.hexdigest()[:16]}.npz",
+    )
     arrays = file_cache.read_cache(cache_file)
     if arrays is not None and "zca_transform" in arrays:
       return Preprocessor.from_arrays(arrays)
-  fitted = Preprocessor(mean, std, *_fit_zca(train_images, float(zca_eps)),
-                        zca_eps=float(zca_eps))
+  fitted = Preprocessor(mean, std, *_fit_zca(train_images, float(zca_eps)), zca_eps=float(zca_eps))
   if cache_file is not None:
     file_cache.write_cache(cache_file, fitted.as_arrays())
   return fitted

@@ -27,7 +27,7 @@ def log(message: str) -> None:
 
 
 def fmt_pct(stat: dict) -> str:
-  """"mean ± std%" of a `evaluate.summarize` dict of fractions."""
+  """ "mean ± std%" of a `evaluate.summarize` dict of fractions."""
   return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}%"
 
 
@@ -51,8 +51,9 @@ def progress_printer(name: str, total: int) -> Callable[[int, Any], None]:
   """A callback `progress(iteration, loss)` that shows distillation progress with tqdm."""
   from tqdm import auto as tqdm  # Imported on first use: only distillation shows a bar.
 
-  bar = tqdm.tqdm(total=total, desc=f"[distill] {name}", file=sys.stderr, mininterval=2.0,
-                  leave=False)
+  bar = tqdm.tqdm(
+    total=total, desc=f"[distill] {name}", file=sys.stderr, mininterval=2.0, leave=False
+  )
 
   def progress(it, loss):
     bar.update(1)
@@ -64,8 +65,14 @@ def progress_printer(name: str, total: int) -> Callable[[int, Any], None]:
   return progress
 
 
-def save_grid(path: pathlib.Path, pixels: np.ndarray, labels: np.ndarray,
-              class_names: tuple, from_trigger: np.ndarray, title: str) -> None:
+def save_grid(
+  path: pathlib.Path,
+  pixels: np.ndarray,
+  labels: np.ndarray,
+  class_names: tuple,
+  from_trigger: np.ndarray,
+  title: str,
+) -> None:
   """A PNG grid of [0, 1] pixels, one row per class; slots seeded from D_W framed in red."""
   # The Figure API, not pyplot: the two distilled sets may be saved from two threads.
   from matplotlib.figure import Figure  # Imported on first use: it is slow to import.
@@ -80,9 +87,13 @@ def save_grid(path: pathlib.Path, pixels: np.ndarray, labels: np.ndarray,
     for col, i in enumerate(np.flatnonzero(labels == c)):
       ax = axes[row, col]
       img = pixels[i]
-      ax.imshow(img[..., 0] if img.shape[-1] == 1 else img,
-                cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1,
-                interpolation="nearest")
+      ax.imshow(
+        img[..., 0] if img.shape[-1] == 1 else img,
+        cmap="gray" if img.shape[-1] == 1 else None,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+      )
       if from_trigger[i]:
         ax.axis("on")
         ax.set_xticks([])
@@ -96,41 +107,58 @@ def save_grid(path: pathlib.Path, pixels: np.ndarray, labels: np.ndarray,
   fig.savefig(path, dpi=100)
 
 
-def distill_summary(losses: np.ndarray, lr: float, visibility: np.ndarray,
-                    from_trigger: np.ndarray, seconds: float) -> dict:
+def distill_summary(
+  losses: np.ndarray, lr: float, visibility: np.ndarray, from_trigger: np.ndarray, seconds: float
+) -> dict:
   """distill.json's entry for one set: eq. 10 and its terms early and late, trigger visibility."""
   first, last = losses[:20].mean(axis=0), losses[-20:].mean(axis=0)
   return {
-      "trigger_visibility": {
-          "mean": float(visibility.mean()),
-          "trigger_slots": float(visibility[from_trigger].mean()) if from_trigger.any() else None,
-          "real_slots": float(visibility[~from_trigger].mean())},
-      "lr": lr, "loss_first": float(first[0]), "loss_last": float(last[0]),
-      "expert_term_first": float(first[1]), "expert_term_last": float(last[1]),
-      "twin_term_first": float(first[2]), "twin_term_last": float(last[2]),
-      "seconds": seconds}
+    "trigger_visibility": {
+      "mean": float(visibility.mean()),
+      "trigger_slots": float(visibility[from_trigger].mean()) if from_trigger.any() else None,
+      "real_slots": float(visibility[~from_trigger].mean()),
+    },
+    "lr": lr,
+    "loss_first": float(first[0]),
+    "loss_last": float(last[0]),
+    "expert_term_first": float(first[1]),
+    "expert_term_last": float(last[1]),
+    "twin_term_first": float(first[2]),
+    "twin_term_last": float(last[2]),
+    "seconds": seconds,
+  }
 
 
 def distill_line(name: str, entry: dict) -> str:
   """One log line of a `distill_summary` entry."""
   e = entry
-  return (f"[distill] {name}: eq. 10 loss {e['loss_first']:.3f} -> {e['loss_last']:.3f} "
-          f"(expert term {e['expert_term_first']:.3f} -> {e['expert_term_last']:.3f}, "
-          f"twin term {e['twin_term_first']:.3f} -> {e['twin_term_last']:.3f}), learned lr "
-          f"{e['lr']:.4g}, trigger visibility {e['trigger_visibility']['mean']:.2f} "
-          f"({e['seconds']:.0f} s)")
+  return (
+    f"[distill] {name}: eq. 10 loss {e['loss_first']:.3f} -> {e['loss_last']:.3f} "
+    f"(expert term {e['expert_term_first']:.3f} -> {e['expert_term_last']:.3f}, "
+    f"twin term {e['twin_term_first']:.3f} -> {e['twin_term_last']:.3f}), learned lr "
+    f"{e['lr']:.4g}, trigger visibility {e['trigger_visibility']['mean']:.2f} "
+    f"({e['seconds']:.0f} s)"
+  )
 
 
-def report_header(config, dataset_name: str, num_classes: int, patch_size: int,
-                  key_fingerprint: str, timings: dict) -> dict:
+def report_header(
+  config, dataset_name: str, num_classes: int, patch_size: int, key_fingerprint: str, timings: dict
+) -> dict:
   """The run-level fields of report.json."""
-  return {"dataset": dataset_name, "num_classes": num_classes, "ipc": config.distill.ipc,
-          "n_patterns": config.watermark.n_patterns, "patch_size": patch_size,
-          "alpha": config.watermark.alpha,
-          "queries_per_pattern": config.watermark.queries_per_pattern,
-          "key_fingerprint": key_fingerprint, "wall_seconds": timings,
-          "jax_version": jax.__version__, "backend": jax.default_backend(),
-          "config": config.to_dict()}
+  return {
+    "dataset": dataset_name,
+    "num_classes": num_classes,
+    "ipc": config.distill.ipc,
+    "n_patterns": config.watermark.n_patterns,
+    "patch_size": patch_size,
+    "alpha": config.watermark.alpha,
+    "queries_per_pattern": config.watermark.queries_per_pattern,
+    "key_fingerprint": key_fingerprint,
+    "wall_seconds": timings,
+    "jax_version": jax.__version__,
+    "backend": jax.default_backend(),
+    "config": config.to_dict(),
+  }
 
 
 def build_report(workdir: pathlib.Path, header: dict, primary_arch: str) -> dict:
@@ -167,11 +195,13 @@ def write_report(workdir: pathlib.Path, report: dict) -> None:
 
 def report_markdown(report: dict) -> str:
   """The short human-readable table of report.json."""
-  lines = [f"# CCDD run: {report['dataset']}, IPC {report['ipc']}, "
-           f"n = {report['n_patterns']} patterns, alpha = {report['alpha']:g}", "",
-           "| model | set | Acc | Acc_W | verified | median p (conditional) | "
-           "median p (majority) |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# CCDD run: {report['dataset']}, IPC {report['ipc']}, "
+    f"n = {report['n_patterns']} patterns, alpha = {report['alpha']:g}",
+    "",
+    "| model | set | Acc | Acc_W | verified | median p (conditional) | median p (majority) |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for arch, evaluated in report.get("architectures", {}).items():
     for name in SETS:
       e = evaluated.get(name, {})
@@ -181,16 +211,21 @@ def report_markdown(report: dict) -> str:
       p = e.get("p_values", [])
       pm = e.get("p_values_majority", [])
       lines.append(
-          f"| {arch} | {name} | {fmt_pct(e['acc'])} | {fmt_pct(e['acc_w'])} | "
-          f"{sum(ver)}/{len(ver)} | {np.median(p) if p else float('nan'):.3g} | "
-          f"{np.median(pm) if pm else float('nan'):.3g} |")
+        f"| {arch} | {name} | {fmt_pct(e['acc'])} | {fmt_pct(e['acc_w'])} | "
+        f"{sum(ver)}/{len(ver)} | {np.median(p) if p else float('nan'):.3g} | "
+        f"{np.median(pm) if pm else float('nan'):.3g} |"
+      )
   experts = report.get("experts", {})
   kinds = [k for k, v in experts.items() if isinstance(v, dict) and "acc" in v]
   if kinds:
     lines += ["", "| experts | Acc | Acc_W |", "|---|---|---|"]
     for kind in kinds:
-      lines.append(f"| {kind} | {fmt_pct(experts[kind]['acc'])} | "
-                   f"{fmt_pct(experts[kind]['acc_w'])} |")
-  lines += ["", "Wall time (s): " + ", ".join(
-      f"{k} {v:.0f}" for k, v in report["wall_seconds"].items()), ""]
+      lines.append(
+        f"| {kind} | {fmt_pct(experts[kind]['acc'])} | {fmt_pct(experts[kind]['acc_w'])} |"
+      )
+  lines += [
+    "",
+    "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_seconds"].items()),
+    "",
+  ]
   return "\n".join(lines)

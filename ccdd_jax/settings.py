@@ -19,29 +19,35 @@ from ccdd_jax import CCDDError
 # (dataset, ipc) -> (syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr,
 #                    lr_teacher, batch_syn); batch_syn 0 = the whole set.
 MTT_SETTINGS = {
-    ("cifar10", 1): (50, 2, 2, 100.0, 1e-7, 0.01, 0),
-    ("cifar10", 10): (30, 2, 20, 100.0, 1e-5, 0.001, 0),
-    ("cifar10", 50): (30, 2, 40, 1000.0, 1e-5, 0.001, 0),
-    ("cifar100", 1): (20, 3, 20, 1000.0, 1e-5, 0.01, 0),
-    ("cifar100", 10): (20, 2, 20, 1000.0, 1e-5, 0.01, 0),
-    ("cifar100", 50): (80, 2, 40, 1000.0, 1e-5, 0.01, 125),
-    ("tinyimagenet", 1): (10, 2, 10, 1e4, 1e-4, 0.01, 0),
-    ("tinyimagenet", 10): (20, 2, 40, 1e4, 1e-4, 0.01, 200),
-    ("tinyimagenet", 50): (20, 2, 40, 1e4, 1e-4, 0.01, 300),
+  ("cifar10", 1): (50, 2, 2, 100.0, 1e-7, 0.01, 0),
+  ("cifar10", 10): (30, 2, 20, 100.0, 1e-5, 0.001, 0),
+  ("cifar10", 50): (30, 2, 40, 1000.0, 1e-5, 0.001, 0),
+  ("cifar100", 1): (20, 3, 20, 1000.0, 1e-5, 0.01, 0),
+  ("cifar100", 10): (20, 2, 20, 1000.0, 1e-5, 0.01, 0),
+  ("cifar100", 50): (80, 2, 40, 1000.0, 1e-5, 0.01, 125),
+  ("tinyimagenet", 1): (10, 2, 10, 1e4, 1e-4, 0.01, 0),
+  ("tinyimagenet", 10): (20, 2, 40, 1e4, 1e-4, 0.01, 200),
+  ("tinyimagenet", 50): (20, 2, 40, 1e4, 1e-4, 0.01, 300),
 }
 
 # (dataset, ipc) -> whether MTT used ZCA whitening (DC-BENCH's record).
 MTT_ZCA = {
-    ("cifar10", 1): True, ("cifar10", 10): True, ("cifar10", 50): False,
-    ("cifar100", 1): True, ("cifar100", 10): False, ("cifar100", 50): True,
-    ("tinyimagenet", 1): False, ("tinyimagenet", 10): False, ("tinyimagenet", 50): False,
+  ("cifar10", 1): True,
+  ("cifar10", 10): True,
+  ("cifar10", 50): False,
+  ("cifar100", 1): True,
+  ("cifar100", 10): False,
+  ("cifar100", 50): True,
+  ("tinyimagenet", 1): False,
+  ("tinyimagenet", 10): False,
+  ("tinyimagenet", 50): False,
 }
 
 # dataset -> (data.name, n_patterns, ConvNet depth)
 DATASETS = {
-    "cifar10": ("tfds:cifar10", 10, 3),
-    "cifar100": ("tfds:cifar100", 5, 3),
-    "tinyimagenet": ("tinyimagenet", 5, 4),
+  "cifar10": ("tfds:cifar10", 10, 3),
+  "cifar100": ("tfds:cifar100", 5, 3),
+  "tinyimagenet": ("tinyimagenet", 5, 4),
 }
 
 
@@ -176,9 +182,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(d.ipc >= 1, f"distill.ipc = {d.ipc} must be >= 1")
   require(d.iterations >= 1, f"distill.iterations = {d.iterations} must be >= 1")
   require(d.syn_steps >= 1, f"distill.syn_steps = {d.syn_steps} must be >= 1")
-  require(d.max_start_epoch + d.expert_epochs <= e.epochs,
-          f"distill.max_start_epoch + distill.expert_epochs = "
-          f"{d.max_start_epoch + d.expert_epochs} exceeds experts.epochs = {e.epochs}")
+  require(
+    d.max_start_epoch + d.expert_epochs <= e.epochs,
+    f"distill.max_start_epoch + distill.expert_epochs = "
+    f"{d.max_start_epoch + d.expert_epochs} exceeds experts.epochs = {e.epochs}",
+  )
   require(e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and epochs must be >= 1")
   require(e.group_size >= 0, f"experts.group_size = {e.group_size} must be >= 0 (0 = all)")
   require(config.concurrency >= 0, f"concurrency = {config.concurrency} must be >= 0 (0 = auto)")
@@ -186,11 +194,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(0.0 < w.ratio <= 1.0, f"watermark.ratio = {w.ratio} must be in (0, 1]")
   require(0.0 < w.alpha < 1.0, f"watermark.alpha = {w.alpha} must be in (0, 1)")
   require(v.num_seeds >= 1 and v.epochs >= 1, "eval.num_seeds and eval.epochs must be >= 1")
-  require(min(d.beta, e.lambda1, e.lambda2, e.lambda3) >= 0.0,
-          "distill.beta and experts.lambda1..3 must be >= 0")
+  require(
+    min(d.beta, e.lambda1, e.lambda2, e.lambda3) >= 0.0,
+    "distill.beta and experts.lambda1..3 must be >= 0",
+  )
   require(config.data.zca_eps > 0.0, f"data.zca_eps = {config.data.zca_eps} must be > 0")
-  require(d.remat in inner_loop.REMAT_POLICIES,
-          f"distill.remat = {d.remat!r}: use one of {', '.join(inner_loop.REMAT_POLICIES)}")
+  require(
+    d.remat in inner_loop.REMAT_POLICIES,
+    f"distill.remat = {d.remat!r}: use one of {', '.join(inner_loop.REMAT_POLICIES)}",
+  )
   try:
     inner_loop.resolve_unroll(d.unroll, d.syn_steps)
   except ValueError as err:
@@ -207,8 +219,9 @@ def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
   """The full config of one cell of the paper's Table 1."""
   if (dataset, ipc) not in MTT_SETTINGS:
     raise ValueError(f"no paper setting for {dataset} IPC {ipc}")
-  syn_steps, expert_epochs, max_start, lr_img, lr_lr, lr_teacher, batch_syn = (
-      MTT_SETTINGS[(dataset, ipc)])
+  syn_steps, expert_epochs, max_start, lr_img, lr_lr, lr_teacher, batch_syn = MTT_SETTINGS[
+    (dataset, ipc)
+  ]
   data_name, n_patterns, depth = DATASETS[dataset]
   config = base_config()
   config.data.name = data_name  # Or "folder" with data.root = an image-folder tree / .tar.gz.

@@ -25,6 +25,7 @@ def _hide_gpus_from_tensorflow() -> None:
   """Keeps TensorFlow, used only to read tfds files, off the accelerators JAX uses."""
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     tf.config.set_visible_devices([], "GPU")
   except (ImportError, RuntimeError, ValueError):
     pass
@@ -33,13 +34,15 @@ def _hide_gpus_from_tensorflow() -> None:
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W, C] (C 1 or 3) -> uint8 [size, size, C], bilinear as for folders."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   out = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
   return out.reshape(size, size, image.shape[-1])
 
 
-def _tfds_split_arrays(tfds, split_ds, static_shape: bool, what: str,
-                       image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _tfds_split_arrays(
+  tfds, split_ds, static_shape: bool, what: str, image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """One tfds split of (image, label) pairs -> uint8 NHWC images, int64 labels."""
   images, labels = [], []
   if static_shape and not image_size:
@@ -56,8 +59,10 @@ def _tfds_split_arrays(tfds, split_ds, static_shape: bool, what: str,
     if image_size:
       x = _resize(x, image_size)
     elif images and x.shape != images[0].shape:
-      raise CCDDError(f"{what} has images of shapes {images[0].shape} and {x.shape}: "
-                      "all images must have one size (or set data.image_size)")
+      raise CCDDError(
+        f"{what} has images of shapes {images[0].shape} and {x.shape}: "
+        "all images must have one size (or set data.image_size)"
+      )
     images.append(x)
     labels.append(int(y))
   if not images:
@@ -75,21 +80,23 @@ def load_tfds(name: str, data_dir: str = "", image_size: int = 0) -> dict:
     raise CCDDError(f"data.image_size must be >= 0, got {image_size}")
   data_dir = os.path.expanduser(data_dir or "")
   if data_dir and not os.path.isdir(data_dir):
-    raise CCDDError(f"data.tfds_data_dir {data_dir!r} (for tfds data set {name!r}) is "
-                    "not a directory")
+    raise CCDDError(
+      f"data.tfds_data_dir {data_dir!r} (for tfds data set {name!r}) is not a directory"
+    )
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise CCDDError(
-        "tensorflow-datasets is not installed: pip install -e '.[tfds]'") from e
-  where = data_dir or getattr(getattr(tfds.core, "constants", None), "DATA_DIR",
-                              "the default tfds data dir")
+    raise CCDDError("tensorflow-datasets is not installed: pip install -e '.[tfds]'") from e
+  where = data_dir or getattr(
+    getattr(tfds.core, "constants", None), "DATA_DIR", "the default tfds data dir"
+  )
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # pylint: disable=broad-except
     if type(e).__name__ == "DatasetNotFoundError":
-      raise CCDDError(f"unknown tfds data set {name!r}: no tfds builder of that name "
-                      f"and none prepared in {where}") from e
+      raise CCDDError(
+        f"unknown tfds data set {name!r}: no tfds builder of that name and none prepared in {where}"
+      ) from e
     raise CCDDError(f"tfds data set {name!r}: {_first_line(e)}") from e
 
   def not_prepared() -> bool:
@@ -100,30 +107,36 @@ def load_tfds(name: str, data_dir: str = "", image_size: int = 0) -> dict:
 
   info = builder.info
   splits = list(info.splits.keys()) if info.splits else []
-  eval_split = next((s for s in ("test", "validation") if s in splits),
-                    None if splits else "test")
+  eval_split = next((s for s in ("test", "validation") if s in splits), None if splits else "test")
   if splits and ("train" not in splits or eval_split is None):
-    raise CCDDError(f"tfds data set {name!r} in {where} has splits {sorted(splits)}: "
-                    "need train and test (or validation)")
+    raise CCDDError(
+      f"tfds data set {name!r} in {where} has splits {sorted(splits)}: "
+      "need train and test (or validation)"
+    )
   keys = info.supervised_keys
   if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
-    raise CCDDError(f"tfds data set {name!r} has no (image, label) supervised keys: "
-                    "not an image classification set")
+    raise CCDDError(
+      f"tfds data set {name!r} has no (image, label) supervised keys: "
+      "not an image classification set"
+    )
   image_feature, label_feature = info.features[keys[0]], info.features[keys[1]]
   _hide_gpus_from_tensorflow()
   try:
-    train_ds, test_ds = builder.as_dataset(split=["train", eval_split],
-                                           as_supervised=True, shuffle_files=False)
+    train_ds, test_ds = builder.as_dataset(
+      split=["train", eval_split], as_supervised=True, shuffle_files=False
+    )
   except Exception as e:  # pylint: disable=broad-except
     if not_prepared():
-      raise CCDDError(f"tfds data set {name!r} is not prepared in {where}: nothing is "
-                      f"downloaded here (run `tfds build {name} --data_dir DIR` where "
-                      "there is network and copy DIR over)") from e
+      raise CCDDError(
+        f"tfds data set {name!r} is not prepared in {where}: nothing is "
+        f"downloaded here (run `tfds build {name} --data_dir DIR` where "
+        "there is network and copy DIR over)"
+      ) from e
     if isinstance(e, ImportError):
-      raise CCDDError("tensorflow is not installed (tfds reads its files with it): "
-                      "pip install -e '.[tfds]'") from e
-    raise CCDDError(f"cannot read tfds data set {name!r} from {where}: "
-                    f"{_first_line(e)}") from e
+      raise CCDDError(
+        "tensorflow is not installed (tfds reads its files with it): pip install -e '.[tfds]'"
+      ) from e
+    raise CCDDError(f"cannot read tfds data set {name!r} from {where}: {_first_line(e)}") from e
   shape = tuple(getattr(image_feature, "shape", ()) or ())
   static = len(shape) == 3 and all(isinstance(d, int) for d in shape)
   arrays = []
@@ -136,14 +149,21 @@ def load_tfds(name: str, data_dir: str = "", image_size: int = 0) -> dict:
     except Exception as e:  # pylint: disable=broad-except
       raise CCDDError(f"cannot read {what} from {where}: {_first_line(e)}") from e
   train_x, train_y, test_x, test_y = arrays
-  if (train_x.dtype != np.uint8 or train_x.ndim != 4
-      or test_x.shape[1:] != train_x.shape[1:]):
-    raise CCDDError(f"tfds data set {name!r} has {train_x.dtype} images of shapes "
-                    f"{train_x.shape[1:]} and {test_x.shape[1:]}: need uint8 NHWC of "
-                    "one size (or set data.image_size)")
-  num_classes = getattr(label_feature, "num_classes", None) or int(
-      max(train_y.max(), test_y.max())) + 1
+  if train_x.dtype != np.uint8 or train_x.ndim != 4 or test_x.shape[1:] != train_x.shape[1:]:
+    raise CCDDError(
+      f"tfds data set {name!r} has {train_x.dtype} images of shapes "
+      f"{train_x.shape[1:]} and {test_x.shape[1:]}: need uint8 NHWC of "
+      "one size (or set data.image_size)"
+    )
+  num_classes = (
+    getattr(label_feature, "num_classes", None) or int(max(train_y.max(), test_y.max())) + 1
+  )
   names = getattr(label_feature, "names", None) or [str(i) for i in range(num_classes)]
-  return dict(name=f"tfds:{name}", train_images=train_x, train_labels=train_y,
-              test_images=test_x, test_labels=test_y,
-              class_names=tuple(str(n) for n in names))
+  return dict(
+    name=f"tfds:{name}",
+    train_images=train_x,
+    train_labels=train_y,
+    test_images=test_x,
+    test_labels=test_y,
+    class_names=tuple(str(n) for n in names),
+  )

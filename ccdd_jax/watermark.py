@@ -68,11 +68,9 @@ def write_key_file(path: str | os.PathLike, key: bytes) -> None:
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
   except FileExistsError:
-    raise CCDDError(
-        f"key file {path} already exists; refusing to overwrite it") from None
+    raise CCDDError(f"key file {path} already exists; refusing to overwrite it") from None
   except OSError as e:
-    raise CCDDError(
-        f"cannot create key file {path}: {e.strerror or e}") from None
+    raise CCDDError(f"cannot create key file {path}: {e.strerror or e}") from None
   data = (key.hex() + "\n").encode("ascii")
   try:
     os.fchmod(fd, 0o600)  # The umask may have cleared owner bits.
@@ -83,8 +81,7 @@ def write_key_file(path: str | os.PathLike, key: bytes) -> None:
   except OSError as e:
     os.close(fd)
     os.unlink(path)  # A partial key file would block the retry.
-    raise CCDDError(
-        f"cannot write key file {path}: {e.strerror or e}") from None
+    raise CCDDError(f"cannot write key file {path}: {e.strerror or e}") from None
   os.close(fd)
 
 
@@ -100,8 +97,9 @@ def read_key_file(path: str | os.PathLike) -> bytes:
     raise CCDDError(f"cannot read key file {path}: {e.strerror or e}") from None
   text = text.strip() if len(text) <= _MAX_KEY_FILE_BYTES else b""
   if not _HEX_KEY.fullmatch(text):
-    raise CCDDError(f"key file {path} does not hold a {KEY_BYTES}-byte key "
-                    f"as {2 * KEY_BYTES} hex digits")
+    raise CCDDError(
+      f"key file {path} does not hold a {KEY_BYTES}-byte key as {2 * KEY_BYTES} hex digits"
+    )
   return bytes.fromhex(text.decode("ascii"))
 
 
@@ -124,8 +122,7 @@ def h_x(key: bytes, link: bytes, counter: int) -> bytes:
   """Block `counter` of H_x(Key, W) in eq. 3: SHA-256(tag‖key‖link‖counter)."""
   if len(link) != LINK_BYTES or not 0 <= counter < 2**32:
     raise ValueError("h_x takes a 32-byte link and a counter in [0, 2^32)")
-  return hashlib.sha256(
-      H_X_TAG + _check_key(key) + link + counter.to_bytes(4, "big")).digest()
+  return hashlib.sha256(H_X_TAG + _check_key(key) + link + counter.to_bytes(4, "big")).digest()
 
 
 def h_y(key: bytes, link: bytes) -> bytes:
@@ -135,8 +132,9 @@ def h_y(key: bytes, link: bytes) -> bytes:
   return hashlib.sha256(H_Y_TAG + _check_key(key) + link).digest()
 
 
-def expand_key(key: bytes, n_patterns: int, patch_size: int, channels: int,
-               num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def expand_key(
+  key: bytes, n_patterns: int, patch_size: int, channels: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Derives patterns uint8 [n, p, p, C] and labels int64 [n] (eq. 3)."""
   key = _check_key(key)
   n_patterns = _check_int("n_patterns", n_patterns, 1)
@@ -168,24 +166,21 @@ def _check_uint8_images(images, name: str = "images") -> np.ndarray:
   if images.ndim != 4:
     raise ValueError(f"{name} must have shape [N, H, W, C], got {images.shape}")
   if images.dtype != np.uint8:
-    raise TypeError(f"{name} must be uint8 pixels (stamp before normalising), "
-                    f"got {images.dtype}")
+    raise TypeError(f"{name} must be uint8 pixels (stamp before normalising), got {images.dtype}")
   return images
 
 
 def _check_labels(labels, size: int, num_classes: int, name: str) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.shape != (size,) or (size and labels.dtype.kind not in "iu"):
-    raise ValueError(
-        f"{name} must be {size} integers, got {labels.dtype} {labels.shape}")
+    raise ValueError(f"{name} must be {size} integers, got {labels.dtype} {labels.shape}")
   labels = labels.astype(np.int64)
   if size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(f"{name} must lie in [0, {num_classes})")
   return labels
 
 
-def stamp(images: np.ndarray, patterns: np.ndarray,
-          pattern_ids: np.ndarray) -> np.ndarray:
+def stamp(images: np.ndarray, patterns: np.ndarray, pattern_ids: np.ndarray) -> np.ndarray:
   """Returns `images` with patterns[pattern_ids[j]] over image j's top left."""
   images = _check_uint8_images(images)
   patterns = _check_uint8_images(patterns, "patterns")
@@ -193,13 +188,10 @@ def stamp(images: np.ndarray, patterns: np.ndarray,
   if p != p_w:
     raise ValueError(f"patterns must be square, got {p}x{p_w}")
   if p > images.shape[1] or p > images.shape[2]:
-    raise ValueError(f"a {p}x{p} patch does not fit "
-                    f"{images.shape[1]}x{images.shape[2]} images")
+    raise ValueError(f"a {p}x{p} patch does not fit {images.shape[1]}x{images.shape[2]} images")
   if channels != images.shape[3]:
-    raise ValueError(f"patterns have {channels} channels but images have "
-                    f"{images.shape[3]}")
-  pattern_ids = _check_labels(pattern_ids, len(images), n_patterns,
-                              "pattern_ids")
+    raise ValueError(f"patterns have {channels} channels but images have {images.shape[3]}")
+  pattern_ids = _check_labels(pattern_ids, len(images), n_patterns, "pattern_ids")
   stamped = images.copy()
   stamped[:, :p, :p, :] = patterns[pattern_ids]
   return stamped
@@ -211,21 +203,26 @@ def _check_pattern_set(images, labels, patterns, pattern_labels):
   if not len(patterns):
     raise ValueError("at least one pattern is needed")
   labels = _check_labels(labels, len(images), np.iinfo(np.int64).max, "labels")
-  pattern_labels = _check_labels(pattern_labels, len(patterns),
-                                 np.iinfo(np.int64).max, "pattern_labels")
+  pattern_labels = _check_labels(
+    pattern_labels, len(patterns), np.iinfo(np.int64).max, "pattern_labels"
+  )
   return images, labels, patterns, pattern_labels
 
 
 def make_watermark_set(
-    images: np.ndarray, labels: np.ndarray, patterns: np.ndarray,
-    pattern_labels: np.ndarray, ratio: float, rng: np.random.Generator
+  images: np.ndarray,
+  labels: np.ndarray,
+  patterns: np.ndarray,
+  pattern_labels: np.ndarray,
+  ratio: float,
+  rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Builds D_W (Stage I): round(ratio·N) stamped, relabelled carriers."""
   images, labels, patterns, pattern_labels = _check_pattern_set(
-      images, labels, patterns, pattern_labels)
+    images, labels, patterns, pattern_labels
+  )
   if not 0.0 <= ratio <= 1.0:
-    raise ValueError(f"the watermark ratio |D_W|/|D_C| must lie in [0, 1], "
-                    f"got {ratio}")
+    raise ValueError(f"the watermark ratio |D_W|/|D_C| must lie in [0, 1], got {ratio}")
   size = math.floor(ratio * len(images) + 0.5)
   # Round-robin over a random permutation: counts differ by at most one.
   pattern_ids = rng.permutation(len(patterns))[np.arange(size) % len(patterns)]
@@ -236,17 +233,24 @@ def make_watermark_set(
     slots = np.flatnonzero(pattern_ids == i)
     pool = shuffled[unused[shuffled] & (labels[shuffled] != target)]
     if pool.size < slots.size:
-      raise CCDDError(f"only {pool.size} unused images lie outside class "
-                      f"{target} to carry pattern {i}; {slots.size} needed")
-    carrier_ids[slots] = pool[:slots.size]
-    unused[pool[:slots.size]] = False
+      raise CCDDError(
+        f"only {pool.size} unused images lie outside class "
+        f"{target} to carry pattern {i}; {slots.size} needed"
+      )
+    carrier_ids[slots] = pool[: slots.size]
+    unused[pool[: slots.size]] = False
   images_w = stamp(images[carrier_ids], patterns, pattern_ids)
   return images_w, pattern_labels[pattern_ids], pattern_ids.astype(np.int64)
 
 
-def trigger_set(images: np.ndarray, labels: np.ndarray, patterns: np.ndarray,
-                pattern_labels: np.ndarray, m: int | None,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def trigger_set(
+  images: np.ndarray,
+  labels: np.ndarray,
+  patterns: np.ndarray,
+  pattern_labels: np.ndarray,
+  m: int | None,
+  rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
   """Stamps held-out images of other classes with each pattern (for Acc_W).
 
   Returns flat arrays (images_q uint8 [Q, H, W, C], pattern_ids int64 [Q]),
@@ -258,7 +262,8 @@ def trigger_set(images: np.ndarray, labels: np.ndarray, patterns: np.ndarray,
   hypothesis tests; `verify` draws its queries independently of the labels.
   """
   images, labels, patterns, pattern_labels = _check_pattern_set(
-      images, labels, patterns, pattern_labels)
+    images, labels, patterns, pattern_labels
+  )
   if m is not None:
     m = _check_int("m", m, 1)
   carrier_ids = []
@@ -267,19 +272,19 @@ def trigger_set(images: np.ndarray, labels: np.ndarray, patterns: np.ndarray,
     if m is None:
       carrier_ids.append(eligible)
     elif eligible.size < m:
-      raise CCDDError(f"only {eligible.size} images lie outside class {target} "
-                      f"for pattern {i}; m = {m} requested")
+      raise CCDDError(
+        f"only {eligible.size} images lie outside class {target} for pattern {i}; m = {m} requested"
+      )
     else:
       carrier_ids.append(rng.choice(eligible, size=m, replace=False))
-  pattern_ids = np.repeat(np.arange(len(patterns)),
-                          [ids.size for ids in carrier_ids])
+  pattern_ids = np.repeat(np.arange(len(patterns)), [ids.size for ids in carrier_ids])
   carrier_ids = np.concatenate(carrier_ids)
   return stamp(images[carrier_ids], patterns, pattern_ids), pattern_ids
 
 
-def verification_queries(num_images: int, n_patterns: int, m: int | None,
-                         rng: np.random.Generator
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def verification_queries(
+  num_images: int, n_patterns: int, m: int | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """Draws m carriers per pattern, independently of the key's labels.
 
   Returns (carrier_ids int64 [Q], pattern_ids int64 [Q]), pattern-major; m
@@ -292,11 +297,10 @@ def verification_queries(num_images: int, n_patterns: int, m: int | None,
   else:
     m = _check_int("m", m, 1)
     if m > num_images:
-      raise CCDDError(f"m = {m} queries per pattern but only {num_images} "
-                      f"held-out images")
-    carrier_ids = np.concatenate([
-        rng.choice(num_images, size=m, replace=False) for _ in range(n_patterns)
-    ])
+      raise CCDDError(f"m = {m} queries per pattern but only {num_images} held-out images")
+    carrier_ids = np.concatenate(
+      [rng.choice(num_images, size=m, replace=False) for _ in range(n_patterns)]
+    )
   pattern_ids = np.repeat(np.arange(n_patterns), carrier_ids.size // n_patterns)
   return carrier_ids.astype(np.int64), pattern_ids
 
@@ -325,22 +329,22 @@ def trigger_visibility(pixels: np.ndarray, patterns: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-def _check_predictions(predictions, pattern_ids, n_patterns, num_classes,
-                       carrier_labels):
+def _check_predictions(predictions, pattern_ids, n_patterns, num_classes, carrier_labels):
   pattern_ids = np.asarray(pattern_ids)
-  predictions = _check_labels(predictions, pattern_ids.size, num_classes,
-                              "predictions")
-  pattern_ids = _check_labels(pattern_ids, predictions.size, n_patterns,
-                              "pattern_ids")
+  predictions = _check_labels(predictions, pattern_ids.size, num_classes, "predictions")
+  pattern_ids = _check_labels(pattern_ids, predictions.size, n_patterns, "pattern_ids")
   if carrier_labels is not None:
-    carrier_labels = _check_labels(carrier_labels, predictions.size,
-                                   num_classes, "carrier_labels")
+    carrier_labels = _check_labels(carrier_labels, predictions.size, num_classes, "carrier_labels")
   return predictions, pattern_ids, carrier_labels
 
 
-def pattern_counts(predictions: np.ndarray, pattern_ids: np.ndarray,
-                   n_patterns: int, num_classes: int,
-                   carrier_labels: np.ndarray | None = None) -> np.ndarray:
+def pattern_counts(
+  predictions: np.ndarray,
+  pattern_ids: np.ndarray,
+  n_patterns: int,
+  num_classes: int,
+  carrier_labels: np.ndarray | None = None,
+) -> np.ndarray:
   """Returns counts int64 [n, C]: queries of pattern i predicted as class c.
 
   With `carrier_labels` (each query's own class), a query predicted as its own
@@ -350,18 +354,21 @@ def pattern_counts(predictions: np.ndarray, pattern_ids: np.ndarray,
   n_patterns = _check_int("n_patterns", n_patterns, 1)
   num_classes = _check_int("num_classes", num_classes, 2)
   predictions, pattern_ids, carrier_labels = _check_predictions(
-      predictions, pattern_ids, n_patterns, num_classes, carrier_labels)
+    predictions, pattern_ids, n_patterns, num_classes, carrier_labels
+  )
   if carrier_labels is not None:
     counted = predictions != carrier_labels
     predictions, pattern_ids = predictions[counted], pattern_ids[counted]
-  flat = np.bincount(pattern_ids * num_classes + predictions,
-                     minlength=n_patterns * num_classes)
+  flat = np.bincount(pattern_ids * num_classes + predictions, minlength=n_patterns * num_classes)
   return flat.reshape(n_patterns, num_classes).astype(np.int64)
 
 
-def watermark_accuracy(predictions: np.ndarray, pattern_ids: np.ndarray,
-                       pattern_labels: np.ndarray,
-                       carrier_labels: np.ndarray | None = None) -> float:
+def watermark_accuracy(
+  predictions: np.ndarray,
+  pattern_ids: np.ndarray,
+  pattern_labels: np.ndarray,
+  carrier_labels: np.ndarray | None = None,
+) -> float:
   """Acc_W: the fraction of trigger queries predicted as their pattern's label.
 
   With `carrier_labels`, queries whose own class is the pattern's label are
@@ -370,10 +377,11 @@ def watermark_accuracy(predictions: np.ndarray, pattern_ids: np.ndarray,
   pattern_labels = np.asarray(pattern_labels)
   num_classes = np.iinfo(np.int64).max
   predictions, pattern_ids, carrier_labels = _check_predictions(
-      predictions, pattern_ids, pattern_labels.size, num_classes,
-      carrier_labels)
-  targets = _check_labels(pattern_labels, pattern_labels.size, num_classes,
-                          "pattern_labels")[pattern_ids]
+    predictions, pattern_ids, pattern_labels.size, num_classes, carrier_labels
+  )
+  targets = _check_labels(pattern_labels, pattern_labels.size, num_classes, "pattern_labels")[
+    pattern_ids
+  ]
   if carrier_labels is not None:
     kept = carrier_labels != targets
     predictions, targets = predictions[kept], targets[kept]
@@ -385,8 +393,7 @@ def watermark_accuracy(predictions: np.ndarray, pattern_ids: np.ndarray,
 def _check_counts(counts, labels) -> tuple[np.ndarray, np.ndarray]:
   counts = np.asarray(counts)
   if counts.ndim != 2 or counts.shape[0] < 1 or counts.shape[1] < 2:
-    raise ValueError(f"counts must have shape [n >= 1, C >= 2], got "
-                    f"{counts.shape}")
+    raise ValueError(f"counts must have shape [n >= 1, C >= 2], got {counts.shape}")
   if counts.dtype.kind not in "iu" or counts.min() < 0:
     raise ValueError("counts must be non-negative integers")
   labels = _check_labels(labels, counts.shape[0], counts.shape[1], "labels")
@@ -411,8 +418,7 @@ def majority_binomial_pvalue(k: int, n: int, num_classes: int) -> float:
   if k > n:
     return 0.0
   # Upper-tail terms only, as exact integers over C^n; float() rounds once.
-  numerator = sum(math.comb(n, j) * (num_classes - 1)**(n - j)
-                  for j in range(k, n + 1))
+  numerator = sum(math.comb(n, j) * (num_classes - 1) ** (n - j) for j in range(k, n + 1))
   return float(fractions.Fraction(numerator, num_classes**n))
 
 
@@ -456,7 +462,7 @@ def _label_sum_upper_tail(counts: np.ndarray, threshold: int) -> float:
     for value, multiplicity in zip(values, multiplicities):
       # Old index j moves to j + value - row_max[i]; below 0 it cannot reach
       # the threshold any more, at new_size - 1 or above it surely does.
-      moved = mass[row_max[i] - value:]
+      moved = mass[row_max[i] - value :]
       body = min(moved.size, new_size - 1)
       new_mass[:body] += multiplicity * moved[:body]
       new_mass[-1] += multiplicity * moved[body:].sum()
@@ -475,28 +481,40 @@ def _label_sum_upper_tail(counts: np.ndarray, threshold: int) -> float:
 # ----------------------------------------------------------------------------
 
 
-def _predict_queries(predict_fn, images, carrier_ids, patterns, pattern_ids,
-                     num_classes, batch_size) -> np.ndarray:
+def _predict_queries(
+  predict_fn, images, carrier_ids, patterns, pattern_ids, num_classes, batch_size
+) -> np.ndarray:
   predictions = np.empty(carrier_ids.size, np.int64)
   for start in range(0, carrier_ids.size, batch_size):
     batch = slice(start, start + batch_size)
     queries = stamp(images[carrier_ids[batch]], patterns, pattern_ids[batch])
     answer = np.asarray(predict_fn(queries))
     if answer.shape != (len(queries),) or answer.dtype.kind not in "iu":
-      raise ValueError(f"predict_fn must return {len(queries)} integer classes "
-                      f"for {len(queries)} images, got {answer.dtype} "
-                      f"{answer.shape}")
+      raise ValueError(
+        f"predict_fn must return {len(queries)} integer classes "
+        f"for {len(queries)} images, got {answer.dtype} "
+        f"{answer.shape}"
+      )
     if answer.min() < 0 or answer.max() >= num_classes:
       raise ValueError(f"predict_fn returned a class outside [0, {num_classes})")
     predictions[batch] = answer
   return predictions
 
 
-def verify(predict_fn: Callable[[np.ndarray], np.ndarray], key: bytes,
-           images: np.ndarray, labels: np.ndarray, *, n_patterns: int,
-           patch_size: int, num_classes: int, m: int | None,
-           alpha: float = 1e-6, rng: np.random.Generator,
-           batch_size: int = 1024) -> dict:
+def verify(
+  predict_fn: Callable[[np.ndarray], np.ndarray],
+  key: bytes,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  n_patterns: int,
+  patch_size: int,
+  num_classes: int,
+  m: int | None,
+  alpha: float = 1e-6,
+  rng: np.random.Generator,
+  batch_size: int = 1024,
+) -> dict:
   """Stage III: queries a suspect model with keyed triggers and tests them.
 
   Args:
@@ -521,46 +539,43 @@ def verify(predict_fn: Callable[[np.ndarray], np.ndarray], key: bytes,
     Acc_W on the queries and per-pattern lists; never the key or the labels.
   """
   images = _check_uint8_images(images)
-  patterns, pattern_labels = expand_key(key, n_patterns, patch_size,
-                                        images.shape[-1], num_classes)
+  patterns, pattern_labels = expand_key(key, n_patterns, patch_size, images.shape[-1], num_classes)
   labels = _check_labels(labels, len(images), num_classes, "labels")
   batch_size = _check_int("batch_size", batch_size, 1)
   if not 0.0 < alpha < 1.0:
     raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-  carrier_ids, pattern_ids = verification_queries(len(images), n_patterns, m,
-                                                  rng)
-  predictions = _predict_queries(predict_fn, images, carrier_ids, patterns,
-                                 pattern_ids, num_classes, batch_size)
+  carrier_ids, pattern_ids = verification_queries(len(images), n_patterns, m, rng)
+  predictions = _predict_queries(
+    predict_fn, images, carrier_ids, patterns, pattern_ids, num_classes, batch_size
+  )
   carrier_labels = labels[carrier_ids]
-  counts = pattern_counts(predictions, pattern_ids, n_patterns, num_classes,
-                          carrier_labels=carrier_labels)
+  counts = pattern_counts(
+    predictions, pattern_ids, n_patterns, num_classes, carrier_labels=carrier_labels
+  )
   matches = plurality_matches(counts, pattern_labels)
   label_hits = counts[np.arange(n_patterns), pattern_labels]
   eligible = carrier_labels != pattern_labels[pattern_ids]
-  eligible_per_pattern = np.bincount(pattern_ids[eligible],
-                                     minlength=n_patterns)
+  eligible_per_pattern = np.bincount(pattern_ids[eligible], minlength=n_patterns)
   k_majority = int(matches.sum())
   p_conditional = conditional_label_pvalue(counts, pattern_labels)
   return {
-      "key_fingerprint": key_fingerprint(key),
-      "n_patterns": int(n_patterns),
-      "num_classes": int(num_classes),
-      "m": None if m is None else int(m),
-      "n_queries": int(carrier_ids.size),
-      "n_eligible_queries": int(eligible.sum()),
-      "k_majority": k_majority,
-      "p_majority": majority_binomial_pvalue(k_majority, n_patterns,
-                                             num_classes),
-      "t_conditional": int(label_hits.sum()),
-      "p_conditional": p_conditional,
-      "alpha": float(alpha),
-      # No model can reach a p-value below C^-n: with p_floor > alpha even a
-      # perfectly watermarked model is not verified (too few patterns).
-      "p_floor": float(num_classes)**-n_patterns,
-      "verified": bool(p_conditional <= alpha),
-      "acc_w": (float(label_hits.sum() / eligible.sum()) if eligible.any()
-                else 0.0),
-      "pattern_eligible_queries": [int(c) for c in eligible_per_pattern],
-      "pattern_label_hits": [int(c) for c in label_hits],
-      "pattern_plurality_match": [int(b) for b in matches],
+    "key_fingerprint": key_fingerprint(key),
+    "n_patterns": int(n_patterns),
+    "num_classes": int(num_classes),
+    "m": None if m is None else int(m),
+    "n_queries": int(carrier_ids.size),
+    "n_eligible_queries": int(eligible.sum()),
+    "k_majority": k_majority,
+    "p_majority": majority_binomial_pvalue(k_majority, n_patterns, num_classes),
+    "t_conditional": int(label_hits.sum()),
+    "p_conditional": p_conditional,
+    "alpha": float(alpha),
+    # No model can reach a p-value below C^-n: with p_floor > alpha even a
+    # perfectly watermarked model is not verified (too few patterns).
+    "p_floor": float(num_classes) ** -n_patterns,
+    "verified": bool(p_conditional <= alpha),
+    "acc_w": (float(label_hits.sum() / eligible.sum()) if eligible.any() else 0.0),
+    "pattern_eligible_queries": [int(c) for c in eligible_per_pattern],
+    "pattern_label_hits": [int(c) for c in label_hits],
+    "pattern_plurality_match": [int(b) for b in matches],
   }

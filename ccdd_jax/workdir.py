@@ -1,10 +1,10 @@
 """The workdir's layout: where each stage's outputs live, and the distilled sets' files.
 
-  owner.key                       the secret key (mode 0600; --key_file elsewhere)
-  trajectories/<kind>/NNNN/       experts (checkpoints.py)
-  <set>.npz                       a distilled set: images, labels, lr, preprocessing
-  models/<architecture>/<set>/    evaluated networks (checkpoints.py)
-  *.json, report.md, *.png        figures and pictures (reporting.py)
+owner.key                       the secret key (mode 0600; --key_file elsewhere)
+trajectories/<kind>/NNNN/       experts (checkpoints.py)
+<set>.npz                       a distilled set: images, labels, lr, preprocessing
+models/<architecture>/<set>/    evaluated networks (checkpoints.py)
+*.json, report.md, *.png        figures and pictures (reporting.py)
 """
 
 import os
@@ -38,9 +38,16 @@ def networks_dir(workdir: pathlib.Path, arch: str, name: str) -> pathlib.Path:
   return pathlib.Path(workdir) / "models" / arch.replace(":", "_") / name
 
 
-def save_distilled(workdir: pathlib.Path, name: str, images: np.ndarray, labels: np.ndarray,
-                   lr: float, from_trigger: np.ndarray, losses: np.ndarray,
-                   preprocessor: preprocess.Preprocessor) -> pathlib.Path:
+def save_distilled(
+  workdir: pathlib.Path,
+  name: str,
+  images: np.ndarray,
+  labels: np.ndarray,
+  lr: float,
+  from_trigger: np.ndarray,
+  losses: np.ndarray,
+  preprocessor: preprocess.Preprocessor,
+) -> pathlib.Path:
   """Writes `<name>.npz` atomically: a kill leaves the old file or the new one, never half.
 
   It holds the network inputs (`images`), their [0, 1] `pixels`, hard
@@ -50,8 +57,16 @@ def save_distilled(workdir: pathlib.Path, name: str, images: np.ndarray, labels:
   path = pathlib.Path(workdir) / f"{name}.npz"
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   with open(tmp, "wb") as f:
-    np.savez(f, images=images, labels=labels, lr=np.float32(lr), from_trigger=from_trigger,
-             losses=losses, pixels=preprocessor.to_pixels(images), **preprocessor.as_arrays())
+    np.savez(
+      f,
+      images=images,
+      labels=labels,
+      lr=np.float32(lr),
+      from_trigger=from_trigger,
+      losses=losses,
+      pixels=preprocessor.to_pixels(images),
+      **preprocessor.as_arrays(),
+    )
   os.replace(tmp, path)
   return path
 

@@ -28,8 +28,9 @@ import ml_collections
 from ccdd_jax import settings
 
 # The shared tarball beside the repository (../shared/data), wherever the run starts.
-SHARED_CIFAR10 = (pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
-                  "cifar10-jpeg.tar.gz")
+SHARED_CIFAR10 = (
+  pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+)
 
 
 def get_config() -> ml_collections.ConfigDict:

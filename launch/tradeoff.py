@@ -27,12 +27,18 @@ from ccdd_jax import pipeline
 def row(name: str, value: float, report: dict) -> dict:
   """One table row from a run's report."""
   d = report["distilled"]
-  return {"sweep": name, "value": value, "acc": d["acc"], "acc_w": d["acc_w"],
-          "verified": sum(d["verified"]), "seeds": len(d["verified"]),
-          "median_p": float(np.median(d["p_values"])),
-          "expert_acc": report["experts"].get("watermarked", {}).get("acc", {}).get("mean"),
-          "expert_acc_w": report["experts"].get("watermarked", {}).get("acc_w", {}).get("mean"),
-          "clean_acc": report["clean_distilled"]["acc"]["mean"]}
+  return {
+    "sweep": name,
+    "value": value,
+    "acc": d["acc"],
+    "acc_w": d["acc_w"],
+    "verified": sum(d["verified"]),
+    "seeds": len(d["verified"]),
+    "median_p": float(np.median(d["p_values"])),
+    "expert_acc": report["experts"].get("watermarked", {}).get("acc", {}).get("mean"),
+    "expert_acc_w": report["experts"].get("watermarked", {}).get("acc_w", {}).get("mean"),
+    "clean_acc": report["clean_distilled"]["acc"]["mean"],
+  }
 
 
 def main():
@@ -41,9 +47,12 @@ def main():
   parser.add_argument("--root", required=True)
   parser.add_argument("--lambda1", default="0,0.25,0.5,1,2,4")
   parser.add_argument("--beta", default="0,0.25,0.5,1,2")
-  parser.add_argument("--set", action="append", default=[],
-                      help="config override field=value, read as --config.field=value "
-                      "(e.g. distill.iterations=200)")
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    help="config override field=value, read as --config.field=value (e.g. distill.iterations=200)",
+  )
   args = parser.parse_args()
   root = pathlib.Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
@@ -81,18 +90,28 @@ def main():
 def write_outputs(root: pathlib.Path, rows: list) -> None:
   """tradeoff.json, tradeoff.md (table) and tradeoff.png (Acc vs Acc_W)."""
   (root / "tradeoff.json").write_text(json.dumps(rows, indent=2) + "\n")
-  lines = ["| sweep | value | Acc | Acc_W | verified | median p | wm expert Acc / Acc_W | "
-           "clean distilled Acc |", "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| sweep | value | Acc | Acc_W | verified | median p | wm expert Acc / Acc_W | "
+    "clean distilled Acc |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    expert = (f"{100 * r['expert_acc']:.1f} / {100 * r['expert_acc_w']:.1f}"
-              if r["expert_acc"] is not None else "–")
-    lines.append(f"| {r['sweep']} | {r['value']:g} | {pipeline.fmt_pct(r['acc'])} | "
-                 f"{pipeline.fmt_pct(r['acc_w'])} | {r['verified']}/{r['seeds']} | "
-                 f"{r['median_p']:.2g} | {expert} | {100 * r['clean_acc']:.1f}% |")
+    expert = (
+      f"{100 * r['expert_acc']:.1f} / {100 * r['expert_acc_w']:.1f}"
+      if r["expert_acc"] is not None
+      else "–"
+    )
+    lines.append(
+      f"| {r['sweep']} | {r['value']:g} | {pipeline.fmt_pct(r['acc'])} | "
+      f"{pipeline.fmt_pct(r['acc_w'])} | {r['verified']}/{r['seeds']} | "
+      f"{r['median_p']:.2g} | {expert} | {100 * r['clean_acc']:.1f}% |"
+    )
   (root / "tradeoff.md").write_text("\n".join(lines) + "\n")
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for sweep, marker in (("lambda1", "o"), ("beta", "s")):
     pts = [r for r in rows if r["sweep"] == sweep]
@@ -100,12 +119,19 @@ def write_outputs(root: pathlib.Path, rows: list) -> None:
       continue
     x = [100 * r["acc_w"]["mean"] for r in pts]
     y = [100 * r["acc"]["mean"] for r in pts]
-    ax.errorbar(x, y, xerr=[100 * r["acc_w"]["std"] for r in pts],
-                yerr=[100 * r["acc"]["std"] for r in pts], marker=marker, capsize=2,
-                label={"lambda1": "λ1 (eq. 6)", "beta": "β (eq. 10)"}[sweep])
+    ax.errorbar(
+      x,
+      y,
+      xerr=[100 * r["acc_w"]["std"] for r in pts],
+      yerr=[100 * r["acc"]["std"] for r in pts],
+      marker=marker,
+      capsize=2,
+      label={"lambda1": "λ1 (eq. 6)", "beta": "β (eq. 10)"}[sweep],
+    )
     for r, xi, yi in zip(pts, x, y):
-      ax.annotate(f"{r['value']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
-                  fontsize=7)
+      ax.annotate(
+        f"{r['value']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
+      )
   ax.set_xlabel("Acc_W of networks trained on the distilled set (%)")
   ax.set_ylabel("Acc on the test split (%)")
   ax.grid(alpha=0.3)

@@ -36,6 +36,7 @@ def tiny_config():
 def tiny_run(tmp_path_factory):
   """One whole tiny pipeline run, shared by the tests that inspect its outputs."""
   from ccdd_jax import pipeline  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path_factory.mktemp("tiny_run")
   config = tiny_config()
   report = pipeline.run(config, str(workdir), "all")

@@ -12,8 +12,17 @@ import pytest
 from ccdd_jax import CCDDError
 from ccdd_jax import augment as dsa
 
-RANDOM_OPS = ("brightness", "saturation", "contrast", "color", "crop", "cutout",
-              "flip", "scale", "rotate")
+RANDOM_OPS = (
+  "brightness",
+  "saturation",
+  "contrast",
+  "color",
+  "crop",
+  "cutout",
+  "flip",
+  "scale",
+  "rotate",
+)
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 
@@ -25,6 +34,7 @@ def _enable_x64():
   if hasattr(jax, "enable_x64"):
     return jax.enable_x64(True)
   from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+
   return enable_x64()
 
 
@@ -95,9 +105,12 @@ def test_crop_is_a_bounded_integer_shift_per_sample():
   assert max_shift == 1 and dsa.max_crop_shift(32) == 4
   found = []
   for b in range(32):
-    matches = [(dr, dc) for dr in range(-max_shift, max_shift + 1)
-               for dc in range(-max_shift, max_shift + 1)
-               if np.array_equal(out[b], _np_shift(images[b], dr, dc))]
+    matches = [
+      (dr, dc)
+      for dr in range(-max_shift, max_shift + 1)
+      for dc in range(-max_shift, max_shift + 1)
+      if np.array_equal(out[b], _np_shift(images[b], dr, dc))
+    ]
     assert matches, f"sample {b} is not a shift within +-{max_shift}"
     found.append(matches[0])
   # Per-sample shifts covering the whole range [-max_shift, max_shift] per axis.
@@ -131,7 +144,7 @@ def test_cutout_zeros_a_possibly_clipped_square_per_sample():
       for center_col in range(height + 1 - side % 2):
         mask = np.zeros((height, height), bool)
         top, left = center_row - side // 2, center_col - side // 2
-        mask[max(top, 0):top + side, max(left, 0):left + side] = True
+        mask[max(top, 0) : top + side, max(left, 0) : left + side] = True
         if np.array_equal(mask, zeros):
           matches.append((center_row, center_col))
     assert matches, f"sample {b}: zeroed region is not a clipped square"
@@ -148,9 +161,9 @@ def test_rotate_zero_and_scale_one_are_identity():
   images = _images((2, 8, 8, 3))
   key = jax.random.key(5)
   np.testing.assert_allclose(
-      dsa.rotate(images, key, dsa.DSAConfig(rotate_degrees=0.0)), images, atol=1e-5)
-  np.testing.assert_allclose(
-      dsa.scale(images, key, dsa.DSAConfig(scale=1.0)), images, atol=1e-5)
+    dsa.rotate(images, key, dsa.DSAConfig(rotate_degrees=0.0)), images, atol=1e-5
+  )
+  np.testing.assert_allclose(dsa.scale(images, key, dsa.DSAConfig(scale=1.0)), images, atol=1e-5)
 
 
 def test_rotate_90_degrees_equals_rot90_counter_clockwise():
@@ -164,8 +177,12 @@ def test_rotate_90_degrees_equals_rot90_counter_clockwise():
 def test_affine_warp_matches_numpy_grid_sample(shape):
   images = _images(shape)
   rng = np.random.default_rng(1)
-  theta = np.stack([dsa.rotation_matrices(jnp.asarray(rng.uniform(-0.5, 0.5, 2)))[0],
-                    dsa.scale_matrices(jnp.asarray([0.8, 1.2]), jnp.asarray([1.1, 0.9]))[1]])
+  theta = np.stack(
+    [
+      dsa.rotation_matrices(jnp.asarray(rng.uniform(-0.5, 0.5, 2)))[0],
+      dsa.scale_matrices(jnp.asarray([0.8, 1.2]), jnp.asarray([1.1, 0.9]))[1],
+    ]
+  )
   theta[0, :, 2] = [0.1, -0.2]  # Translation too.
   out = np.asarray(dsa.affine_warp(images, theta))
   for b in range(shape[0]):
@@ -176,24 +193,30 @@ def test_color_adjustments_match_numpy_formulas():
   images = _images((3, 4, 4, 3))
   values = np.array([0.3, -0.2, 1.7], np.float32)
   per_sample = values[:, None, None, None]
-  np.testing.assert_allclose(dsa.adjust_brightness(images, values),
-                             images + per_sample, rtol=1e-6)
+  np.testing.assert_allclose(dsa.adjust_brightness(images, values), images + per_sample, rtol=1e-6)
   channel_mean = images.mean(axis=3, keepdims=True)
-  np.testing.assert_allclose(dsa.adjust_saturation(images, values),
-                             (images - channel_mean) * per_sample + channel_mean,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    dsa.adjust_saturation(images, values),
+    (images - channel_mean) * per_sample + channel_mean,
+    rtol=1e-5,
+    atol=1e-6,
+  )
   sample_mean = images.mean(axis=(1, 2, 3), keepdims=True)
-  np.testing.assert_allclose(dsa.adjust_contrast(images, values),
-                             (images - sample_mean) * per_sample + sample_mean,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    dsa.adjust_contrast(images, values),
+    (images - sample_mean) * per_sample + sample_mean,
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_random_color_parameters_are_in_range():
   images = _images((16, 4, 4, 3))
   offsets = np.asarray(dsa.brightness(images, jax.random.key(6)) - images)
   per_sample_offset = offsets[:, 0, 0, 0]
-  np.testing.assert_allclose(offsets, np.broadcast_to(
-      per_sample_offset[:, None, None, None], offsets.shape), atol=1e-6)
+  np.testing.assert_allclose(
+    offsets, np.broadcast_to(per_sample_offset[:, None, None, None], offsets.shape), atol=1e-6
+  )
   assert np.all(np.abs(per_sample_offset) <= 0.5) and np.ptp(per_sample_offset) > 0.1
   # Contrast factor U + 0.5 in [0.5, 1.5]: the deviation from the mean scales by it.
   out = np.asarray(dsa.contrast(images, jax.random.key(7)))
@@ -214,8 +237,8 @@ def test_siamese_same_rng_same_transformation(strategy):
     # Every family is affine per sample, f(x) = A x + c: with the same A and c,
     # f(a) + f(b) - f(0) = f(a + b).
     np.testing.assert_allclose(
-        run(real, key) + run(synthetic, key) - run(zeros, key),
-        run(real + synthetic, key), atol=1e-5)
+      run(real, key) + run(synthetic, key) - run(zeros, key), run(real + synthetic, key), atol=1e-5
+    )
   other = [np.asarray(run(real, jax.random.key(seed))) for seed in (10, 11)]
   assert not np.allclose(other[0], other[1])
 
@@ -231,8 +254,9 @@ def test_family_is_chosen_at_random_per_call():
       picked.add("flip")
     else:
       difference = out - images
-      np.testing.assert_allclose(difference, np.broadcast_to(
-          difference[:, :1, :1, :1], difference.shape), atol=1e-6)
+      np.testing.assert_allclose(
+        difference, np.broadcast_to(difference[:, :1, :1, :1], difference.shape), atol=1e-6
+      )
       picked.add("brightness")
   assert picked == {"flip", "brightness"}
 
@@ -240,8 +264,7 @@ def test_family_is_chosen_at_random_per_call():
 @pytest.mark.parametrize("strategy", ["none", "", "None"])
 def test_none_strategy_is_identity(strategy):
   images = _images()
-  np.testing.assert_array_equal(dsa.augment(images, jax.random.key(0), strategy=strategy),
-                                images)
+  np.testing.assert_array_equal(dsa.augment(images, jax.random.key(0), strategy=strategy), images)
 
 
 def test_unknown_op_raises():
@@ -277,32 +300,41 @@ def test_gradients_match_finite_differences_to_second_order():
 
     losses = jax.jit(lambda x: jnp.stack([family_loss(x, f) for f in FAMILIES]))
     grads = jax.jit(lambda x: jnp.stack([jax.grad(family_loss)(x, f) for f in FAMILIES]))
-    hessian_vector_products = jax.jit(lambda x, v: jnp.stack(
-        [jax.jvp(lambda y, f=f: jax.grad(family_loss)(y, f), (x,), (v,))[1]
-         for f in FAMILIES]))
+    hessian_vector_products = jax.jit(
+      lambda x, v: jnp.stack(
+        [jax.jvp(lambda y, f=f: jax.grad(family_loss)(y, f), (x,), (v,))[1] for f in FAMILIES]
+      )
+    )
     assert losses(images).dtype == jnp.float64
     eps = 1e-5
-    loss_difference = (losses(images + eps * direction)
-                       - losses(images - eps * direction)) / (2 * eps)
-    grad_difference = (grads(images + eps * direction)
-                       - grads(images - eps * direction)) / (2 * eps)
+    loss_difference = (losses(images + eps * direction) - losses(images - eps * direction)) / (
+      2 * eps
+    )
+    grad_difference = (grads(images + eps * direction) - grads(images - eps * direction)) / (
+      2 * eps
+    )
     directional = jnp.sum(grads(images) * direction, axis=(1, 2, 3, 4))
     second_order = hessian_vector_products(images, direction)
     for index, family in enumerate(FAMILIES):
-      np.testing.assert_allclose(directional[index], loss_difference[index], rtol=1e-6,
-                                 atol=1e-8, err_msg=family)
-      np.testing.assert_allclose(second_order[index], grad_difference[index], rtol=1e-5,
-                                 atol=1e-7, err_msg=family)
+      np.testing.assert_allclose(
+        directional[index], loss_difference[index], rtol=1e-6, atol=1e-8, err_msg=family
+      )
+      np.testing.assert_allclose(
+        second_order[index], grad_difference[index], rtol=1e-5, atol=1e-7, err_msg=family
+      )
       assert np.any(second_order[index] != 0), family
 
 
 def _unrolled_distillation_loss(synthetic, key, weights0, target):
   """Two SGD steps of a linear model on augmented synthetic images, then a match loss."""
+
   def step(weights, step_key):
     def inner_loss(w):
       features = dsa.augment(synthetic, step_key).reshape(synthetic.shape[0], -1)
       return jnp.mean(jnp.tanh(features @ w) ** 2)
+
     return weights - 0.1 * jax.grad(inner_loss)(weights), None
+
   weights, _ = lax.scan(step, weights0, jax.random.split(key, 2))
   return jnp.sum((weights - target) ** 2)
 
@@ -320,8 +352,9 @@ def test_second_order_gradient_through_unrolled_sgd():
     eps = 1e-5
     for seed in range(3):
       direction = jnp.asarray(_images(synthetic.shape, seed=20 + seed), jnp.float64)
-      finite_difference = (loss(synthetic + eps * direction)
-                           - loss(synthetic - eps * direction)) / (2 * eps)
+      finite_difference = (
+        loss(synthetic + eps * direction) - loss(synthetic - eps * direction)
+      ) / (2 * eps)
       np.testing.assert_allclose(jnp.vdot(grad, direction), finite_difference, rtol=1e-6)
 
 
@@ -335,6 +368,7 @@ def test_jit_vmap_and_scan_agree_with_eager_calls():
   def body(carry, key):
     out = dsa.augment(images, key)
     return carry + out.sum(), out
+
   total, scanned = lax.scan(body, jnp.zeros(()), keys)
   np.testing.assert_allclose(scanned, eager, atol=1e-6)
   np.testing.assert_allclose(total, eager.sum(), rtol=1e-5)

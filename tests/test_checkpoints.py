@@ -14,13 +14,17 @@ from ccdd_jax import checkpoints
 
 def _tree(rng, lead=()):
   """A small flax-like params tree with several leaves and an odd shape."""
+
   def arr(*shape):
     return rng.standard_normal(lead + shape).astype(np.float32)
-  return {"params": {
+
+  return {
+    "params": {
       "Conv_0": {"kernel": arr(3, 3, 3, 5), "bias": arr(5)},
       "Odd_1": {"kernel": arr(7, 1, 13), "scale": arr(1)},
       "Dense_0": {"kernel": arr(11, 3), "bias": arr(3)},
-  }}
+    }
+  }
 
 
 def _assert_tree_equal(actual, expected):
@@ -81,16 +85,22 @@ def test_save_stacked_and_load_trajectories(tmp_path):
   num_experts, num_epochs = 3, 4
   stacked = _tree(rng, lead=(num_experts, num_epochs + 1))
   metas = [{"test_accuracy": 0.5 + i / 10} for i in range(num_experts)]
-  indices = checkpoints.save_stacked(tmp_path, "fp_enhanced", jax.tree.map(jnp.asarray, stacked),
-                                      start_index=2, metadata_per_expert=metas)
+  indices = checkpoints.save_stacked(
+    tmp_path,
+    "fp_enhanced",
+    jax.tree.map(jnp.asarray, stacked),
+    start_index=2,
+    metadata_per_expert=metas,
+  )
   assert indices == [2, 3, 4]
   like = jax.tree.map(lambda x: x[0, 0], stacked)
 
   loaded = checkpoints.load_trajectories(tmp_path, "fp_enhanced", like)
   _assert_tree_equal(loaded, stacked)
 
-  selected = checkpoints.load_trajectories(tmp_path, "fp_enhanced", like, epochs=[4, 0, 2],
-                                            indices=[4, 2])
+  selected = checkpoints.load_trajectories(
+    tmp_path, "fp_enhanced", like, epochs=[4, 0, 2], indices=[4, 2]
+  )
   expected = jax.tree.map(lambda x: x[np.array([2, 0])][:, np.array([4, 0, 2])], stacked)
   _assert_tree_equal(selected, expected)
 
@@ -105,8 +115,9 @@ def test_save_trajectory_accepts_epoch_stacked_tree(tmp_path):
   checkpoints.save_trajectory(tmp_path, "clean", 0, stacked)
   assert checkpoints.num_epochs(tmp_path, "clean", 0) == 2
   like = jax.tree.map(lambda x: x[0], stacked)
-  _assert_tree_equal(checkpoints.restore_params(tmp_path, "clean", 0, 2, like),
-                     jax.tree.map(lambda x: x[2], stacked))
+  _assert_tree_equal(
+    checkpoints.restore_params(tmp_path, "clean", 0, 2, like), jax.tree.map(lambda x: x[2], stacked)
+  )
 
 
 def test_list_experts_num_epochs_and_meta(tmp_path):
@@ -115,8 +126,9 @@ def test_list_experts_num_epochs_and_meta(tmp_path):
   assert checkpoints.list_experts(tmp_path / "missing", "clean") == []
   for index, n in ((5, 2), (0, 1), (12, 3)):
     meta = {"test_accuracy": np.float32(0.25), "seed": index, "notes": {"lr": [0.01, None]}}
-    checkpoints.save_trajectory(tmp_path, "clean", index, [_tree(rng) for _ in range(n + 1)],
-                                 metadata=meta)
+    checkpoints.save_trajectory(
+      tmp_path, "clean", index, [_tree(rng) for _ in range(n + 1)], metadata=meta
+    )
   checkpoints.save_trajectory(tmp_path, "watermarked", 7, [_tree(rng)])
   # A directory without meta.json (an interrupted save) is not a complete expert.
   (tmp_path / "clean" / "0009" / "trajectory").mkdir(parents=True)
@@ -129,8 +141,15 @@ def test_list_experts_num_epochs_and_meta(tmp_path):
 
   meta = checkpoints.read_meta(tmp_path, "clean", 12)
   assert meta.pop("leaves")["['params']['Odd_1']['kernel']"] == "float32[7, 1, 13]"
-  assert meta == {"kind": "clean", "index": 12, "num_epochs": 3, "format_version": 1,
-                  "test_accuracy": 0.25, "seed": 12, "notes": {"lr": [0.01, None]}}
+  assert meta == {
+    "kind": "clean",
+    "index": 12,
+    "num_epochs": 3,
+    "format_version": 1,
+    "test_accuracy": 0.25,
+    "seed": 12,
+    "notes": {"lr": [0.01, None]},
+  }
   json.loads((tmp_path / "clean" / "0012" / "meta.json").read_text())
   with pytest.raises(CCDDError, match=r"clean/0009 under .* incomplete"):
     checkpoints.num_epochs(tmp_path, "clean", 9)
@@ -143,17 +162,26 @@ def test_missing_root_expert_and_epoch_errors(tmp_path):
   with pytest.raises(CCDDError, match=r"no trajectories directory .*nowhere: run --stage=experts"):
     checkpoints.restore_params(tmp_path / "nowhere", "clean", 0, 0, like)
   checkpoints.save_trajectory(tmp_path, "watermarked", 1, traj)
-  with pytest.raises(CCDDError, match=r"no trajectory for expert watermarked/0003 under .*"
-                     r": run --stage=experts first"):
+  with pytest.raises(
+    CCDDError,
+    match=r"no trajectory for expert watermarked/0003 under .*"
+    r": run --stage=experts first",
+  ):
     checkpoints.restore_params(tmp_path, "watermarked", 3, 0, like)
-  with pytest.raises(CCDDError, match=r"no trajectory for expert watermarked/0001 epoch 12 under "
-                     r".*: the expert has epochs 0\.\.2 only"):
+  with pytest.raises(
+    CCDDError,
+    match=r"no trajectory for expert watermarked/0001 epoch 12 under "
+    r".*: the expert has epochs 0\.\.2 only",
+  ):
     checkpoints.restore_params(tmp_path, "watermarked", 1, 12, like)
   with pytest.raises(CCDDError, match=r"no trajectory for expert watermarked/0001 epoch 3 under"):
     checkpoints.load_trajectories(tmp_path, "watermarked", like, epochs=[0, 3])
   shutil.rmtree(tmp_path / "watermarked" / "0001" / "trajectory")
-  with pytest.raises(CCDDError, match=r"no trajectory checkpoint for expert watermarked/0001 "
-                     r"under .*: run --stage=experts first"):
+  with pytest.raises(
+    CCDDError,
+    match=r"no trajectory checkpoint for expert watermarked/0001 "
+    r"under .*: run --stage=experts first",
+  ):
     checkpoints.load_trajectories(tmp_path, "watermarked", like)
   with pytest.raises(CCDDError, match=r"no clean expert trajectories under"):
     checkpoints.load_trajectories(tmp_path, "clean", like)
@@ -178,9 +206,12 @@ def test_bad_arguments(tmp_path):
   with pytest.raises(CCDDError, match=r"epoch 1 under .*: the expert has epochs 0\.\.0 only"):
     checkpoints.restore_params(tmp_path, "clean", 1, 1, traj[0])
   wrong = jax.tree.map(lambda x: np.zeros(x.shape + (2,), x.dtype), traj[0])
-  with pytest.raises(CCDDError, match=r"cannot restore expert clean/0001 with the given parameter"
-                     r" structure: leaf \['params'\]\['Conv_0'\]\['bias'\] is float32\[5\] on disk "
-                     r"but float32\[5, 2\]"):
+  with pytest.raises(
+    CCDDError,
+    match=r"cannot restore expert clean/0001 with the given parameter"
+    r" structure: leaf \['params'\]\['Conv_0'\]\['bias'\] is float32\[5\] on disk "
+    r"but float32\[5, 2\]",
+  ):
     checkpoints.restore_params(tmp_path, "clean", 1, 0, wrong)
   as_f64 = jax.tree.map(lambda x: x.astype(np.float64), traj[0])
   with pytest.raises(CCDDError, match=r"float32\[5\] on disk but float64\[5\] in `like`"):

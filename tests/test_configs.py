@@ -65,7 +65,11 @@ def test_paper_values():
   # ZCA: off as in the CCDD paper; MTT's choices recorded per setting.
   assert not c.data.zca and c.data.zca_eps == 0.1
   assert [k for k, v in settings.MTT_ZCA.items() if v] == [
-      ("cifar10", 1), ("cifar10", 10), ("cifar100", 1), ("cifar100", 50)]
+    ("cifar10", 1),
+    ("cifar10", 10),
+    ("cifar100", 1),
+    ("cifar100", 50),
+  ]
   assert set(settings.MTT_ZCA) == set(settings.MTT_SETTINGS)
 
 
@@ -115,27 +119,58 @@ def test_non_editable_install_finds_its_default_config(tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
   python = venv / "bin" / "python"
-  site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                        check=True, capture_output=True, text=True).stdout.strip()
+  site = subprocess.run(
+    [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
   # Dependencies come from this environment's site-packages, listed after the venv's
   # own (a path line in a .pth file), so the non-editable copy is what imports.
   deps = [p for p in sys.path if p.endswith("site-packages")]
   pathlib.Path(site, "deps.pth").write_text("\n".join(deps) + "\n")
   install = subprocess.run(
-      [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-cache-dir",
-       "-q", str(REPO)], capture_output=True, text=True, cwd=tmp_path,
-      env=dict(os.environ, TMPDIR=str(tmp_path)))
+    [
+      python,
+      "-m",
+      "pip",
+      "install",
+      "--no-deps",
+      "--no-build-isolation",
+      "--no-cache-dir",
+      "-q",
+      str(REPO),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=dict(os.environ, TMPDIR=str(tmp_path)),
+  )
   assert install.returncode == 0, install.stderr
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  found = subprocess.run([python, "-c", "import ccdd_jax, ccdd_jax.configs; "
-                          "print(ccdd_jax.__file__); print(ccdd_jax.configs.__file__)"],
-                         capture_output=True, text=True, cwd=elsewhere, env=env)
+  found = subprocess.run(
+    [
+      python,
+      "-c",
+      "import ccdd_jax, ccdd_jax.configs; "
+      "print(ccdd_jax.__file__); print(ccdd_jax.configs.__file__)",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=elsewhere,
+    env=env,
+  )
   assert found.returncode == 0, found.stderr
   assert all(str(site) in line for line in found.stdout.split()), found.stdout
-  run = subprocess.run([python, "-m", "ccdd_jax.main", f"--workdir={elsewhere / 'w'}",
-                        "--stage=keygen"], capture_output=True, text=True, cwd=elsewhere,
-                       env=env, timeout=300)
+  run = subprocess.run(
+    [python, "-m", "ccdd_jax.main", f"--workdir={elsewhere / 'w'}", "--stage=keygen"],
+    capture_output=True,
+    text=True,
+    cwd=elsewhere,
+    env=env,
+    timeout=300,
+  )
   assert run.returncode == 0, run.stderr
   assert (elsewhere / "w" / "owner.key").is_file()

@@ -17,8 +17,9 @@ from ccdd_jax import image_files
 from ccdd_jax import preprocess
 from ccdd_jax import tfds_source
 
-CIFAR_TARBALL = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-                 / "cifar10-jpeg.tar.gz")
+CIFAR_TARBALL = (
+  pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+)
 CLASSES = ("cat", "dog", "fox")
 
 
@@ -40,8 +41,7 @@ def _make_folder(root: pathlib.Path, n_train=3, n_test=2, suffix=".png"):
 
 
 def _config(root, cache_dir, **kwargs):
-  return config_section("data", name="folder", root=str(root),
-                                        cache_dir=str(cache_dir), **kwargs)
+  return config_section("data", name="folder", root=str(root), cache_dir=str(cache_dir), **kwargs)
 
 
 def _cache_files(cache_dir):
@@ -83,8 +83,9 @@ def test_folder_image_size_resizes_mixed_sizes(tmp_path):
 
 def test_train_and_test_subset_per_class(tmp_path):
   root = _make_folder(tmp_path / "imgs", n_train=5, n_test=3)
-  ds = data.load_dataset(_config(root, tmp_path / "cache", train_subset_per_class=2,
-                                 test_subset_per_class=1))
+  ds = data.load_dataset(
+    _config(root, tmp_path / "cache", train_subset_per_class=2, test_subset_per_class=1)
+  )
   assert ds.train_images.shape[0] == 6 and ds.test_images.shape[0] == 3
   np.testing.assert_array_equal(ds.train_labels, [0, 0, 1, 1, 2, 2])
   # The first two files in sorted order: values 0 and 1 for "cat".
@@ -143,8 +144,7 @@ def test_unwritable_cache_dir_still_loads(tmp_path):
   assert ds.train_images.shape[0] == 9
 
 
-PLAIN_KEYS = {"name", "train_images", "train_labels", "test_images", "test_labels",
-              "class_names"}
+PLAIN_KEYS = {"name", "train_images", "train_labels", "test_images", "test_labels", "class_names"}
 
 
 def test_image_files_returns_plain_arrays(tmp_path):
@@ -163,10 +163,12 @@ def test_image_files_returns_plain_arrays(tmp_path):
 
 def test_loaders_do_not_import_data():
   """image_files, tfds_source and preprocess sit below data: no import cycle."""
-  code = ("import sys; import ccdd_jax.image_files, ccdd_jax.tfds_source, "
-          "ccdd_jax.preprocess, ccdd_jax.file_cache; "
-          "assert 'ccdd_jax.data' not in sys.modules, 'data imported'; "
-          "assert 'tensorflow' not in sys.modules, 'tensorflow imported eagerly'")
+  code = (
+    "import sys; import ccdd_jax.image_files, ccdd_jax.tfds_source, "
+    "ccdd_jax.preprocess, ccdd_jax.file_cache; "
+    "assert 'ccdd_jax.data' not in sys.modules, 'data imported'; "
+    "assert 'tensorflow' not in sys.modules, 'tensorflow imported eagerly'"
+  )
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -177,8 +179,12 @@ def _make_tinyimagenet(root: pathlib.Path):
   lines = []
   for k, w in enumerate(wnids):
     for i in range(3):
-      _write_image(root / "train" / w / "images" / f"{w}_{i}.JPEG", 10 * k + i,
-                   size=(8, 8), mode="L" if i == 0 else "RGB")
+      _write_image(
+        root / "train" / w / "images" / f"{w}_{i}.JPEG",
+        10 * k + i,
+        size=(8, 8),
+        mode="L" if i == 0 else "RGB",
+      )
     (root / "train" / w / f"{w}_boxes.txt").write_text("")
     for i in range(2):
       fname = f"val_{k}{i}.JPEG"
@@ -190,8 +196,9 @@ def _make_tinyimagenet(root: pathlib.Path):
 
 def test_tinyimagenet(tmp_path):
   root = _make_tinyimagenet(tmp_path / "tiny-imagenet-200")
-  cfg = config_section("data", name="tinyimagenet", root=str(root),
-                                       cache_dir=str(tmp_path / "cache"))
+  cfg = config_section(
+    "data", name="tinyimagenet", root=str(root), cache_dir=str(tmp_path / "cache")
+  )
   ds = data.load_dataset(cfg)
   assert ds.class_names == ("n01", "n02")
   assert ds.train_images.shape == (6, 8, 8, 3) and ds.train_images.dtype == np.uint8
@@ -206,8 +213,9 @@ def test_tinyimagenet_bad_annotation(tmp_path):
   root = _make_tinyimagenet(tmp_path / "tiny")
   with open(root / "val" / "val_annotations.txt", "a") as f:
     f.write("val_x.JPEG\tn99\t0\t0\t1\t1\n")
-  cfg = config_section("data", name="tinyimagenet", root=str(root),
-                                       cache_dir=str(tmp_path / "cache"))
+  cfg = config_section(
+    "data", name="tinyimagenet", root=str(root), cache_dir=str(tmp_path / "cache")
+  )
   with pytest.raises(CCDDError, match="n99"):
     data.load_dataset(cfg)
   os.remove(root / "wnids.txt")
@@ -216,16 +224,16 @@ def test_tinyimagenet_bad_annotation(tmp_path):
 
 
 def _tiny_config(root, cache):
-  return config_section("data", name="tinyimagenet", root=str(root),
-                                        cache_dir=str(cache))
+  return config_section("data", name="tinyimagenet", root=str(root), cache_dir=str(cache))
 
 
 def test_tinyimagenet_bad_layouts(tmp_path):
   cache = tmp_path / "cache"
   no_annotations = _make_tinyimagenet(tmp_path / "no_annotations")
   os.remove(no_annotations / "val" / "val_annotations.txt")
-  _raises(_tiny_config(no_annotations, cache),
-          no_annotations / "val" / "val_annotations.txt", "missing")
+  _raises(
+    _tiny_config(no_annotations, cache), no_annotations / "val" / "val_annotations.txt", "missing"
+  )
 
   lost_val = _make_tinyimagenet(tmp_path / "lost_val")
   os.remove(lost_val / "val" / "images" / "val_00.JPEG")
@@ -238,8 +246,7 @@ def test_tinyimagenet_bad_layouts(tmp_path):
 
   mixed = _make_tinyimagenet(tmp_path / "mixed")
   _write_image(mixed / "train" / "n01" / "images" / "n01_9.JPEG", 1, size=(9, 8))
-  _raises(_tiny_config(mixed, cache), mixed / "train" / "n01" / "images" / "n01_9.JPEG",
-          "9x8")
+  _raises(_tiny_config(mixed, cache), mixed / "train" / "n01" / "images" / "n01_9.JPEG", "9x8")
 
   corrupt = _make_tinyimagenet(tmp_path / "corrupt")
   (corrupt / "val" / "images" / "val_10.JPEG").write_bytes(b"\xff\xd8 not a jpeg")
@@ -296,13 +303,13 @@ def test_bad_inputs(tmp_path):
 
   _raises(config_section("data", name="folder"), "data.root")
   _raises(config_section("data", name="imagenet"), "imagenet")
-  _raises(config_section("data", name="tinyimagenet", root=str(missing),
-                                         cache_dir=str(cache)), missing)
+  _raises(
+    config_section("data", name="tinyimagenet", root=str(missing), cache_dir=str(cache)), missing
+  )
 
 
 def _tfds_config(name, data_dir="", **kwargs):
-  return config_section("data", name=f"tfds:{name}", tfds_data_dir=str(data_dir),
-                                        **kwargs)
+  return config_section("data", name=f"tfds:{name}", tfds_data_dir=str(data_dir), **kwargs)
 
 
 def _tfds_with_tensorflow():
@@ -336,8 +343,9 @@ def test_tfds_not_prepared_never_downloads(tmp_path, monkeypatch):
 
 def test_tfds_unknown_name(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  _raises(_tfds_config("no_such_dataset_xyz", tmp_path), "unknown tfds data set",
-          "no_such_dataset_xyz")
+  _raises(
+    _tfds_config("no_such_dataset_xyz", tmp_path), "unknown tfds data set", "no_such_dataset_xyz"
+  )
 
 
 def test_tfds_mock_data(tmp_path):
@@ -364,26 +372,30 @@ def fixture_tfds_prepared(tmp_path_factory):
 
   class CcddTinyShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Three classes of random images; found by name only in its data dir."""
+
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self, supervised_keys=("image", "label"),
-          features=tfds.features.FeaturesDict({
-              "image": tfds.features.Image(shape=(None, None, 3)),
-              "label": tfds.features.ClassLabel(names=["ant", "bee", "cow"])}))
+        builder=self,
+        supervised_keys=("image", "label"),
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=["ant", "bee", "cow"]),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {"train": self._generate_examples(9, 0),
-              "test": self._generate_examples(6, 1)}
+      return {"train": self._generate_examples(9, 0), "test": self._generate_examples(6, 1)}
 
     def _generate_examples(self, n, seed):
       rng = np.random.default_rng(seed)
       for i in range(n):
         width = 9 if (seed, i) == (0, 4) else 8
-        yield i, {"image": rng.integers(0, 256, (8, width, 3), dtype=np.uint8),
-                  "label": i % 3}
+        yield i, {"image": rng.integers(0, 256, (8, width, 3), dtype=np.uint8), "label": i % 3}
 
   data_dir = tmp_path_factory.mktemp("tfds")
   CcddTinyShapes(data_dir=str(data_dir)).download_and_prepare()
@@ -397,18 +409,31 @@ def test_tfds_prepared_offline(tfds_prepared, tmp_path):
   np.testing.assert_array_equal(np.bincount(ds.train_labels), [3, 3, 3])
   np.testing.assert_array_equal(np.bincount(ds.test_labels), [2, 2, 2])
   # The one 8x9 training image: an error naming the data set unless resized.
-  _raises(_tfds_config("ccdd_tiny_shapes", tfds_prepared), "ccdd_tiny_shapes",
-          "(8, 9, 3)", "data.image_size")
+  _raises(
+    _tfds_config("ccdd_tiny_shapes", tfds_prepared),
+    "ccdd_tiny_shapes",
+    "(8, 9, 3)",
+    "data.image_size",
+  )
   # Prepared in one data dir is not prepared in another.
   _raises(_tfds_config("ccdd_tiny_shapes", tmp_path), "ccdd_tiny_shapes")
 
 
 @pytest.mark.skipif(not CIFAR_TARBALL.is_file(), reason=f"{CIFAR_TARBALL} is absent")
 def test_shared_cifar10_tarball(tmp_path):
-  ds = data.load_dataset(_config(CIFAR_TARBALL, tmp_path / "cache",
-                                 train_subset_per_class=20))
-  assert ds.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                            "frog", "horse", "ship", "truck")
+  ds = data.load_dataset(_config(CIFAR_TARBALL, tmp_path / "cache", train_subset_per_class=20))
+  assert ds.class_names == (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+  )
   assert ds.train_images.shape == (200, 32, 32, 3) and ds.train_images.dtype == np.uint8
   assert ds.test_images.shape == (10000, 32, 32, 3)
   np.testing.assert_array_equal(np.bincount(ds.train_labels), [20] * 10)
@@ -433,8 +458,7 @@ def _kornia_zca(train_u8, eps):
   u, s, _ = np.linalg.svd(cov)
   transform = u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T
   inverse = u @ np.diag(np.sqrt(s + eps)) @ u.T
-  whiten = lambda u8: ((u8.reshape(len(u8), -1) / 255.0 - mean)
-                       @ transform).reshape(u8.shape)
+  whiten = lambda u8: ((u8.reshape(len(u8), -1) / 255.0 - mean) @ transform).reshape(u8.shape)
   unwhiten = lambda z: (z.reshape(len(z), -1) @ inverse + mean).reshape(z.shape)
   return whiten, unwhiten, cov, u, s
 
@@ -485,8 +509,9 @@ def test_zca_round_trips_to_pixels():
   # equality holds chunk for chunk, and across row counts to float32 round-off.
   chunk = preprocess._CHUNK
   np.testing.assert_array_equal(
-      out, np.concatenate([pre.apply(many[s:s + chunk]) for s in range(0, len(many), chunk)]))
-  np.testing.assert_allclose(out[-len(x):], pre.apply(x), rtol=0, atol=1e-6)
+    out, np.concatenate([pre.apply(many[s : s + chunk]) for s in range(0, len(many), chunk)])
+  )
+  np.testing.assert_allclose(out[-len(x) :], pre.apply(x), rtol=0, atol=1e-6)
 
 
 def test_preprocessor_without_zca_is_normalize():

@@ -21,6 +21,7 @@ def enable_x64():
   if hasattr(jax, "enable_x64"):
     return jax.enable_x64(True)
   from jax.experimental import enable_x64 as legacy  # pylint: disable=g-import-not-at-top
+
   return legacy()
 
 
@@ -36,9 +37,25 @@ def tiny_problem(dtype=jnp.float32):
 
 
 def distill_config(**kw):
-  return config_section("distill", **{**dict(
-      syn_steps=4, batch_syn=0, beta=0.0, expert_epochs=1, max_start_epoch=0, lr_img=1.0,
-      lr_lr=1e-5, lr_teacher=0.05, iterations=2, unroll="auto", remat="none"), **kw})
+  return config_section(
+    "distill",
+    **{
+      **dict(
+        syn_steps=4,
+        batch_syn=0,
+        beta=0.0,
+        expert_epochs=1,
+        max_start_epoch=0,
+        lr_img=1.0,
+        lr_lr=1e-5,
+        lr_teacher=0.05,
+        iterations=2,
+        unroll="auto",
+        remat="none",
+      ),
+      **kw,
+    },
+  )
 
 
 def test_scan_student_equals_python_loop():
@@ -55,9 +72,10 @@ def test_scan_student_equals_python_loop():
 
 def test_momentum_and_weight_decay_follow_torch_sgd():
   w0 = jnp.array([1.0, -2.0])
-  loss = lambda w, _: jnp.sum(w ** 2)
-  w_scan, _, _ = inner_loop.sgd_scan(loss, w0, jnp.zeros(3), jnp.full(3, 0.1),
-                                     momentum=0.9, weight_decay=0.01)
+  loss = lambda w, _: jnp.sum(w**2)
+  w_scan, _, _ = inner_loop.sgd_scan(
+    loss, w0, jnp.zeros(3), jnp.full(3, 0.1), momentum=0.9, weight_decay=0.01
+  )
   w, v = np.array([1.0, -2.0]), np.zeros(2)
   for _ in range(3):
     g = 2 * w + 0.01 * w
@@ -123,15 +141,29 @@ def test_distill_reduces_matching_loss_and_checks_epochs():
   expert = np.stack([np.stack([w0, w1])])
   cfg = distill_config(iterations=30, lr_img=10.0, expert_epochs=1)
   noisy = images + 0.5 * jax.random.normal(jax.random.PRNGKey(9), images.shape)
-  out, lr, losses = distill.distill(cfg, apply_flat, NO_AUG, np.asarray(noisy),
-                                    np.asarray(labels), (expert, expert), jax.random.PRNGKey(0))
+  out, lr, losses = distill.distill(
+    cfg,
+    apply_flat,
+    NO_AUG,
+    np.asarray(noisy),
+    np.asarray(labels),
+    (expert, expert),
+    jax.random.PRNGKey(0),
+  )
   chex.assert_shape(losses, (30, 3))
   assert np.mean(losses[-5:, 0]) < np.mean(losses[:5, 0])
   np.testing.assert_allclose(losses[:, 0], losses[:, 1])  # beta = 0: no twin term.
   chex.assert_shape(out, images.shape)
   with pytest.raises(CCDDError, match="exceeds"):
-    distill.distill(distill_config(max_start_epoch=1), apply_flat, NO_AUG, np.asarray(images),
-                    np.asarray(labels), (expert, expert), jax.random.PRNGKey(0))
+    distill.distill(
+      distill_config(max_start_epoch=1),
+      apply_flat,
+      NO_AUG,
+      np.asarray(images),
+      np.asarray(labels),
+      (expert, expert),
+      jax.random.PRNGKey(0),
+    )
 
 
 def test_init_synthetic_real_images_and_trigger_slots():
@@ -139,12 +171,27 @@ def test_init_synthetic_real_images_and_trigger_slots():
   images = rng.integers(0, 256, size=(60, 8, 8, 1), dtype=np.uint8)
   labels = np.repeat(np.arange(3), 20)
   patterns = np.full((2, 4, 4, 1), 7, np.uint8)
-  imgs, labs, trig = distill.init_synthetic(images, labels, 3, 4, rng, patterns=patterns,
-                                            pattern_labels=np.array([1, 1]),
-                                            triggers_per_pattern=1)
+  imgs, labs, trig = distill.init_synthetic(
+    images,
+    labels,
+    3,
+    4,
+    rng,
+    patterns=patterns,
+    pattern_labels=np.array([1, 1]),
+    triggers_per_pattern=1,
+  )
   assert np.bincount(labs).tolist() == [4, 4, 4]
   assert trig.sum() == 2 and set(labs[trig]) == {1}
   assert np.all(imgs[trig][:, :4, :4] == 7)
   with pytest.raises(CCDDError, match="ipc"):
-    distill.init_synthetic(images, labels, 3, 1, rng, patterns=patterns,
-                           pattern_labels=np.array([1, 1]), triggers_per_pattern=1)
+    distill.init_synthetic(
+      images,
+      labels,
+      3,
+      1,
+      rng,
+      patterns=patterns,
+      pattern_labels=np.array([1, 1]),
+      triggers_per_pattern=1,
+    )

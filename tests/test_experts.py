@@ -24,11 +24,16 @@ def setup():
   params = models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0))
   anchor = jax.tree_util.tree_map(lambda p: p + 0.1, params)
   rng = jax.random.PRNGKey(1)
-  batch = {"images": jax.random.normal(rng, (6, 8, 8, 1)), "labels": jnp.array([0, 1, 2] * 2),
-           "wm_images": jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 1)),
-           "wm_labels": jnp.array([1, 1, 2, 2]), "anchor": anchor,
-           "channel_mask": jnp.array([1.0, 0.0, 1.0, 0.0]),
-           "rng": jax.random.PRNGKey(3), "family_rng": jax.random.PRNGKey(4)}
+  batch = {
+    "images": jax.random.normal(rng, (6, 8, 8, 1)),
+    "labels": jnp.array([0, 1, 2] * 2),
+    "wm_images": jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 1)),
+    "wm_labels": jnp.array([1, 1, 2, 2]),
+    "anchor": anchor,
+    "channel_mask": jnp.array([1.0, 0.0, 1.0, 0.0]),
+    "rng": jax.random.PRNGKey(3),
+    "family_rng": jax.random.PRNGKey(4),
+  }
   cfg = config_section("experts", lambda1=2.0, lambda2=0.5, lambda3=3.0)
   return apply, params, batch, cfg
 
@@ -38,16 +43,17 @@ def test_losses_are_eq6_and_eq8():
   ce_clean = inner_loop.cross_entropy(apply(params, batch["images"]), batch["labels"])
   ce_wm = inner_loop.cross_entropy(apply(params, batch["wm_images"]), batch["wm_labels"])
   ce_pruned = inner_loop.cross_entropy(
-      apply(params, batch["wm_images"], channel_mask=batch["channel_mask"]), batch["wm_labels"])
+    apply(params, batch["wm_images"], channel_mask=batch["channel_mask"]), batch["wm_labels"]
+  )
   anchor = experts.squared_distance(params, batch["anchor"])
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
   np.testing.assert_allclose(anchor, 0.01 * n_params, rtol=1e-4)
   loss = lambda kind: experts.expert_loss_fn(kind, cfg, apply, NO_AUG)(params, batch)
   np.testing.assert_allclose(loss("clean"), ce_clean, rtol=1e-5)
-  np.testing.assert_allclose(loss("watermarked"), ce_clean + 2.0 * ce_wm + 0.5 * anchor,
-                             rtol=1e-5)
-  np.testing.assert_allclose(loss("fp_enhanced"),
-                             ce_clean + 2.0 * ce_wm + 0.5 * anchor + 3.0 * ce_pruned, rtol=1e-5)
+  np.testing.assert_allclose(loss("watermarked"), ce_clean + 2.0 * ce_wm + 0.5 * anchor, rtol=1e-5)
+  np.testing.assert_allclose(
+    loss("fp_enhanced"), ce_clean + 2.0 * ce_wm + 0.5 * anchor + 3.0 * ce_pruned, rtol=1e-5
+  )
 
 
 def test_prune_mask_removes_least_active_channels():
@@ -62,8 +68,10 @@ def test_expert_kinds_share_their_initial_parameters(tiny_run):
   like = jax.eval_shape(lambda: models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0)))
   for index in range(config.experts.num_experts):
     first = [checkpoints.restore_params(root, kind, index, 0, like) for kind in experts.KINDS]
-    last = [checkpoints.restore_params(root, kind, index, config.experts.epochs, like)
-            for kind in experts.KINDS]
+    last = [
+      checkpoints.restore_params(root, kind, index, config.experts.epochs, like)
+      for kind in experts.KINDS
+    ]
     for other in first[1:]:
       jax.tree_util.tree_map(np.testing.assert_array_equal, first[0], other)
     # Their losses differ, so their trajectories do.
@@ -78,18 +86,33 @@ def test_expert_groups_and_concurrency():
   net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl="shift")
   apply = models.make_apply(net)
   init = jax.vmap(lambda r: models.init_params(net, (8, 8, 1), r))(
-      jax.random.split(jax.random.PRNGKey(0), 3))
+    jax.random.split(jax.random.PRNGKey(0), 3)
+  )
   rng = jax.random.PRNGKey(5)
-  data = {"train_images": jax.random.normal(rng, (12, 8, 8, 1)),
-          "train_labels": jnp.arange(12) % 3,
-          "wm_images": jax.random.normal(jax.random.PRNGKey(6), (4, 8, 8, 1)),
-          "wm_labels": jnp.array([1, 1, 2, 2]), "prune_images": jnp.zeros((4, 8, 8, 1))}
+  data = {
+    "train_images": jax.random.normal(rng, (12, 8, 8, 1)),
+    "train_labels": jnp.arange(12) % 3,
+    "wm_images": jax.random.normal(jax.random.PRNGKey(6), (4, 8, 8, 1)),
+    "wm_labels": jnp.array([1, 1, 2, 2]),
+    "prune_images": jnp.zeros((4, 8, 8, 1)),
+  }
   cfg = config_section(
-      "experts", epochs=2, lr=0.05, momentum=0.0, batch_size=6, wm_batch_size=2, lambda1=1.0,
-      lambda2=0.0, lambda3=1.0, prune_ratio=0.5, group_size=1)
+    "experts",
+    epochs=2,
+    lr=0.05,
+    momentum=0.0,
+    batch_size=6,
+    wm_batch_size=2,
+    lambda1=1.0,
+    lambda2=0.0,
+    lambda3=1.0,
+    prune_ratio=0.5,
+    group_size=1,
+  )
   progress = []
   train = lambda cfg, concurrency, **kw: experts.train_experts(
-      "watermarked", cfg, apply, NO_AUG, init, init, rng, data, concurrency=concurrency, **kw)
+    "watermarked", cfg, apply, NO_AUG, init, init, rng, data, concurrency=concurrency, **kw
+  )
   one_by_one = train(cfg, 1, on_group_done=lambda done, total: progress.append((done, total)))
   assert progress == [(1, 3), (2, 3), (3, 3)]
   chex.assert_trees_all_equal(train(cfg, 2), one_by_one)

@@ -17,18 +17,21 @@ IMAGE_SHAPE = (32, 32, 3)
 
 # Narrow variants (same architecture, width 8) keep the second-order meta-gradient cheap.
 NARROW = {
-    "resnet18": lambda: models.ResNet18(num_classes=10, conv_impl="im2col", width=8),
-    "vgg11": lambda: models.VGG11(num_classes=10, conv_impl="im2col", width=8),
-    "alexnet": lambda: models.AlexNet(num_classes=10),
+  "resnet18": lambda: models.ResNet18(num_classes=10, conv_impl="im2col", width=8),
+  "vgg11": lambda: models.VGG11(num_classes=10, conv_impl="im2col", width=8),
+  "alexnet": lambda: models.AlexNet(num_classes=10),
 }
 ZOO = {
-    "resnet18": lambda: models.ResNet18(num_classes=10, conv_impl="im2col"),
-    "vgg11": lambda: models.VGG11(num_classes=10, conv_impl="im2col"),
-    "vgg11_batch_lax": lambda: models.VGG11(num_classes=10, norm="batch", conv_impl="lax"),
-    "alexnet": lambda: models.AlexNet(num_classes=10),
+  "resnet18": lambda: models.ResNet18(num_classes=10, conv_impl="im2col"),
+  "vgg11": lambda: models.VGG11(num_classes=10, conv_impl="im2col"),
+  "vgg11_batch_lax": lambda: models.VGG11(num_classes=10, norm="batch", conv_impl="lax"),
+  "alexnet": lambda: models.AlexNet(num_classes=10),
 }
-FEATURE_SHAPES = {"resnet18": (2, 4, 4, 512), "vgg11_batch_lax": (2, 2, 2, 512),
-                  "alexnet": (2, 8, 8, 192)}
+FEATURE_SHAPES = {
+  "resnet18": (2, 4, 4, 512),
+  "vgg11_batch_lax": (2, 2, 2, 512),
+  "alexnet": (2, 8, 8, 192),
+}
 
 
 def init(net):
@@ -47,8 +50,11 @@ def test_logits_features_and_channel_mask(name):
 
   @jax.jit
   def run(params, x):
-    return (apply(params, x), apply(params, x, return_features=True),
-            apply(params, x, channel_mask=mask, return_features=True))
+    return (
+      apply(params, x),
+      apply(params, x, return_features=True),
+      apply(params, x, channel_mask=mask, return_features=True),
+    )
 
   plain, (logits, features), (masked_logits, masked) = run(params, x)
   chex.assert_shape([plain, logits], (2, 10))
@@ -76,9 +82,12 @@ def test_conv3x3_without_bias_matches_between_implementations():
   lax_conv = models.Conv3x3(4, "lax", use_bias=False)
   params = lax_conv.init(jax.random.PRNGKey(1), x)
   assert "bias" not in params["params"]
-  np.testing.assert_allclose(lax_conv.apply(params, x),
-                             models.Conv3x3(4, "im2col", use_bias=False).apply(params, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    lax_conv.apply(params, x),
+    models.Conv3x3(4, "im2col", use_bias=False).apply(params, x),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vgg11", "alexnet"])
@@ -91,8 +100,9 @@ def test_meta_loss_gradient_reaches_the_images(name):
   images = jax.random.normal(jax.random.PRNGKey(1), (4,) + IMAGE_SHAPE)
   labels = jnp.array([0, 1, 2, 3])
   target = flat + 0.01
-  loss_fn = lambda imgs: meta(imgs, jnp.float32(0.01), labels, flat, target, flat, target,
-                              jax.random.PRNGKey(3))
+  loss_fn = lambda imgs: meta(
+    imgs, jnp.float32(0.01), labels, flat, target, flat, target, jax.random.PRNGKey(3)
+  )
   loss, grad = jax.jit(jax.value_and_grad(loss_fn))(images)
   assert np.isfinite(float(loss))
   chex.assert_shape(grad, images.shape)
@@ -102,8 +112,12 @@ def test_meta_loss_gradient_reaches_the_images(name):
 
 def test_registry_builds_every_architecture_and_rejects_bad_names():
   model_cfg = config_section("model", conv_impl="lax")
-  for arch, cls in [("resnet18:batch", models.ResNet18), ("vgg11:batch", models.VGG11),
-                    ("alexnet", models.AlexNet), ("convnet:none", models.ConvNet)]:
+  for arch, cls in [
+    ("resnet18:batch", models.ResNet18),
+    ("vgg11:batch", models.VGG11),
+    ("alexnet", models.AlexNet),
+    ("convnet:none", models.ConvNet),
+  ]:
     assert isinstance(models.build(arch, 10, model_cfg), cls)
   assert models.build("vgg11", 10, model_cfg).norm == "instance"
   assert models.build("convnet", 10, model_cfg).norm == model_cfg.norm
@@ -118,7 +132,10 @@ def test_registry_builds_every_architecture_and_rejects_bad_names():
     models.parse_arch("alexnet:instance")
   assert models.eval_architectures("", "convnet") == ["convnet"]
   assert models.eval_architectures("alexnet, convnet:none,convnet", "convnet") == [
-      "convnet", "alexnet", "convnet:none"]
+    "convnet",
+    "alexnet",
+    "convnet:none",
+  ]
   net = models.build_network("convnet", 10, IMAGE_SHAPE, model_cfg)
   flat = ravel_pytree(net.init_params(jax.random.PRNGKey(0), 1))[0]
   images = jnp.ones((2,) + IMAGE_SHAPE)
@@ -131,7 +148,8 @@ def test_convnet_depth4_on_64x64():
   net = models.build("convnet", 10, cfg)
   params = models.init_params(net, (64, 64, 3), jax.random.PRNGKey(0))
   logits, features = jax.jit(lambda p, x: net.apply({"params": p}, x, return_features=True))(
-      params, jnp.ones((2, 64, 64, 3)))
+    params, jnp.ones((2, 64, 64, 3))
+  )
   chex.assert_shape(logits, (2, 10))
   chex.assert_shape(features, (2, 8, 8, 8))
   chex.assert_shape(params["head"]["kernel"], (4 * 4 * 8, 10))

@@ -23,8 +23,9 @@ def test_convnet_shapes_and_matmul_convolutions_match_lax(shape, depth, conv_imp
   np.testing.assert_allclose(out_lax, out_col, rtol=1e-4, atol=1e-4)
   # One gradient agrees too.
   loss = lambda net: lambda p: jnp.sum(net.apply({"params": p}, x) ** 2)
-  chex.assert_trees_all_close(jax.grad(loss(lax_net))(params),
-                              jax.grad(loss(col_net))(params), rtol=2e-3, atol=2e-4)
+  chex.assert_trees_all_close(
+    jax.grad(loss(lax_net))(params), jax.grad(loss(col_net))(params), rtol=2e-3, atol=2e-4
+  )
 
 
 def test_instance_norm_normalises_each_channel_per_sample():
@@ -47,8 +48,9 @@ def test_channel_mask_and_features(conv_impl):
   assert float(jnp.abs(feats[..., 1]).max()) == 0.0
   assert float(jnp.abs(feats[..., 0]).max()) > 0.0
   lax_net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl="lax")
-  lax_logits, lax_feats = lax_net.apply({"params": params}, x, channel_mask=mask,
-                                        return_features=True)
+  lax_logits, lax_feats = lax_net.apply(
+    {"params": params}, x, channel_mask=mask, return_features=True
+  )
   np.testing.assert_allclose(feats, lax_feats, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(logits, lax_logits, rtol=1e-4, atol=1e-5)
 

@@ -32,20 +32,38 @@ def problem(conv_impl="lax", num=6):
 
 
 def distill_config(**kw):
-  return config_section("distill", **{**dict(
-      syn_steps=5, batch_syn=4, beta=0.5, expert_epochs=1, max_start_epoch=1, lr_img=1.0,
-      lr_lr=1e-5, lr_teacher=0.05, iterations=3, unroll="auto", remat="none"), **kw})
+  return config_section(
+    "distill",
+    **{
+      **dict(
+        syn_steps=5,
+        batch_syn=4,
+        beta=0.5,
+        expert_epochs=1,
+        max_start_epoch=1,
+        lr_img=1.0,
+        lr_lr=1e-5,
+        lr_teacher=0.05,
+        iterations=3,
+        unroll="auto",
+        remat="none",
+      ),
+      **kw,
+    },
+  )
 
 
 @functools.cache
 def meta_gradient(conv_impl="lax", unroll=1, remat="none", syn_steps=4):
   """(loss, d loss / d images, d loss / d lr) of eq. 10 through `syn_steps` DSA steps."""
   apply_flat, flat, images, labels, target = problem(conv_impl)
-  meta = distill.make_meta_loss(distill_config(syn_steps=syn_steps), apply_flat, FLIP, 6,
-                                unroll=unroll, remat=remat)
+  meta = distill.make_meta_loss(
+    distill_config(syn_steps=syn_steps), apply_flat, FLIP, 6, unroll=unroll, remat=remat
+  )
   f = jax.jit(jax.value_and_grad(meta, argnums=(0, 1)))
-  loss, (g_images, g_lr) = f(images, jnp.float32(0.05), labels, flat, target, flat,
-                             target - 0.02, jax.random.PRNGKey(3))
+  loss, (g_images, g_lr) = f(
+    images, jnp.float32(0.05), labels, flat, target, flat, target - 0.02, jax.random.PRNGKey(3)
+  )
   return loss, g_images, g_lr
 
 
@@ -69,15 +87,17 @@ def test_remat_gives_the_same_meta_gradient():
 
 def test_nested_remat_keeps_momentum_and_losses():
   w0 = jnp.array([1.0, -2.0, 0.5])
-  loss = lambda w, x: jnp.sum((w - x) ** 2) + jnp.sum(w ** 4)
+  loss = lambda w, x: jnp.sum((w - x) ** 2) + jnp.sum(w**4)
   xs = jax.random.normal(jax.random.PRNGKey(0), (7, 3))
   lrs = jnp.linspace(0.01, 0.05, 7)
-  run = lambda remat, unroll: inner_loop.sgd_scan(loss, w0, xs, lrs, momentum=0.9,
-                                                   weight_decay=0.01, remat=remat, unroll=unroll)
+  run = lambda remat, unroll: inner_loop.sgd_scan(
+    loss, w0, xs, lrs, momentum=0.9, weight_decay=0.01, remat=remat, unroll=unroll
+  )
   reference = run("none", 1)
   for remat, unroll in [("nested", 1), ("nested", 3), ("full", 7)]:
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-                           run(remat, unroll), reference)
+    jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), run(remat, unroll), reference
+    )
   grad = lambda remat: jax.grad(lambda w: jnp.sum(run(remat, 1)[0] ** 2))(w0)
   np.testing.assert_allclose(grad("nested"), grad("none"), rtol=1e-5)
 
@@ -96,18 +116,23 @@ def test_unknown_unroll_and_remat_are_one_line_errors():
   with pytest.raises(CCDDError, match="invalid config: distill.remat = 'sometimes'"):
     settings.validate(config)
   with pytest.raises(ValueError, match="unknown remat policy 'sometimes'"):
-    inner_loop.sgd_scan(lambda w, _: jnp.sum(w), jnp.ones(2), jnp.zeros(2), jnp.ones(2),
-                        remat="sometimes")
+    inner_loop.sgd_scan(
+      lambda w, _: jnp.sum(w), jnp.ones(2), jnp.zeros(2), jnp.ones(2), remat="sometimes"
+    )
 
 
 def temp_bytes(remat, syn_steps):
   """XLA's scratch memory of one compiled meta-gradient, or None where unreported."""
   apply_flat, flat, images, labels, target = problem("lax")
-  meta = distill.make_meta_loss(distill_config(syn_steps=syn_steps), apply_flat, FLIP, 6,
-                                remat=remat)
+  meta = distill.make_meta_loss(
+    distill_config(syn_steps=syn_steps), apply_flat, FLIP, 6, remat=remat
+  )
   f = jax.jit(jax.value_and_grad(meta, argnums=(0, 1)))
-  stats = f.lower(images, jnp.float32(0.05), labels, flat, target, flat, target,
-                  jax.random.PRNGKey(3)).compile().memory_analysis()
+  stats = (
+    f.lower(images, jnp.float32(0.05), labels, flat, target, flat, target, jax.random.PRNGKey(3))
+    .compile()
+    .memory_analysis()
+  )
   return None if stats is None else stats.temp_size_in_bytes
 
 
@@ -116,10 +141,12 @@ def test_auto_remat_nests_where_the_params_outweigh_a_steps_activations():
     net = models.ConvNet(num_classes=10, width=width, depth=2, conv_impl="shift")
     flat, unravel = ravel_pytree(models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0)))
     images = jnp.zeros((num, 8, 8, 1))
-    loss = lambda w, _: inner_loop.cross_entropy(net.apply({"params": unravel(w)}, images),
-                                                 jnp.zeros((num,), jnp.int32))
+    loss = lambda w, _: inner_loop.cross_entropy(
+      net.apply({"params": unravel(w)}, images), jnp.zeros((num,), jnp.int32)
+    )
     step = lambda w, x: (w - 0.1 * jax.grad(loss)(w, x), 0.0)
     return inner_loop.resolve_remat("auto", step, flat, jnp.float32(0.0))
+
   assert choice(width=16, num=100) == "full"  # The digits config: 3,194 params.
   assert choice(width=128, num=2) == "nested"  # 168k params, 2 images.
   assert inner_loop.resolve_remat("dots", None, None, None) == "dots"
@@ -154,5 +181,6 @@ def test_distill_step_compiles_once_without_transfers_and_donates_its_state():
   assert np.all(np.isfinite(jax.device_get(losses)))
   for old in states[:-1]:
     assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old)), (
-        "donated state buffers were not reused")
+      "donated state buffers were not reused"
+    )
   assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(states[-1]))

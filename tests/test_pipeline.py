@@ -24,8 +24,14 @@ REPO = conftest.REPO
 
 def test_outputs_and_report(tiny_run):
   workdir, config, report = tiny_run
-  for name in ("distilled.npz", "clean_distilled.npz", "distilled.png", "report.json",
-               "report.md", "owner.key"):
+  for name in (
+    "distilled.npz",
+    "clean_distilled.npz",
+    "distilled.png",
+    "report.json",
+    "report.md",
+    "owner.key",
+  ):
     assert (workdir / name).is_file(), name
   with np.load(workdir / "distilled.npz") as f:
     assert f["images"].shape == (10 * config.distill.ipc, 8, 8, 1)
@@ -81,10 +87,15 @@ def test_cross_architecture_evaluation_merges_into_the_report(tiny_run, tmp_path
   assert "| convnet:none | distilled |" in markdown and "| alexnet | clean_distilled |" in markdown
 
 
-@pytest.mark.parametrize("models,message", [
-    ("convnet,resnet19", "resnet19"), ("vgg11:group", "vgg11:group"),
+@pytest.mark.parametrize(
+  "models,message",
+  [
+    ("convnet,resnet19", "resnet19"),
+    ("vgg11:group", "vgg11:group"),
     ("convnet:batch", "convnet:batch"),
-    ("alexnet,alexnet", "twice")])
+    ("alexnet,alexnet", "twice"),
+  ],
+)
 def test_bad_eval_models_fail_before_any_work(tmp_path, models, message):
   config = conftest.tiny_config()
   config.eval.models = models
@@ -110,16 +121,28 @@ def test_networks_that_never_saw_a_key_are_not_verified(tiny_run):
   ctx = pipeline.Context(config, workdir, workdir / "owner.key")
   claims, trials = 0, 0
   for name in pipeline.SETS:
-    params = checkpoints.restore_networks(workdir_lib.networks_dir(workdir, "convnet", name),
-                                          ctx.net.like_params(), config.eval.num_seeds)
+    params = checkpoints.restore_networks(
+      workdir_lib.networks_dir(workdir, "convnet", name),
+      ctx.net.like_params(),
+      config.eval.num_seeds,
+    )
     one = jax.tree_util.tree_map(lambda x: x[0], params)
     predict = lambda u8, one=one: np.asarray(
-        ctx.net.apply(one, ctx.preprocess.apply(u8)).argmax(-1)).astype(np.int64)
+      ctx.net.apply(one, ctx.preprocess.apply(u8)).argmax(-1)
+    ).astype(np.int64)
     for trial in range(20):
       result = watermark.verify(
-          predict, watermark.generate_key(), ctx.dataset.test_images,
-          ctx.dataset.test_labels, n_patterns=10, patch_size=4, num_classes=10, m=30,
-          alpha=1e-6, rng=np.random.default_rng(trial))
+        predict,
+        watermark.generate_key(),
+        ctx.dataset.test_images,
+        ctx.dataset.test_labels,
+        n_patterns=10,
+        patch_size=4,
+        num_classes=10,
+        m=30,
+        alpha=1e-6,
+        rng=np.random.default_rng(trial),
+      )
       claims += result["verified"]
       trials += 1
   assert trials == 60 and claims == 0
@@ -140,17 +163,26 @@ def test_stage_before_its_inputs_is_a_user_error(tmp_path):
 
 def run_main(*args):
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, "-m", "ccdd_jax.main", *args], capture_output=True,
-                        text=True, env=env, cwd=REPO, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "ccdd_jax.main", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--stage=verify", "--key_file=/nonexistent/owner.key"], "no key file at /nonexistent"),
     (["--config=configs/nope.py"], "nope.py"),
     (["--stage=distill"], "no key file"),
     (["--config.distill.nope=3"], "unknown field 'distill.nope' (distill has batch_syn"),
     (["--config=lenet"], "no config file 'lenet'"),
-])
+  ],
+)
 def test_cli_errors_are_one_line(tmp_path, args, message):
   result = run_main(f"--workdir={tmp_path / 'w'}", *args)
   assert result.returncode != 0

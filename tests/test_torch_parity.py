@@ -40,15 +40,18 @@ def test_parameter_layout_gives_same_logits(conv_impl):
   params = models.init_params(net, (8, 8, 1), jax.random.PRNGKey(3))
   noise = np.random.default_rng(4)
   params = jax.tree_util.tree_map(  # Non-trivial norm scales and biases too.
-      lambda p: np.asarray(p + 0.1 * noise.standard_normal(p.shape), np.float32), params)
+    lambda p: np.asarray(p + 0.1 * noise.standard_normal(p.shape), np.float32), params
+  )
   images = np.random.default_rng(5).standard_normal((6, 8, 8, 1)).astype(np.float32)
   jax_logits = np.asarray(net.apply({"params": params}, images))
   flat = torch_mtt.flax_to_torch_flat(params, net_shape)
   assert flat.shape == (net_shape.num_params,) == ravel_pytree(params)[0].shape
   with torch.no_grad():
-    torch_logits = torch_mtt.forward(torch_mtt.unflatten(torch.from_numpy(flat), net_shape),
-                                     torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
-                                     net_shape).numpy()
+    torch_logits = torch_mtt.forward(
+      torch_mtt.unflatten(torch.from_numpy(flat), net_shape),
+      torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+      net_shape,
+    ).numpy()
   np.testing.assert_allclose(jax_logits, torch_logits, rtol=1e-5, atol=1e-5)
   back = torch_mtt.torch_flat_to_flax(flat, net_shape)
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
@@ -67,16 +70,18 @@ def test_distill_iteration_matches_meta_gradient():
   assert scale > 0.0
   np.testing.assert_allclose(jax_result["loss"], torch_result["loss"], rtol=1e-5)
   np.testing.assert_allclose(jax_result["lr_grad"], torch_result["lr_grad"], rtol=1e-4)
-  np.testing.assert_allclose(jax_result["image_grad"], torch_result["image_grad"],
-                             rtol=1e-4, atol=1e-5 * scale)
+  np.testing.assert_allclose(
+    jax_result["image_grad"], torch_result["image_grad"], rtol=1e-4, atol=1e-5 * scale
+  )
   errors = parity.compare_distill(jax_result, torch_result)
   assert errors["image_grad"]["rel"] < 1e-4, errors
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_expert_epoch_matches_trainer_step(momentum):
-  setting = Setting("tiny_expert", "expert", **TINY, lr=0.05, num_train=96, batch_size=16,
-                    momentum=momentum)
+  setting = Setting(
+    "tiny_expert", "expert", **TINY, lr=0.05, num_train=96, batch_size=16, momentum=momentum
+  )
   problem = make_problem(setting, seed=1)
   jax_runner = runners.JaxExpert(setting, problem, "auto", seed=1)
   torch_runner = runners.TorchExpert(setting, problem, "cpu", seed=1)
