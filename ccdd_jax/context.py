@@ -10,6 +10,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -85,6 +86,23 @@ class Context:
       ds.train_images, ds.train_labels, *self.patterns(), wcfg.ratio, self.np_rng(1)
     )
     return images, labels
+
+  @functools.cached_property
+  def expert_inputs(self) -> dict:
+    """The experts' device arrays: normalised D_C, D_W and the clean images that rank channels."""
+    num = len(self.dataset.train_labels)
+    prune_idx = self.np_rng(2).choice(
+      num, min(self.config.experts.prune_examples, num), replace=False
+    )
+    wm_images, wm_labels = self.watermark_set
+    inputs = {
+      "train_images": self.train_x,
+      "train_labels": self.dataset.train_labels.astype(np.int32),
+      "wm_images": self.preprocess.apply(wm_images),
+      "wm_labels": wm_labels.astype(np.int32),
+      "prune_images": self.train_x[prune_idx],
+    }
+    return jax.tree_util.tree_map(jnp.asarray, inputs)
 
   @functools.cached_property
   def test_triggers(self) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,10 @@ The sources: scikit-learn's digits here, image folders and Tiny ImageNet in
 `image_files` (with its decode cache, via `file_cache`), and TensorFlow
 Datasets in `tfds_source`. Those loaders return plain dicts of arrays, and
 `load_dataset` builds the `Dataset` from them.
+
+The owner's training split D_C excludes `data.attacker_fraction` of it (per
+class): the attacker's own clean data for the threat experiments
+(`--stage=attacks`), disjoint from everything the owner trains on.
 """
 
 import dataclasses
@@ -28,6 +32,9 @@ class Dataset:
   test_images: np.ndarray
   test_labels: np.ndarray
   class_names: tuple
+  # Held out of the training split for the attacker (data.attacker_fraction).
+  attacker_images: np.ndarray | None = None
+  attacker_labels: np.ndarray | None = None
 
   @property
   def num_classes(self) -> int:
@@ -72,8 +79,32 @@ def load_digits(test_fraction: float, split_seed: int) -> Dataset:
   )
 
 
+def hold_out_attacker_data(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+  """`dataset` with `fraction` of each training class moved to the attacker's split."""
+  if not fraction:
+    return dataset
+  if not 0.0 < fraction < 1.0:
+    raise CCDDError(f"data.attacker_fraction must be in [0, 1), got {fraction}")
+  owner, attacker = stratified_split(
+    dataset.train_labels, fraction, np.random.default_rng([seed, 1])
+  )
+  return dataclasses.replace(
+    dataset,
+    train_images=dataset.train_images[owner],
+    train_labels=dataset.train_labels[owner],
+    attacker_images=dataset.train_images[attacker],
+    attacker_labels=dataset.train_labels[attacker],
+  )
+
+
 def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
-  """Loads the data set a config names."""
+  """Loads the data set a config names, with the attacker's split held out of training."""
+  fraction = data_config.get("attacker_fraction", 0.0)
+  return hold_out_attacker_data(_load(data_config), fraction, data_config.get("split_seed", 0))
+
+
+def _load(data_config: ml_collections.ConfigDict) -> Dataset:
+  """The data set a config names, as its source splits it."""
   get = data_config.get
   name = get("name", "")
   if name == "digits":

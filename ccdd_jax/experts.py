@@ -193,7 +193,6 @@ def train_kinds(
   init_params: Any,
   rng: jax.Array,
   data: dict,
-  *,
   concurrency: int = 0,
   on_group_done: Callable[[str, int, int], None] | None = None,
 ):

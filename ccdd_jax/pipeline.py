@@ -15,7 +15,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -52,40 +51,17 @@ def stage_keygen(ctx: Context) -> dict:
 def stage_experts(ctx: Context) -> dict:
   """Trains clean, watermarked and fine-pruning-enhanced experts; saves trajectories."""
   cfg, num = ctx.config, len(ctx.dataset.train_labels)
-  wm_images, wm_labels = ctx.watermark_set
-  prune_idx = ctx.np_rng(2).choice(num, min(cfg.experts.prune_examples, num), replace=False)
-  inputs = jax.tree_util.tree_map(
-    jnp.asarray,
-    {
-      "train_images": ctx.train_x,
-      "train_labels": ctx.dataset.train_labels.astype(np.int32),
-      "wm_images": ctx.preprocess.apply(wm_images),
-      "wm_labels": wm_labels.astype(np.int32),
-      "prune_images": ctx.train_x[prune_idx],
-    },
-  )
   rng_init, rng_train = jax.random.split(jax.random.fold_in(ctx.rng, 1))
   init = ctx.net.init_params(rng_init, cfg.experts.num_experts)
-  summary = {"d_w_size": len(wm_labels), "d_c_size": num}
+  inputs, num_wm = ctx.expert_inputs, len(ctx.watermark_set[1])
+  summary = {"d_w_size": num_wm, "d_c_size": num}
   log(
     f"[experts] {cfg.experts.num_experts} experts per kind x {cfg.experts.epochs} epochs "
-    f"(|D_C| = {num}, |D_W| = {len(wm_labels)}) ..."
+    f"(|D_C| = {num}, |D_W| = {num_wm}) ..."
   )
-  start = time.time()
-
-  def progress(kind, done, total):
-    if total > 1 and (done == total or done % max(1, total // 4) == 0):
-      log(f"[experts] {kind}: {done}/{total} groups done ({time.time() - start:.0f} s)")
-
+  start, progress = time.time(), reporting.group_progress("experts")
   kinds = experts_lib.train_kinds(
-    cfg.experts,
-    ctx.net.apply,
-    cfg.dsa,
-    init,
-    rng_train,
-    inputs,
-    concurrency=cfg.concurrency,
-    on_group_done=progress,
+    cfg.experts, ctx.net.apply, cfg.dsa, init, rng_train, inputs, cfg.concurrency, progress
   )
   for kind, stacked in kinds:
     acc, acc_w = ctx.accuracy_and_acc_w(jax.tree_util.tree_map(lambda x: x[:, -1], stacked))

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 from typing import Any
 
 import jax
@@ -61,6 +62,17 @@ def progress_printer(name: str, total: int) -> Callable[[int, Any], None]:
       bar.set_postfix(loss=f"{float(loss):.3f}")
     if it == total - 1:
       bar.close()
+
+  return progress
+
+
+def group_progress(stage: str) -> Callable[[str, int, int], None]:
+  """A callback `progress(what, done, total)` that logs each quarter of a stage's groups."""
+  start = time.time()
+
+  def progress(what, done, total):
+    if total > 1 and (done == total or done % max(1, total // 4) == 0):
+      log(f"[{stage}] {what}: {done}/{total} groups done ({time.time() - start:.0f} s)")
 
   return progress
 

@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.cache_dir = ""  # "": ~/.cache/ccdd_jax (decoded uint8 .npz).
   config.data.test_fraction = 0.2  # Only used by data sets without a test split.
   config.data.split_seed = 0
+  # The attacker's clean data for --stage=attacks: this fraction of each
+  # training class, held out of everything the owner trains on (experts,
+  # distillation, the real-data baseline). 0 = none (no attacks stage).
+  config.data.attacker_fraction = 0.1
   # ZCA whitening of [0, 1] pixels (MTT: kornia ZCAWhitening, eps 0.1) instead of
   # mean/std normalisation; triggers are stamped before it, as before normalisation.
   config.data.zca = False
@@ -152,13 +156,13 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def section(name: str, **overrides) -> ml_collections.ConfigDict:
+def section(which: str, /, **overrides) -> ml_collections.ConfigDict:
   """One section of `base_config()` ("distill", "dsa", ...) with some fields overridden.
 
   Library callers and tests start from the real schema this way, so that a
   new field cannot silently skip them.
   """
-  config = base_config()[name]
+  config = base_config()[which]
   config.update(overrides)
   return config
 
@@ -197,6 +201,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(
     min(d.beta, e.lambda1, e.lambda2, e.lambda3) >= 0.0,
     "distill.beta and experts.lambda1..3 must be >= 0",
+  )
+  require(
+    0.0 <= config.data.attacker_fraction < 1.0,
+    f"data.attacker_fraction = {config.data.attacker_fraction} must be in [0, 1)",
   )
   require(config.data.zca_eps > 0.0, f"data.zca_eps = {config.data.zca_eps} must be > 0")
   require(

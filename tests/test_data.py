@@ -41,7 +41,9 @@ def _make_folder(root: pathlib.Path, n_train=3, n_test=2, suffix=".png"):
 
 
 def _config(root, cache_dir, **kwargs):
-  return config_section("data", name="folder", root=str(root), cache_dir=str(cache_dir), **kwargs)
+  return config_section(
+    "data", attacker_fraction=0.0, name="folder", root=str(root), cache_dir=str(cache_dir), **kwargs
+  )
 
 
 def _cache_files(cache_dir):
@@ -224,7 +226,9 @@ def test_tinyimagenet_bad_annotation(tmp_path):
 
 
 def _tiny_config(root, cache):
-  return config_section("data", name="tinyimagenet", root=str(root), cache_dir=str(cache))
+  return config_section(
+    "data", attacker_fraction=0.0, name="tinyimagenet", root=str(root), cache_dir=str(cache)
+  )
 
 
 def test_tinyimagenet_bad_layouts(tmp_path):
@@ -301,15 +305,20 @@ def test_bad_inputs(tmp_path):
   not_tar.write_bytes(b"garbage")
   _raises(_config(not_tar, cache), not_tar)
 
-  _raises(config_section("data", name="folder"), "data.root")
-  _raises(config_section("data", name="imagenet"), "imagenet")
+  _raises(config_section("data", attacker_fraction=0.0, name="folder"), "data.root")
+  _raises(config_section("data", attacker_fraction=0.0, name="imagenet"), "imagenet")
   _raises(
-    config_section("data", name="tinyimagenet", root=str(missing), cache_dir=str(cache)), missing
+    config_section(
+      "data", attacker_fraction=0.0, name="tinyimagenet", root=str(missing), cache_dir=str(cache)
+    ),
+    missing,
   )
 
 
 def _tfds_config(name, data_dir="", **kwargs):
-  return config_section("data", name=f"tfds:{name}", tfds_data_dir=str(data_dir), **kwargs)
+  return config_section(
+    "data", attacker_fraction=0.0, name=f"tfds:{name}", tfds_data_dir=str(data_dir), **kwargs
+  )
 
 
 def _tfds_with_tensorflow():
@@ -581,3 +590,21 @@ def test_zca_cache_name_is_stable(tmp_path):
   x = (np.arange(40 * 48) * 7 % 256).astype(np.uint8).reshape(40, 4, 4, 3)
   preprocess.fit_preprocessor(x, zca=True, cache_dir=str(tmp_path))
   assert [p.name for p in tmp_path.iterdir()] == ["zca-767527bce792b17c.npz"]
+
+
+def test_attacker_split_is_held_out_of_training_per_class():
+  full = data.load_dataset(config_section("data", name="digits", attacker_fraction=0.0))
+  ds = data.load_dataset(config_section("data", name="digits", attacker_fraction=0.2))
+  assert ds.attacker_images.dtype == np.uint8 and ds.attacker_images.shape[1:] == (8, 8, 1)
+  assert len(ds.train_labels) + len(ds.attacker_labels) == len(full.train_labels)
+  np.testing.assert_array_equal(ds.test_images, full.test_images)
+  for c in range(10):
+    n = np.sum(full.train_labels == c)
+    assert np.sum(ds.attacker_labels == c) == round(0.2 * n)
+  # Disjoint: no training image of the owner is in the attacker's split.
+  owner = {x.tobytes() + bytes([y]) for x, y in zip(ds.train_images, ds.train_labels)}
+  held = [x.tobytes() + bytes([y]) for x, y in zip(ds.attacker_images, ds.attacker_labels)]
+  assert sum(h in owner for h in held) <= 3  # Digits has a few exact duplicate images.
+  assert full.attacker_images is None
+  with pytest.raises(CCDDError, match="data.attacker_fraction"):
+    data.load_dataset(config_section("data", name="digits", attacker_fraction=1.5))
