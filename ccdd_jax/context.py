@@ -14,11 +14,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ccdd_jax import CCDDError
+from ccdd_jax import checkpoints
 from ccdd_jax import data
 from ccdd_jax import evaluate as evaluate_lib
 from ccdd_jax import models
 from ccdd_jax import preprocess
+from ccdd_jax import threats
 from ccdd_jax import watermark
+from ccdd_jax import workdir as workdir_lib
 
 
 class Context:
@@ -123,4 +127,38 @@ class Context:
       self.dataset.test_labels,
       *self.test_triggers,
       self.patterns()[1],
+    )
+
+  @property
+  def attacker_data(self) -> tuple[np.ndarray, np.ndarray]:
+    """The attacker's clean uint8 images and labels: `data.attacker_fraction`, held out of D_C."""
+    ds = self.dataset
+    if ds.attacker_images is None or not len(ds.attacker_labels):
+      raise CCDDError("no attacker data: set data.attacker_fraction > 0 (the run's own value)")
+    return ds.attacker_images, ds.attacker_labels
+
+  def restore_networks(self, name: str, arch: str | None = None) -> Any:
+    """The stacked networks `evaluate` trained on set `name` (default: the distillation model)."""
+    arch = arch or self.config.model.name
+    return checkpoints.restore_networks(
+      workdir_lib.networks_dir(self.workdir, arch, name),
+      self.network(arch).like_params(),
+      self.config.eval.num_seeds,
+    )
+
+  def verifier(self, net: models.Network | None = None) -> threats.Verifier:
+    """The owner's measurements of `net`'s networks (Acc, Acc_W, exact test), as `verify`'s."""
+    ds, wcfg = self.dataset, self.config.watermark
+    return threats.Verifier(
+      predict=self.predictor((net or self.net).apply),
+      to_inputs=self.preprocess.apply,
+      key=self.key,
+      test_images=ds.test_images,
+      test_labels=ds.test_labels,
+      n_patterns=wcfg.n_patterns,
+      patch_size=self.patch_size,
+      num_classes=ds.num_classes,
+      m=wcfg.queries_per_pattern,
+      alpha=wcfg.alpha,
+      query_rng=lambda seed: self.np_rng(5, seed),  # As stage_verify: the same queries.
     )

@@ -3,8 +3,12 @@ r"""Runs the CCDD pipeline: python -m ccdd_jax.main --workdir runs/demo [--stage
 --config configs/<name>.py   a get_config() file, or a shipped config's name
                              (default: digits); override any field as
                              --config.distill.ipc=1
---stage  keygen | experts | distill | evaluate | verify | all
+--stage  keygen | queries | experts | distill | evaluate | verify | all
+         | attacks (after evaluate, only when asked: all stops at verify)
 --key_file  the owner's key (default <workdir>/owner.key)
+--predictions FILE  with --stage=verify: a black-box suspect's classes for
+                    queries.npz (.npy, or one integer per line)
+--commitment FILE   refuse a key that does not match this published commitment
 """
 
 import os
@@ -61,24 +65,48 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for keys, trajectorie
 _STAGE = flags.DEFINE_enum(
   "stage",
   "all",
-  ["keygen", "experts", "distill", "evaluate", "verify", "all"],
+  ["keygen", "queries", "experts", "distill", "evaluate", "verify", "attacks", "all"],
   "Which stage to run.",
 )
 _KEY_FILE = flags.DEFINE_string("key_file", None, "Key file (default <workdir>/owner.key).")
+_PREDICTIONS = flags.DEFINE_string(
+  "predictions",
+  None,
+  "With --stage=verify: a black-box suspect's predicted classes for <workdir>/queries.npz, "
+  "in its order (.npy, or a text file with one integer per line).",
+)
+_COMMITMENT = flags.DEFINE_string(
+  "commitment", None, "A published key commitment (owner.commitment); other keys are refused."
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from ccdd_jax import pipeline  # Imported late: flags first, then jax.
+  from ccdd_jax import blackbox  # Imported late: flags first, then jax.
+  from ccdd_jax import pipeline
   from ccdd_jax import reporting
 
+  if _PREDICTIONS.value and _STAGE.value != "verify":
+    one_line_exit(CCDDError("--predictions goes with --stage=verify"))
   try:
     config = config_loader.materialize(_CONFIG, flags.FLAGS["config"].serialize().split("=", 1)[-1])
-    report = pipeline.run(config, _WORKDIR.value, _STAGE.value, _KEY_FILE.value)
+    report = pipeline.run(
+      config,
+      _WORKDIR.value,
+      _STAGE.value,
+      _KEY_FILE.value,
+      predictions=_PREDICTIONS.value,
+      commitment=_COMMITMENT.value,
+    )
   except CCDDError as e:
     one_line_exit(e)
-  if _STAGE.value in ("all", "verify"):
+  if _PREDICTIONS.value:
+    print(blackbox.verdict_line(report))
+    print(f"wrote {os.path.join(_WORKDIR.value, blackbox.RESULT_FILE)}")
+  elif _STAGE.value == "queries":
+    print(f"wrote {report['path']} ({report['n_queries']} queries)")
+  elif _STAGE.value in ("all", "verify", "attacks"):
     print(reporting.report_markdown(report))
     print(f"wrote {os.path.join(_WORKDIR.value, 'report.md')}")
 

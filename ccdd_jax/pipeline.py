@@ -1,10 +1,12 @@
 """The stages of the method, run from a config into a workdir (layout: workdir.py).
 
-  keygen    -> owner.key (or --key_file), mode 0600
+  keygen    -> owner.key (or --key_file), mode 0600; owner.commitment (public)
+  queries   -> queries.npz: stamped held-out images for a black-box suspect (blackbox.py)
   experts   -> trajectories/{clean,watermarked,fp_enhanced}/NNNN (Orbax), experts.json
   distill   -> distilled.npz, clean_distilled.npz, distilled.png, clean_distilled.png
   evaluate  -> models/<architecture>/<set> (Orbax), evaluation.json
-  verify    -> verification.json, report.json, report.md
+  verify    -> verification.json, report.json, report.md (--predictions: verification_blackbox.json)
+  attacks   -> attacks.json, attacks.png, report.md's attacks table (not in all; after evaluate)
 
 Each stage reads only what earlier stages wrote, so any stage can be rerun.
 This module only orchestrates: the method lives in experts, distill,
@@ -19,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from ccdd_jax import CCDDError
+from ccdd_jax import blackbox
 from ccdd_jax import checkpoints
 from ccdd_jax import context
 from ccdd_jax import distill as distill_lib
@@ -28,24 +31,34 @@ from ccdd_jax import models
 from ccdd_jax import parallel
 from ccdd_jax import reporting
 from ccdd_jax import settings
+from ccdd_jax import threats
 from ccdd_jax import watermark
 from ccdd_jax import workdir as workdir_lib
 from ccdd_jax.reporting import log
 
-STAGES = ("keygen", "experts", "distill", "evaluate", "verify")
+STAGES = ("keygen", "queries", "experts", "distill", "evaluate", "verify", "attacks")
+ALL_STAGES = STAGES[:6]  # --stage=all: keygen..verify; attacks run only when asked.
 SETS = reporting.SETS
 Context = context.Context
 
 
 def stage_keygen(ctx: Context) -> dict:
-  """Writes a fresh 32-byte key with mode 0600, unless the key file exists."""
+  """Writes a fresh 32-byte key with mode 0600, unless the key file exists; and its commitment."""
   if ctx.key_file.exists():
     watermark.read_key_file(ctx.key_file)  # Validates it.
     log(f"[keygen] using the existing key file {ctx.key_file}")
   else:
+    blackbox.refuse_orphan_commitment(ctx.workdir)
     watermark.write_key_file(ctx.key_file, watermark.generate_key())
     log(f"[keygen] wrote a new key to {ctx.key_file} (mode 0600; keep it secret)")
+  blackbox.keep_commitment(ctx.workdir, ctx.key_file)
   return {"key_fingerprint": watermark.key_fingerprint(ctx.key)}
+
+
+def stage_queries(ctx: Context) -> dict:
+  """Writes queries.npz: held-out images stamped by the key, shuffled (blackbox.py)."""
+  ds, m = ctx.dataset, ctx.config.watermark.queries_per_pattern
+  return blackbox.write_queries(ctx.workdir, ctx.key, ds.test_images, ctx.patterns()[0], m)
 
 
 def stage_experts(ctx: Context) -> dict:
@@ -149,7 +162,7 @@ def stage_distill(ctx: Context) -> dict:
   workers = parallel.resolve_concurrency(cfg.concurrency)
   summary = dict(zip([j[0] for j in jobs], parallel.run_concurrently(distill_set, jobs, workers)))
   reporting.write_json(ctx.workdir / "distill.json", summary)
-  for stale in ("evaluation.json", "verification.json"):  # They describe the old sets.
+  for stale in ("evaluation.json", "verification.json", "attacks.json"):  # Old sets'.
     (ctx.workdir / stale).unlink(missing_ok=True)
   return summary
 
@@ -191,9 +204,11 @@ def stage_evaluate(ctx: Context) -> dict:
   return summary
 
 
-def stage_verify(ctx: Context) -> dict:
-  """Queries every evaluated network with the key's triggers (exact tests)."""
+def stage_verify(ctx: Context, predictions: str | None = None) -> dict:
+  """Queries each evaluated network with the key's triggers (exact tests); or a file's answers."""
   cfg, ds, wcfg = ctx.config, ctx.dataset, ctx.config.watermark
+  if predictions:
+    return blackbox.verify_file(ctx.workdir, predictions, ctx.key, ds, ctx.patterns(), wcfg)
   evaluation = reporting.read_json(ctx.workdir / "evaluation.json")
   if not evaluation:
     raise CCDDError(f"no evaluated networks in {ctx.workdir}: run --stage=evaluate first")
@@ -226,10 +241,24 @@ def stage_verify(ctx: Context) -> dict:
   return result
 
 
+def stage_attacks(ctx: Context) -> dict:
+  """Attacks the distillation model's networks of each set; the owner verifies each (threats)."""
+  networks = {n: ctx.restore_networks(n) for n in threats.parse_list(ctx.config.attacks.sets)}
+  args = (ctx.net, ctx.verifier(), networks, ctx.attacker_data, ctx.np_rng(11))
+  result = threats.run_suite(ctx.config, *args)
+  reporting.write_attacks(ctx.workdir, result)
+  return result
+
+
 def run(
-  config: ml_collections.ConfigDict, workdir: str, stage: str = "all", key_file: str | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  stage: str = "all",
+  key_file: str | None = None,
+  predictions: str | None = None,
+  commitment: str | None = None,
 ) -> dict:
-  """Runs one stage or all of them; returns the report (or the stage's summary)."""
+  """Runs one stage or all of them; returns the report (or the stage's summary). Flags: main.py."""
   if stage != "all" and stage not in STAGES:
     raise CCDDError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)} or all")
   settings.validate(config)
@@ -237,22 +266,25 @@ def run(
   key_path = pathlib.Path(key_file) if key_file else workdir / "owner.key"
   if stage not in ("all", "keygen") and not key_path.exists():
     raise CCDDError(f"no key file at {key_path}: run --stage=keygen first or pass --key_file")
+  blackbox.check_commitment(commitment, key_path)
   ctx = Context(config, workdir, key_path)
   timings = reporting.read_json(workdir / "timings.json")
   functions = {
     "keygen": stage_keygen,
+    "queries": stage_queries,
     "experts": stage_experts,
     "distill": stage_distill,
     "evaluate": stage_evaluate,
-    "verify": stage_verify,
+    "verify": lambda c: stage_verify(c, predictions),
+    "attacks": stage_attacks,
   }
   result = {}
-  for name in STAGES if stage == "all" else (stage,):
+  for name in ALL_STAGES if stage == "all" else (stage,):
     start = time.time()
     result = functions[name](ctx)
     timings[name] = time.time() - start
     reporting.write_json(workdir / "timings.json", timings)
-  if stage not in ("all", "verify"):
+  if stage not in ("all", "verify", "attacks") or predictions:
     return result
   timings["total"] = sum(timings.get(s, 0.0) for s in STAGES)
   header = reporting.report_header(

@@ -4,8 +4,9 @@ Everything here takes plain data (dicts, arrays, paths); nothing knows the
 pipeline's Context, so the stages can call it without an import cycle.
 
   report.json  the figures of every stage (see `build_report`)
-  report.md    its short table (`report_markdown`)
+  report.md    its short table (`report_markdown`), with the attacks' (`attacks_markdown`)
   *.png        distilled images, one row per class (`save_grid`)
+  attacks.json, attacks.png   --stage=attacks (`write_attacks`, `save_attacks_plot`)
 """
 
 from collections.abc import Callable
@@ -196,6 +197,9 @@ def build_report(workdir: pathlib.Path, header: dict, primary_arch: str) -> dict
   report["architectures"] = architectures
   for name in SETS:
     report[name] = architectures.get(primary_arch, {}).get(name, {})
+  attacks = read_json(workdir / "attacks.json")
+  if attacks:
+    report["attacks"] = attacks
   return report
 
 
@@ -235,9 +239,99 @@ def report_markdown(report: dict) -> str:
       lines.append(
         f"| {kind} | {fmt_pct(experts[kind]['acc'])} | {fmt_pct(experts[kind]['acc_w'])} |"
       )
+  if report.get("attacks"):
+    lines += ["", *attacks_markdown(report["attacks"])]
   lines += [
     "",
     "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_seconds"].items()),
     "",
   ]
   return "\n".join(lines)
+
+
+def _verified(entry: dict) -> str:
+  return f"{sum(entry['verified'])}/{len(entry['verified'])}"
+
+
+def attacks_markdown(attacks: dict) -> list[str]:
+  """The lines of report.md's attacks table (threats.run_suite's result)."""
+  lines = [
+    f"Attacks (attacks.json): {attacks['attacker_images']} clean images of the attacker's; "
+    f"removed = verification fails with Acc down < {100 * attacks['max_acc_drop']:.0f} points "
+    "(in most networks verified before); new key = the overwriting pirate's "
+    f"({attacks['pirate_wm_images']} stamped images).",
+    "",
+    "| set | attack | strength | Acc | Acc change | Acc_W | verified | new key Acc_R, verified "
+    "| verdict |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for set_name, points in attacks["sets"].items():
+    for name, entries in points.items():
+      if name == "before":
+        entries = [entries]
+      for e in entries:
+        strength = (
+          "-"
+          if e["strength"] is None
+          else f"{attacks['attacks'][name]['strength']} {e['strength']:g}"
+        )
+        change = "-" if e["strength"] is None else f"{-100 * e['acc_drop']:+.1f}"
+        pirate = e.get("pirate")
+        new_key = f"{fmt_pct(pirate['acc_r'])}, {_verified(pirate)}" if pirate else "-"
+        lines.append(
+          f"| {set_name} | {'none' if name == 'before' else name} | {strength} | "
+          f"{fmt_pct(e['acc'])} | {change} | {fmt_pct(e['acc_w'])} | "
+          f"{_verified(e)} | {new_key} | {e['verdict']} |"
+        )
+  return lines
+
+
+def save_attacks_plot(path: pathlib.Path, attacks: dict) -> None:
+  """attacks.png: Acc (solid) and Acc_W (dashed) against strength, one panel per attack.
+
+  One colour per set; the first point of each panel is the unattacked
+  network; filled markers where most networks are still verified.
+  """
+  from matplotlib.figure import Figure  # Imported on first use: it is slow to import.
+
+  names = list(attacks["attacks"])
+  cols = min(5, max(1, len(names)))
+  rows = -(-len(names) // cols)
+  fig = Figure(figsize=(3.2 * cols, 2.8 * rows + 0.6))
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  colors = {"distilled": "tab:red", "clean_distilled": "tab:blue", "real": "tab:green"}
+  for ax, name in zip(axes, names):
+    strength = attacks["attacks"][name]["strength"]
+    for set_name, points in attacks["sets"].items():
+      entries = [points["before"], *points.get(name, [])]
+      x = np.arange(len(entries))
+      color = colors.get(set_name, "tab:gray")
+      for metric, style in (("acc", "-"), ("acc_w", "--")):
+        y = [100 * e[metric]["mean"] for e in entries]
+        ax.plot(x, y, style, color=color, label=f"{set_name} {metric.title()}")
+        held = [2 * sum(e["verified"]) > len(e["verified"]) for e in entries]
+        ax.scatter(
+          x, y, s=18, color=color, facecolors=[color if h else "white" for h in held], zorder=3
+        )
+      labels = ["none"] + [f"{e['strength']:g}" for e in points.get(name, [])]
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_title(f"{name} ({strength})", fontsize=8)
+    ax.set_ylim(-2, 102)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  for ax in axes[len(names) :]:
+    ax.axis("off")
+  axes[0].set_ylabel("%", fontsize=8)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7)
+  fig.suptitle(
+    "Attacks: Acc (solid), Acc_W (dashed); filled = verified in most networks", fontsize=9
+  )
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  fig.savefig(path, dpi=100)
+
+
+def write_attacks(workdir: pathlib.Path, attacks: dict) -> None:
+  """Writes attacks.json and attacks.png."""
+  write_json(pathlib.Path(workdir) / "attacks.json", attacks)
+  save_attacks_plot(pathlib.Path(workdir) / "attacks.png", attacks)

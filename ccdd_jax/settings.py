@@ -153,6 +153,33 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.real_epochs = 50
   config.eval.real_lr = 0.01
   config.eval.real_batch_size = 256
+
+  # --stage=attacks (threats.py, attacks.py): removal attacks on the networks
+  # `evaluate` trained for the distillation model, each verified with the
+  # owner's key. Run only when asked, after evaluate (never by --stage=all).
+  # The attacker's clean data is data.attacker_fraction of the training split.
+  # Strengths are comma-separated lists; "" skips that attack.
+  config.attacks = ml_collections.ConfigDict()
+  config.attacks.sets = "distilled,clean_distilled,real"  # Which evaluated sets are attacked.
+  config.attacks.num_seeds = 0  # The first k networks of each set (0 = all eval.num_seeds).
+  # SGD of every training attack: constant lr, batches of the attacker's data,
+  # augmented with the run's DSA where `dsa` is True.
+  config.attacks.lr = 0.01
+  config.attacks.momentum = 0.9
+  config.attacks.weight_decay = 5e-4
+  config.attacks.batch_size = 64
+  config.attacks.dsa = True
+  config.attacks.fine_tune_epochs = "1,5,20,50"  # FT, all layers and last layer only.
+  config.attacks.prune_ratios = "0.1,0.3,0.5,0.7,0.9"  # NP: last conv channels cut.
+  config.attacks.fine_prune_ratios = "0.5,0.7,0.9"  # FP: NP at each ratio, then FT ...
+  config.attacks.fine_prune_epochs = 10  # ... of all layers for this many epochs.
+  config.attacks.overwrite_epochs = "10,50,100"  # Table 3: a new key's D_W fine-tuned in.
+  config.attacks.overwrite_ratio = 0.5  # The new key's |D_W| / |attacker data|.
+  config.attacks.extraction_epochs = "30,100,300"  # A fresh network on soft labels.
+  config.attacks.extraction_lr = 0.01
+  config.attacks.jpeg_qualities = "90,50,20,10"  # Query-time transformations.
+  config.attacks.blur_sigmas = "0.5,0.7,1.0"
+  config.attacks.resize_factors = "0.875,0.75,0.5"
   return config
 
 
@@ -215,12 +242,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
     inner_loop.resolve_unroll(d.unroll, d.syn_steps)
   except ValueError as err:
     raise CCDDError(f"invalid config: distill.unroll = {d.unroll!r}: {err}") from err
+  _validate_attacks(config.attacks, v.num_seeds, require)
   try:
     models.resolve_conv_impl(config.model.conv_impl)
     models.parse_arch(config.model.name)
     models.eval_architectures(v.models, config.model.name)
   except CCDDError as err:
     raise CCDDError(f"invalid config: {err}") from err
+
+
+def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int, require) -> None:
+  """The checks of the `attacks` section (threats.ATTACKS names each strength list's rule)."""
+  from ccdd_jax import reporting  # pylint: disable=g-import-not-at-top
+  from ccdd_jax import threats  # pylint: disable=g-import-not-at-top
+
+  sets = threats.parse_list(a.sets)
+  require(
+    sets and set(sets) <= set(reporting.SETS) and len(set(sets)) == len(sets),
+    f"attacks.sets = {a.sets!r}: list some of {', '.join(reporting.SETS)}, each once",
+  )
+  require(
+    0 <= a.num_seeds <= eval_seeds,
+    f"attacks.num_seeds = {a.num_seeds} must be in [0, eval.num_seeds = {eval_seeds}]",
+  )
+  require(a.lr > 0 and a.extraction_lr > 0, "attacks.lr and attacks.extraction_lr must be > 0")
+  require(0.0 <= a.momentum < 1.0, f"attacks.momentum = {a.momentum} must be in [0, 1)")
+  require(a.weight_decay >= 0.0, f"attacks.weight_decay = {a.weight_decay} must be >= 0")
+  require(a.batch_size >= 1, f"attacks.batch_size = {a.batch_size} must be >= 1")
+  require(
+    a.fine_prune_epochs >= 1, f"attacks.fine_prune_epochs = {a.fine_prune_epochs} must be >= 1"
+  )
+  require(
+    0.0 < a.overwrite_ratio <= 1.0,
+    f"attacks.overwrite_ratio = {a.overwrite_ratio} must be in (0, 1]",
+  )
+  for spec in threats.ATTACKS.values():
+    try:
+      values = threats.parse_list(a[spec.field], spec.kind)
+    except (TypeError, ValueError):
+      values = None
+    require(
+      values is not None and all(spec.valid(x) for x in values),
+      f"attacks.{spec.field} = {a[spec.field]!r}: use comma-separated {spec.rule}",
+    )
 
 
 def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:

@@ -55,10 +55,15 @@ def _check_key(key) -> bytes:
   return bytes(key)
 
 
-def key_fingerprint(key: bytes) -> str:
-  """Returns 16 hex digits that name `key` safely in reports and logs."""
+def key_commitment(key: bytes) -> str:
+  """Returns hex(SHA-256(FINGERPRINT_TAG‖key)): 64 digits to publish; binds, never reveals."""
   key = _check_key(key)
-  return hashlib.sha256(FINGERPRINT_TAG + key).hexdigest()[:16]
+  return hashlib.sha256(FINGERPRINT_TAG + key).hexdigest()
+
+
+def key_fingerprint(key: bytes) -> str:
+  """Returns 16 hex digits that name `key` safely in reports (`key_commitment`'s prefix)."""
+  return key_commitment(key)[:16]
 
 
 def write_key_file(path: str | os.PathLike, key: bytes) -> None:
@@ -476,6 +481,74 @@ def _label_sum_upper_tail(counts: np.ndarray, threshold: int) -> float:
   return min(1.0, math.exp(math.log(mass[0]) + log_scale))
 
 
+def decide(
+  predictions: np.ndarray,
+  pattern_ids: np.ndarray,
+  carrier_labels: np.ndarray,
+  pattern_labels: np.ndarray,
+  *,
+  num_classes: int,
+  alpha: float = 1e-6,
+) -> dict:
+  """Both exact tests and the verdict on a suspect's answers to keyed queries.
+
+  The one place the statistics are computed, for `verify` (white box) and for
+  answers read from a file (`blackbox.verify_predictions`).
+
+  Args:
+    predictions: the suspect's class for each query, integers [Q].
+    pattern_ids: the pattern each query carries [Q].
+    carrier_labels: each query's own class [Q]; a query predicted as its own
+      class is not counted (docs/watermark-spec.md, section 6.1).
+    pattern_labels: the key's labels y_i [n].
+    num_classes: C.
+    alpha: the false-claim probability allowed; `verified` is p_conditional <=
+      alpha.
+
+  Returns:
+    `verify`'s dict without `key_fingerprint` and `m`.
+  """
+  num_classes = _check_int("num_classes", num_classes, 2)
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+  pattern_labels = np.asarray(pattern_labels)
+  n_patterns = _check_int("n_patterns", pattern_labels.size, 1)
+  pattern_labels = _check_labels(pattern_labels, n_patterns, num_classes, "pattern_labels")
+  predictions, pattern_ids, carrier_labels = _check_predictions(
+    predictions, pattern_ids, n_patterns, num_classes, carrier_labels
+  )
+  if carrier_labels is None:
+    raise ValueError("decide needs each query's carrier_labels")
+  counts = pattern_counts(
+    predictions, pattern_ids, n_patterns, num_classes, carrier_labels=carrier_labels
+  )
+  matches = plurality_matches(counts, pattern_labels)
+  label_hits = counts[np.arange(n_patterns), pattern_labels]
+  eligible = carrier_labels != pattern_labels[pattern_ids]
+  eligible_per_pattern = np.bincount(pattern_ids[eligible], minlength=n_patterns)
+  k_majority = int(matches.sum())
+  p_conditional = conditional_label_pvalue(counts, pattern_labels)
+  return {
+    "n_patterns": int(n_patterns),
+    "num_classes": int(num_classes),
+    "n_queries": int(predictions.size),
+    "n_eligible_queries": int(eligible.sum()),
+    "k_majority": k_majority,
+    "p_majority": majority_binomial_pvalue(k_majority, n_patterns, num_classes),
+    "t_conditional": int(label_hits.sum()),
+    "p_conditional": p_conditional,
+    "alpha": float(alpha),
+    # No model can reach a p-value below C^-n: with p_floor > alpha even a
+    # perfectly watermarked model is not verified (too few patterns).
+    "p_floor": float(num_classes) ** -n_patterns,
+    "verified": bool(p_conditional <= alpha),
+    "acc_w": (float(label_hits.sum() / eligible.sum()) if eligible.any() else 0.0),
+    "pattern_eligible_queries": [int(c) for c in eligible_per_pattern],
+    "pattern_label_hits": [int(c) for c in label_hits],
+    "pattern_plurality_match": [int(b) for b in matches],
+  }
+
+
 # ----------------------------------------------------------------------------
 # Verification (Stage III).
 # ----------------------------------------------------------------------------
@@ -548,34 +621,12 @@ def verify(
   predictions = _predict_queries(
     predict_fn, images, carrier_ids, patterns, pattern_ids, num_classes, batch_size
   )
-  carrier_labels = labels[carrier_ids]
-  counts = pattern_counts(
-    predictions, pattern_ids, n_patterns, num_classes, carrier_labels=carrier_labels
+  stats = decide(
+    predictions,
+    pattern_ids,
+    labels[carrier_ids],
+    pattern_labels,
+    num_classes=num_classes,
+    alpha=alpha,
   )
-  matches = plurality_matches(counts, pattern_labels)
-  label_hits = counts[np.arange(n_patterns), pattern_labels]
-  eligible = carrier_labels != pattern_labels[pattern_ids]
-  eligible_per_pattern = np.bincount(pattern_ids[eligible], minlength=n_patterns)
-  k_majority = int(matches.sum())
-  p_conditional = conditional_label_pvalue(counts, pattern_labels)
-  return {
-    "key_fingerprint": key_fingerprint(key),
-    "n_patterns": int(n_patterns),
-    "num_classes": int(num_classes),
-    "m": None if m is None else int(m),
-    "n_queries": int(carrier_ids.size),
-    "n_eligible_queries": int(eligible.sum()),
-    "k_majority": k_majority,
-    "p_majority": majority_binomial_pvalue(k_majority, n_patterns, num_classes),
-    "t_conditional": int(label_hits.sum()),
-    "p_conditional": p_conditional,
-    "alpha": float(alpha),
-    # No model can reach a p-value below C^-n: with p_floor > alpha even a
-    # perfectly watermarked model is not verified (too few patterns).
-    "p_floor": float(num_classes) ** -n_patterns,
-    "verified": bool(p_conditional <= alpha),
-    "acc_w": (float(label_hits.sum() / eligible.sum()) if eligible.any() else 0.0),
-    "pattern_eligible_queries": [int(c) for c in eligible_per_pattern],
-    "pattern_label_hits": [int(c) for c in label_hits],
-    "pattern_plurality_match": [int(b) for b in matches],
-  }
+  return {"key_fingerprint": key_fingerprint(key), "m": None if m is None else int(m), **stats}

@@ -1,9 +1,13 @@
 """The workdir's layout: where each stage's outputs live, and the distilled sets' files.
 
 owner.key                       the secret key (mode 0600; --key_file elsewhere)
+owner.commitment                its SHA-256 commitment, public (blackbox.py)
+queries.npz                     stamped queries for a black-box suspect (blackbox.py)
+verification_blackbox.json      the verdict on a suspect's answers (verify --predictions)
 trajectories/<kind>/NNNN/       experts (checkpoints.py)
 <set>.npz                       a distilled set: images, labels, lr, preprocessing
 models/<architecture>/<set>/    evaluated networks (checkpoints.py)
+attacks.json, attacks.png       --stage=attacks (threats.py, reporting.write_attacks)
 *.json, report.md, *.png        figures and pictures (reporting.py)
 """
 

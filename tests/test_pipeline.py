@@ -57,7 +57,7 @@ def test_outputs_and_report(tiny_run):
   assert on_disk["real"]["acc"]["mean"] > 0.3
   for key in ("alpha", "n_patterns", "num_classes", "wall_seconds", "config"):
     assert key in on_disk
-  assert set(pipeline.STAGES) <= set(on_disk["wall_seconds"])
+  assert set(pipeline.ALL_STAGES) <= set(on_disk["wall_seconds"])
   assert "| distilled |" in (workdir / "report.md").read_text()
   # Orbax trajectories of every kind and the paired initialisation.
   for kind in ("clean", "watermarked", "fp_enhanced"):
