@@ -444,6 +444,23 @@ def augment(
   return _augment_with_families(images, rng, family_rng, params=params, names=names)
 
 
+def augment_keeping(
+  images: Array,
+  rng: PRNGKey,
+  params: DSAConfig | None = None,
+  keep: Array | None = None,
+  family_rng: PRNGKey | None = None,
+) -> Array:
+  """`augment`, except that pixels where `keep` (broadcastable to images) is nonzero stay.
+
+  Trigger-safe DSA (issue 10): with `keep` = 1 on the stamped corner, the trigger
+  stays exactly where and what verification shows, while the rest is augmented
+  as usual (same family and parameters as `augment` with the same keys).
+  """
+  out = augment(images, rng, params, family_rng=family_rng)
+  return out if keep is None else jnp.where(keep > 0, jnp.asarray(images), out)
+
+
 # Jitted so that eager calls reuse one compiled switch instead of re-tracing the
 # branches every call; inside an outer trace it is simply inlined.
 @functools.partial(jax.jit, static_argnames=("params", "names"))

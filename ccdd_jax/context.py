@@ -106,6 +106,8 @@ class Context:
       "wm_labels": wm_labels.astype(np.int32),
       "prune_images": self.train_x[prune_idx],
     }
+    if self.config.experts.trigger_safe_dsa:  # The stamped corner bypasses DSA (issue 10).
+      inputs["trigger_corner"] = watermark.corner_mask(self.dataset.image_shape, self.patch_size)
     return jax.tree_util.tree_map(jnp.asarray, inputs)
 
   @functools.cached_property

@@ -10,6 +10,21 @@ learnable step size alpha by differentiating eq. 10 through all N steps:
 
 where Idx is the fine-pruning-enhanced twin of expert e (same initial
 parameters). Parameters are flat vectors (`ravel_pytree`) in the inner loop.
+
+Issue 10 levers (config fields of `distill`, all off by default = the above):
+  eq10_form             (a) "literal" as above; (b) "second_student": a second
+                        student from th^Idx_t runs its own N steps on the same
+                        minibatches and the beta term is ITS normalised distance
+                        to th^Idx_{t+M}; (c) "student_normalised": the literal
+                        numerator over ||th*_t - th^Idx_{t+M}||^2.
+  clean_expert_fraction an iteration matches a clean expert with this
+                        probability (its beta term off): the paper's pool.
+  carriers_per_pattern  k stamped carriers per pattern beyond the IPC images
+                        (carrier_source: training images, or the set's own).
+  freeze_trigger, trigger_safe_dsa  the stamped corner of trigger slots is
+                        never updated / is kept out of DSA in eq. 9.
+  gamma_wm, gamma_clean a direct objective after the N steps: gamma_wm *
+                        CE(th_N(D_W batch), y_i) + gamma_clean * CE(th_N(clean batch)).
 """
 
 from collections.abc import Callable
@@ -25,6 +40,19 @@ from ccdd_jax import CCDDError
 from ccdd_jax import augment
 from ccdd_jax import inner_loop
 from ccdd_jax import watermark
+from ccdd_jax.settings import EQ10_FORMS
+
+# The levers a clean distilled set never uses, with their "off" values.
+WATERMARK_ONLY = {
+  "beta": 0.0,
+  "triggers_per_pattern": 0,
+  "carriers_per_pattern": 0,
+  "clean_expert_fraction": 0.0,
+  "gamma_wm": 0.0,
+  "gamma_clean": 0.0,
+  "freeze_trigger": False,
+  "trigger_safe_dsa": False,
+}
 
 
 def normalized_distance(params, start, target) -> jax.Array:
@@ -85,6 +113,107 @@ def init_synthetic(
   )
 
 
+def add_carriers(
+  images: np.ndarray,
+  labels: np.ndarray,
+  from_trigger: np.ndarray,
+  pool_images: np.ndarray,
+  pool_labels: np.ndarray,
+  patterns: np.ndarray,
+  pattern_labels: np.ndarray,
+  per_pattern: int,
+  rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Appends `per_pattern` stamped carriers per pattern BEYOND the IPC images (issue 10).
+
+  Carrier j of pattern i is an image of the pool (the training split, or the
+  set's own real slots) of the j-th class of a random order of the classes
+  other than y_i, stamped with pattern i and labelled y_i.
+  """
+  if not per_pattern:
+    return images, labels, from_trigger
+  classes = np.unique(pool_labels)
+  new_images, new_labels = [], []
+  for i, target in enumerate(pattern_labels):
+    others = rng.permutation(classes[classes != target])
+    for j in range(per_pattern):
+      pool = np.flatnonzero(pool_labels == others[j % len(others)])
+      chosen = pool_images[rng.choice(pool, 1)]
+      new_images.append(watermark.stamp(chosen, patterns, np.array([i])))
+      new_labels.append(target)
+  return (
+    np.concatenate([images, *new_images]),
+    np.concatenate([labels, np.asarray(new_labels, labels.dtype)]),
+    np.concatenate([from_trigger, np.ones(len(new_labels), bool)]),
+  )
+
+
+def initial_set(
+  set_config: ml_collections.ConfigDict,
+  train_images: np.ndarray,
+  train_labels: np.ndarray,
+  num_classes: int,
+  patterns: np.ndarray,
+  pattern_labels: np.ndarray,
+  rng: np.random.Generator,
+  carrier_rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The set's uint8 starting images: `init_synthetic`, then the carriers beyond IPC."""
+  images, labels, from_trigger = init_synthetic(
+    train_images,
+    train_labels,
+    num_classes,
+    set_config.ipc,
+    rng,
+    patterns=patterns,
+    pattern_labels=pattern_labels,
+    triggers_per_pattern=set_config.triggers_per_pattern,
+  )
+  own = set_config.carrier_source == "set"
+  pool = (images[~from_trigger], labels[~from_trigger]) if own else (train_images, train_labels)
+  return add_carriers(
+    images,
+    labels,
+    from_trigger,
+    *pool,
+    patterns,
+    pattern_labels,
+    set_config.carriers_per_pattern,
+    carrier_rng,
+  )
+
+
+def set_config(distill_config: ml_collections.ConfigDict, watermarked: bool):
+  """The config of one set: the clean distilled set is MTT, without the watermark's levers."""
+  config = ml_collections.ConfigDict(distill_config.to_dict())
+  if not watermarked:
+    config.update(WATERMARK_ONLY)
+  return config
+
+
+def aux_inputs(
+  set_config: ml_collections.ConfigDict, from_trigger: np.ndarray, patch: int, inputs: dict
+) -> dict:
+  """make_distill_update's `aux` for the set's levers (empty with all of them off).
+
+  `inputs` holds normalised `train_images` / `train_labels` and D_W of the
+  training split, `wm_images` / `wm_labels` (the experts' inputs: never the
+  held-out images that verification uses); `patch` is the trigger's side.
+  """
+  aux = {}
+  corner = watermark.corner_mask(inputs["train_images"].shape[1:3], patch)
+  trigger_mask = from_trigger[:, None, None, None].astype(np.float32) * corner
+  if set_config.trigger_safe_dsa and from_trigger.any():
+    aux["trigger_mask"] = trigger_mask
+  if set_config.freeze_trigger and from_trigger.any():
+    aux["grad_mask"] = 1.0 - trigger_mask
+  if set_config.gamma_wm:
+    aux["wm_images"], aux["wm_labels"] = inputs["wm_images"], inputs["wm_labels"]
+  if set_config.gamma_clean:
+    aux["clean_images"], aux["clean_labels"] = inputs["train_images"], inputs["train_labels"]
+  return aux
+
+
 def make_meta_loss(
   distill_config: ml_collections.ConfigDict,
   apply_flat: Callable,
@@ -94,42 +223,76 @@ def make_meta_loss(
   remat: str = "none",
   with_terms: bool = False,
 ):
-  """Returns `loss(images, lr, labels, start, target, twin_start, twin_target, rng)` (eq. 10).
+  """Returns `loss(images, lr, labels, start, target, twin_start, twin_target, rng, aux=None)`.
 
-  `unroll` (see inner_loop.resolve_unroll) and `remat` (one of
-  inner_loop.REMAT_POLICIES) set the speed and memory of the inner loop only.
-  With `with_terms` it returns (loss, (expert term, twin term)).
+  eq. 10 in the form `distill_config.eq10_form` names (module docstring), plus
+  the direct objective where gamma_wm / gamma_clean > 0. `aux` (aux_inputs)
+  may hold `trigger_mask` [S, H, W, 1] (with distill.trigger_safe_dsa those
+  pixels bypass DSA), `beta_weight` (a scalar on beta: 0 for a clean expert of
+  the pool) and the direct objective's pools `wm_images` / `wm_labels`,
+  `clean_images` / `clean_labels`. `unroll` (see inner_loop.resolve_unroll)
+  and `remat` (one of inner_loop.REMAT_POLICIES) set the speed and memory of
+  the inner loop only. With `with_terms` it returns (loss, (expert term, twin
+  term, direct term)).
   """
   syn_steps = distill_config.syn_steps
   batch_syn = min(distill_config.batch_syn or num_syn, num_syn)
-  beta = distill_config.beta
+  beta, form = distill_config.beta, distill_config.eq10_form
+  if form not in EQ10_FORMS:
+    raise ValueError(f"unknown eq10_form {form!r}: use one of {', '.join(EQ10_FORMS)}")
+  gamma_wm, gamma_clean = distill_config.gamma_wm, distill_config.gamma_clean
+  objective_batch = distill_config.objective_batch
   unroll = inner_loop.resolve_unroll(unroll, syn_steps)
 
-  def student_loss(flat_params, step_input, images, labels):
+  def student_loss(flat_params, step_input, images, labels, keep):
     idx = step_input["idx"]
-    batch = augment.augment(images[idx], step_input["rng"], dsa_config)
+    batch = augment.augment_keeping(
+      images[idx], step_input["rng"], dsa_config, None if keep is None else jnp.asarray(keep)[idx]
+    )
     return inner_loop.cross_entropy(apply_flat(flat_params, batch), labels[idx])
 
-  def meta_loss(images, lr, labels, start, target, twin_start, twin_target, rng):
-    rng_idx, rng_aug = jax.random.split(rng)
-    idx = jax.vmap(lambda r: jax.random.permutation(r, num_syn)[:batch_syn])(
-      jax.random.split(rng_idx, syn_steps)
-    )
-    step_inputs = {"idx": idx, "rng": jax.random.split(rng_aug, syn_steps)}
-    final, _, _ = inner_loop.sgd_scan(  # eq. 9
-      lambda w, s: student_loss(w, s, images, labels),
+  def run_student(start, images, labels, lr, step_inputs, keep):  # eq. 9
+    final, _, _ = inner_loop.sgd_scan(
+      lambda w, s: student_loss(w, s, images, labels, keep),
       start,
       step_inputs,
       jnp.full((syn_steps,), lr),
       unroll=unroll,
       remat=remat,
     )
-    expert_term = normalized_distance(final, start, target)
-    twin_term = (
-      normalized_distance(final, twin_start, twin_target) if beta else jnp.zeros_like(expert_term)
+    return final
+
+  def pool_ce(params, rng, images, labels):
+    idx = jax.random.randint(rng, (objective_batch,), 0, labels.shape[0])
+    return inner_loop.cross_entropy(apply_flat(params, images[idx]), labels[idx])
+
+  def meta_loss(images, lr, labels, start, target, twin_start, twin_target, rng, aux=None):
+    aux = aux or {}
+    rng_idx, rng_aug = jax.random.split(rng)  # As before issue 10: the paper's path unchanged.
+    idx = jax.vmap(lambda r: jax.random.permutation(r, num_syn)[:batch_syn])(
+      jax.random.split(rng_idx, syn_steps)
     )
-    loss = expert_term + beta * twin_term
-    return (loss, (expert_term, twin_term)) if with_terms else loss
+    step_inputs = {"idx": idx, "rng": jax.random.split(rng_aug, syn_steps)}
+    keep = aux.get("trigger_mask") if distill_config.trigger_safe_dsa else None
+    final = run_student(start, images, labels, lr, step_inputs, keep)
+    expert_term = normalized_distance(final, start, target)
+    if not beta:
+      twin_term = jnp.zeros_like(expert_term)
+    elif form == "second_student":  # (b): each student against its own expert.
+      twin_final = run_student(twin_start, images, labels, lr, step_inputs, keep)
+      twin_term = normalized_distance(twin_final, twin_start, twin_target)
+    elif form == "student_normalised":  # (c)
+      twin_term = normalized_distance(final, start, twin_target)
+    else:  # (a), the paper's literal eq. 10.
+      twin_term = normalized_distance(final, twin_start, twin_target)
+    direct = jnp.zeros_like(expert_term)
+    rng_wm, rng_clean = jax.random.split(jax.random.fold_in(rng, 7))
+    if gamma_wm:  # Beyond the paper: the watermark asked of th_N directly.
+      direct += gamma_wm * pool_ce(final, rng_wm, aux["wm_images"], aux["wm_labels"])
+    if gamma_clean:
+      direct += gamma_clean * pool_ce(final, rng_clean, aux["clean_images"], aux["clean_labels"])
+    loss = expert_term + beta * aux.get("beta_weight", 1.0) * twin_term + direct
+    return (loss, (expert_term, twin_term, direct)) if with_terms else loss
 
   return meta_loss
 
@@ -140,10 +303,15 @@ def make_distill_update(
   dsa_config: ml_collections.ConfigDict,
   num_syn: int,
 ):
-  """Returns the pure `update(state, trajectories, rng) -> (state, [loss, expert, twin])`.
+  """Returns the pure `update(state, trajectories, rng, aux=None) -> (state, [loss, terms])`.
 
   `trajectories` = (expert [E, T, P], twin [E, T, P]) flat parameters per
-  epoch; `state` = {"images", "lr", "opt_state", "labels"} (see init_state).
+  epoch, or (expert, twin, clean [E', T, P]): then each iteration matches a
+  clean expert with probability distill.clean_expert_fraction (its beta term
+  off). `state` = {"images", "lr", "opt_state", "labels"} (see init_state).
+  `aux` is make_meta_loss's, plus optionally `grad_mask` [S, H, W, 1] (0 = a
+  pixel never updated: the frozen stamped corner). The terms are (expert,
+  twin, direct).
   """
   meta_loss = make_meta_loss(
     distill_config,
@@ -157,25 +325,38 @@ def make_distill_update(
   optimizer = make_optimizer(distill_config)
   expert_epochs = distill_config.expert_epochs
   max_start = distill_config.max_start_epoch
+  clean_fraction = distill_config.clean_expert_fraction
 
-  def update(state, trajectories, rng):
-    expert, twin = trajectories
+  def update(state, trajectories, rng, aux=None):
+    aux = dict(aux or {})
+    expert, twin = trajectories[:2]
     rng_e, rng_t, rng_loss = jax.random.split(rng, 3)
     e = jax.random.randint(rng_e, (), 0, expert.shape[0])
     t = jax.random.randint(rng_t, (), 0, max_start + 1)
+    start, target = expert[e, t], expert[e, t + expert_epochs]
+    if len(trajectories) > 2 and clean_fraction:  # The paper's pool of both kinds.
+      clean, rng_pool = trajectories[2], jax.random.fold_in(rng, 7)
+      use_clean = jax.random.uniform(rng_pool) < clean_fraction
+      c = jax.random.randint(jax.random.fold_in(rng_pool, 1), (), 0, clean.shape[0])
+      start = jnp.where(use_clean, clean[c, t], start)
+      target = jnp.where(use_clean, clean[c, t + expert_epochs], target)
+      aux["beta_weight"] = jnp.where(use_clean, 0.0, 1.0)
+    grad_mask = aux.pop("grad_mask", None)
     (loss, terms), grads = jax.value_and_grad(meta_loss, argnums=(0, 1), has_aux=True)(
       state["images"],
       state["lr"],
       state["labels"],
-      expert[e, t],
-      expert[e, t + expert_epochs],
+      start,
+      target,
       twin[e, t],
       twin[e, t + expert_epochs],
       rng_loss,
+      aux,
     )
+    image_grads = grads[0] if grad_mask is None else grads[0] * grad_mask
     trainable = {"images": state["images"], "lr": state["lr"]}
     updates, opt_state = optimizer.update(
-      {"images": grads[0], "lr": grads[1]}, state["opt_state"], trainable
+      {"images": image_grads, "lr": grads[1]}, state["opt_state"], trainable
     )
     trainable = optax.apply_updates(trainable, updates)
     # A negative step size would make the student climb the loss.
@@ -233,13 +414,15 @@ def distill(
   dsa_config: ml_collections.ConfigDict,
   init_images: np.ndarray,
   labels: np.ndarray,
-  trajectories: tuple[Any, Any],
+  trajectories: tuple[Any, ...],
   rng: jax.Array,
   progress: Callable[[int, float], None] | None = None,
+  aux: dict | None = None,
 ) -> tuple[np.ndarray, float, np.ndarray]:
-  """Runs all distillation iterations; returns images, learned lr, history [it, 3].
+  """Runs all distillation iterations; returns images, learned lr, history [it, 4].
 
-  The history holds eq. 10's total and its two terms (expert, twin) per iteration.
+  The history holds the total loss and its terms (eq. 10's expert and twin
+  terms, the direct objective) per iteration. `aux`: see make_distill_update.
   """
   needed = distill_config.max_start_epoch + distill_config.expert_epochs
   available = trajectories[0].shape[1] - 1
@@ -251,13 +434,14 @@ def distill(
   step = make_distill_step(distill_config, apply_flat, dsa_config, init_images.shape[0])
   state = init_state(distill_config, init_images, labels)
   trajectories = jax.device_put(tuple(trajectories))
+  aux = jax.device_put({k: np.asarray(v) for k, v in (aux or {}).items()})
   rngs = list(jax.random.split(rng, distill_config.iterations))  # Device keys, sliced once.
   losses = []
   for it, rng_it in enumerate(rngs):
     # Nothing crosses between host and device here: an accidental transfer
     # (a NumPy input, a Python scalar argument) is an error, not a slowdown.
     with jax.transfer_guard("disallow"):
-      state, loss = step(state, trajectories, rng_it)
+      state, loss = step(state, trajectories, rng_it, aux)
     losses.append(loss)
     if progress is not None:
       progress(it, loss[0])  # A device scalar: the callback decides when to fetch it.

@@ -7,6 +7,12 @@ MTT reference trains its experts) and differ only in their loss:
   watermarked:  CE on D_C + l1 * CE on D_W + l2 * ||theta - theta0||^2     (eq. 6)
   fp_enhanced:  eq. 6 + l3 * CE on D_W of the fine-pruned model             (eq. 7, 8)
 
+Options of issue 10 (off by default): `experts.trigger_safe_dsa` keeps the
+stamped corner of D_W images out of DSA (augment.augment_keeping), and
+`experts.fp_normal_last_epochs` = k trains the last k epochs of the
+fp-enhanced experts with eq. 6 alone (the paper's "last 10 epochs ... using
+the same procedure as the normal model training").
+
 Expert i of every kind starts from the same initial parameters, and theta0 of
 watermarked / fp-enhanced expert i is the final state of clean expert i, so
 the fine-pruning-enhanced twin used by eq. 10 compares like with like.
@@ -46,6 +52,7 @@ def expert_loss_fn(
   lambda1 = expert_config.lambda1
   lambda2 = expert_config.lambda2
   lambda3 = expert_config.lambda3
+  trigger_safe = expert_config.trigger_safe_dsa
 
   def loss_fn(params, batch):
     rng_clean, rng_wm = jax.random.split(batch["rng"])
@@ -54,13 +61,18 @@ def expert_loss_fn(
     loss = inner_loop.cross_entropy(apply_fn(params, images), batch["labels"])
     if kind == "clean":
       return loss
-    wm_images = augment.augment(batch["wm_images"], rng_wm, dsa_config, family_rng=family_wm)
+    keep = batch["trigger_corner"] if trigger_safe else None  # [1, H, W, 1], 1 = the stamp.
+    wm_images = augment.augment_keeping(
+      batch["wm_images"], rng_wm, dsa_config, keep, family_rng=family_wm
+    )
     loss += lambda1 * inner_loop.cross_entropy(apply_fn(params, wm_images), batch["wm_labels"])
     if lambda2:
       loss += lambda2 * squared_distance(params, batch["anchor"])
     if kind == "fp_enhanced" and lambda3:
       pruned_logits = apply_fn(params, wm_images, channel_mask=batch["channel_mask"])
-      loss += lambda3 * inner_loop.cross_entropy(pruned_logits, batch["wm_labels"])
+      pruned_loss = inner_loop.cross_entropy(pruned_logits, batch["wm_labels"])
+      # `enhance` = 0 in the last experts.fp_normal_last_epochs epochs: eq. 6 alone there.
+      loss += batch.get("enhance", 1.0) * lambda3 * pruned_loss
     return loss
 
   return loss_fn
@@ -80,19 +92,21 @@ def make_trainer(
 
   `data` holds normalised `train_images`, `train_labels`, `wm_images`,
   `wm_labels` and `prune_images` (clean images that rank channels for the
-  fine-pruned model). The result has a leading axis of epochs + 1 (epoch 0 =
+  fine-pruned model), and `trigger_corner` [1, H, W, 1] where
+  `experts.trigger_safe_dsa` is set. The result has a leading axis of epochs + 1 (epoch 0 =
   the initial parameters).
   """
   if kind not in KINDS:
     raise ValueError(f"unknown expert kind {kind!r}")
   loss_fn = expert_loss_fn(kind, expert_config, apply_fn, dsa_config)
+  normal_last = expert_config.fp_normal_last_epochs if kind == "fp_enhanced" else 0
 
   def train(init_params, anchor, rng, family_rng, data):
     num_train = data["train_labels"].shape[0]
     num_wm = data["wm_labels"].shape[0]
 
     def epoch(params, rngs):
-      rng_epoch, family_epoch = rngs
+      rng_epoch, family_epoch, epoch_index = rngs
       rng_perm, rng_wm, rng_aug = jax.random.split(rng_epoch, 3)
       batches = inner_loop.epoch_batches(rng_perm, num_train, expert_config.batch_size)
       steps = batches.shape[0]
@@ -108,6 +122,12 @@ def make_trainer(
         step_inputs["wm_labels"] = data["wm_labels"][wm_idx]
       # Constant per epoch; broadcast so the step function sees them per step.
       constants = {"anchor": anchor}
+      if kind != "clean" and expert_config.trigger_safe_dsa:
+        constants["trigger_corner"] = data["trigger_corner"]
+      if normal_last:
+        constants["enhance"] = (epoch_index < expert_config.epochs - normal_last).astype(
+          jnp.float32
+        )
       if kind == "fp_enhanced":
         activations = attacks.channel_activations(apply_fn, params, data["prune_images"])
         constants["channel_mask"] = attacks.prune_mask(activations, expert_config.prune_ratio)
@@ -127,6 +147,7 @@ def make_trainer(
       (
         jax.random.split(rng, expert_config.epochs),
         jax.random.split(family_rng, expert_config.epochs),
+        jnp.arange(expert_config.epochs),
       ),
     )
     return jax.tree_util.tree_map(

@@ -111,24 +111,22 @@ def stage_distill(ctx: Context) -> dict:
   )
 
   def distill_set(name, kind, twin_kind):
-    start, set_cfg = time.time(), ml_collections.ConfigDict(cfg.distill.to_dict())
-    if name == "clean_distilled":
-      set_cfg.beta, set_cfg.triggers_per_pattern = 0.0, 0
-    expert = checkpoints.load_flat_trajectories(root, kind, like, epochs)
-    if set_cfg.beta:
-      twin = checkpoints.load_flat_trajectories(root, twin_kind, like, epochs)
-    else:
-      twin = expert
-    init_u8, labels, from_trigger = distill_lib.init_synthetic(
+    start, set_cfg = time.time(), distill_lib.set_config(cfg.distill, kind != "clean")
+    load = lambda k: checkpoints.load_flat_trajectories(root, k, like, epochs)
+    expert = load(kind)
+    trajs = (expert, load(twin_kind) if set_cfg.beta else expert)
+    trajs += (load("clean"),) if set_cfg.clean_expert_fraction else ()
+    init_u8, labels, from_trigger = distill_lib.initial_set(
+      set_cfg,
       ds.train_images,
       ds.train_labels,
       ds.num_classes,
-      set_cfg.ipc,
+      patterns,
+      pattern_labels,
       ctx.np_rng(3),
-      patterns=patterns,
-      pattern_labels=pattern_labels,
-      triggers_per_pattern=set_cfg.triggers_per_pattern,
+      ctx.np_rng(6),
     )
+    aux = distill_lib.aux_inputs(set_cfg, from_trigger, ctx.patch_size, ctx.expert_inputs)
     log(
       f"[distill] {name}: {len(labels)} images from {expert.shape[0]} {kind} experts, "
       f"{set_cfg.iterations} iterations x {set_cfg.syn_steps} steps"
@@ -140,15 +138,16 @@ def stage_distill(ctx: Context) -> dict:
       cfg.dsa,
       ctx.preprocess.apply(init_u8),
       labels,
-      (expert, twin),
+      trajs,
       jax.random.fold_in(ctx.rng, 2),
       progress,
+      aux,
     )
     workdir_lib.save_distilled(
       ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess
     )
     pixels = ctx.preprocess.to_pixels(images)
-    title = f"{name} ({ds.name}, IPC {set_cfg.ipc})"
+    title = f"{name} ({ds.name}, IPC {set_cfg.ipc}, {len(labels)} images)"
     reporting.save_grid(
       ctx.workdir / f"{name}.png", pixels, labels, ds.class_names, from_trigger, title
     )

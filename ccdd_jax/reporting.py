@@ -138,6 +138,9 @@ def distill_summary(
     "expert_term_last": float(last[1]),
     "twin_term_first": float(first[2]),
     "twin_term_last": float(last[2]),
+    "direct_term_first": float(first[3]) if len(first) > 3 else 0.0,
+    "direct_term_last": float(last[3]) if len(last) > 3 else 0.0,
+    "num_images": len(from_trigger),
     "seconds": seconds,
   }
 
@@ -148,7 +151,8 @@ def distill_line(name: str, entry: dict) -> str:
   return (
     f"[distill] {name}: eq. 10 loss {e['loss_first']:.3f} -> {e['loss_last']:.3f} "
     f"(expert term {e['expert_term_first']:.3f} -> {e['expert_term_last']:.3f}, "
-    f"twin term {e['twin_term_first']:.3f} -> {e['twin_term_last']:.3f}), learned lr "
+    f"twin term {e['twin_term_first']:.3f} -> {e['twin_term_last']:.3f}, direct "
+    f"{e['direct_term_first']:.3f} -> {e['direct_term_last']:.3f}), learned lr "
     f"{e['lr']:.4g}, trigger visibility {e['trigger_visibility']['mean']:.2f} "
     f"({e['seconds']:.0f} s)"
   )

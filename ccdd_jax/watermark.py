@@ -202,6 +202,13 @@ def stamp(images: np.ndarray, patterns: np.ndarray, pattern_ids: np.ndarray) -> 
   return stamped
 
 
+def corner_mask(image_shape: tuple, patch: int) -> np.ndarray:
+  """float32 [1, H, W, 1]: 1 on the top-left patch x patch corner, where `stamp` puts triggers."""
+  mask = np.zeros((1, image_shape[0], image_shape[1], 1), np.float32)
+  mask[:, :patch, :patch, :] = 1.0
+  return mask
+
+
 def _check_pattern_set(images, labels, patterns, pattern_labels):
   images = _check_uint8_images(images)
   patterns = _check_uint8_images(patterns, "patterns")

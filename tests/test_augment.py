@@ -379,3 +379,18 @@ def test_legacy_uint32_keys_work():
   params = dsa.DSAConfig(strategy="flip_crop")
   out = jax.jit(dsa.augment)(images, jax.random.PRNGKey(0), params)
   np.testing.assert_array_equal(out, dsa.augment(images, jax.random.PRNGKey(0), params))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trigger_safe_dsa_leaves_the_stamped_corner_unchanged(family):
+  images = jnp.asarray(_images((16, 8, 8, 1), seed=3))
+  keep = np.zeros((1, 8, 8, 1), np.float32)
+  keep[:, :4, :4] = 1.0  # watermark.corner_mask((8, 8), 4)
+  params = config_section("dsa", strategy=family)
+  out = dsa.augment_keeping(images, jax.random.PRNGKey(1), params, keep)
+  np.testing.assert_array_equal(out[:, :4, :4], images[:, :4, :4])
+  plain = dsa.augment(images, jax.random.PRNGKey(1), params)
+  np.testing.assert_array_equal(out[:, 4:], plain[:, 4:])  # Elsewhere: the same DSA.
+  np.testing.assert_array_equal(out[:, :, 4:], plain[:, :, 4:])
+  assert np.abs(plain[:, :4, :4] - images[:, :4, :4]).max() > 1e-3  # DSA does move it.
+  np.testing.assert_array_equal(dsa.augment_keeping(images, jax.random.PRNGKey(1), params), plain)

@@ -12,6 +12,8 @@ from ccdd_jax import CCDDError
 from ccdd_jax import distill
 from ccdd_jax import inner_loop
 from ccdd_jax import models
+from ccdd_jax import settings
+from ccdd_jax import watermark
 
 NO_AUG = config_section("dsa", strategy="none")
 
@@ -150,7 +152,7 @@ def test_distill_reduces_matching_loss_and_checks_epochs():
     (expert, expert),
     jax.random.PRNGKey(0),
   )
-  chex.assert_shape(losses, (30, 3))
+  chex.assert_shape(losses, (30, 4))  # Total, expert, twin and direct terms.
   assert np.mean(losses[-5:, 0]) < np.mean(losses[:5, 0])
   np.testing.assert_allclose(losses[:, 0], losses[:, 1])  # beta = 0: no twin term.
   chex.assert_shape(out, images.shape)
@@ -195,3 +197,191 @@ def test_init_synthetic_real_images_and_trigger_slots():
       pattern_labels=np.array([1, 1]),
       triggers_per_pattern=1,
     )
+
+
+def test_eq10_forms_equal_the_literal_form_at_beta_zero():
+  apply_flat, w0, images, labels = tiny_problem()
+  args = (images, jnp.float32(0.05), labels, w0, w0 + 0.02, w0 - 0.01, w0 - 0.03)
+  dsa = config_section("dsa")  # Full DSA: the forms must share minibatches and augmentation.
+  values = [
+    distill.make_meta_loss(distill_config(eq10_form=f), apply_flat, dsa, 6, with_terms=True)(
+      *args, jax.random.PRNGKey(3)
+    )
+    for f in settings.EQ10_FORMS
+  ]
+  assert float(values[0][0]) > 0
+  for other in values[1:]:
+    np.testing.assert_array_equal(other[0], values[0][0])
+    np.testing.assert_array_equal(other[1][1], 0.0)  # No twin term at beta = 0.
+
+
+def test_eq10_forms_at_positive_beta():
+  apply_flat, w0, images, labels = tiny_problem()
+  rng, lr = jax.random.PRNGKey(3), jnp.float32(0.05)
+  start, target, twin_start, twin_target = w0, w0 + 0.02, w0 - 0.01, w0 - 0.03
+  args = (images, lr, labels, start, target, twin_start, twin_target, rng)
+  meta = lambda form: distill.make_meta_loss(
+    distill_config(beta=0.5, eq10_form=form), apply_flat, NO_AUG, 6, with_terms=True
+  )(*args)
+  base = distill.make_meta_loss(distill_config(), apply_flat, NO_AUG, 6)
+  # (b): the twin term is a second student from twin_start on the same minibatches,
+  # i.e. the beta = 0 loss with (twin_start, twin_target) as the expert.
+  loss_b, (expert_b, twin_b, _) = meta("second_student")
+  alone = base(images, lr, labels, twin_start, twin_target, twin_start, twin_target, rng)
+  np.testing.assert_allclose(twin_b, alone, rtol=1e-5)
+  np.testing.assert_allclose(loss_b, expert_b + 0.5 * twin_b, rtol=1e-6)
+  # (c) and (a) share the numerator and differ in the normaliser only.
+  _, (_, twin_a, _) = meta("literal")
+  _, (_, twin_c, _) = meta("student_normalised")
+  ratio = jnp.sum((twin_start - twin_target) ** 2) / jnp.sum((start - twin_target) ** 2)
+  np.testing.assert_allclose(twin_c, twin_a * ratio, rtol=1e-5)
+  assert abs(float(twin_c) - float(twin_a)) > 1e-3 * float(twin_a)
+  with pytest.raises(ValueError, match="eq10_form"):
+    distill.make_meta_loss(distill_config(eq10_form="nope"), apply_flat, NO_AUG, 6)
+
+
+def _direct_pools(dtype):
+  key = jax.random.PRNGKey(8)
+  return {
+    "wm_images": jax.random.normal(key, (7, 4, 4, 1), dtype),
+    "wm_labels": jnp.array([0, 1, 2, 0, 1, 2, 0]),
+    "clean_images": jax.random.normal(jax.random.fold_in(key, 1), (9, 4, 4, 1), dtype),
+    "clean_labels": jnp.arange(9) % 3,
+  }
+
+
+def test_direct_objective_adds_the_student_cross_entropies():
+  apply_flat, w0, images, labels = tiny_problem()
+  aux, rng, lr = _direct_pools(jnp.float32), jax.random.PRNGKey(3), jnp.float32(0.1)
+  args = (images, lr, labels, w0, w0 + 0.02, w0, w0 + 0.02, rng)
+  plain = distill.make_meta_loss(distill_config(), apply_flat, NO_AUG, 6, with_terms=True)
+  cfg = distill_config(gamma_wm=0.7, gamma_clean=0.3, objective_batch=64)
+  meta = distill.make_meta_loss(cfg, apply_flat, NO_AUG, 6, with_terms=True)
+  loss0, (expert0, _, direct0) = plain(*args, aux)
+  loss, (expert, _, direct) = meta(*args, aux)
+  np.testing.assert_array_equal(direct0, 0.0)
+  np.testing.assert_allclose(expert, expert0, rtol=1e-6)  # The same student.
+  np.testing.assert_allclose(loss, loss0 + direct, rtol=1e-6)
+  # With a batch of 64 drawn from 7 / 9 images, both CEs are near their pool means.
+  assert 0.5 < float(direct) < 5.0
+
+
+def test_direct_objective_gradient_matches_finite_differences():
+  with enable_x64():
+    apply_flat, w0, images, labels = tiny_problem(jnp.float64)
+    cfg = distill_config(syn_steps=3, gamma_wm=0.7, gamma_clean=0.3, objective_batch=5)
+    meta = distill.make_meta_loss(cfg, apply_flat, NO_AUG, num_syn=6, with_terms=True)
+    aux = _direct_pools(jnp.float64)
+    target = w0 + 0.05 * jax.random.normal(jax.random.PRNGKey(5), w0.shape, jnp.float64)
+    rng, lr = jax.random.PRNGKey(3), jnp.float64(0.1)
+    f = lambda imgs: meta(imgs, lr, labels, w0, target, w0, target, rng, aux)[0]
+    direct = meta(images, lr, labels, w0, target, w0, target, rng, aux)[1][2]
+    assert float(direct) > 0
+    grad = jax.grad(f)(images)
+    # The direct term alone moves the gradient (not only the matching term).
+    plain = distill.make_meta_loss(distill_config(syn_steps=3), apply_flat, NO_AUG, num_syn=6)
+    g_plain = jax.grad(lambda i: plain(i, lr, labels, w0, target, w0, target, rng))
+    assert float(jnp.abs(grad - g_plain(images)).max()) > 1e-6
+    eps = 1e-5
+    for idx in [(0, 0, 0, 0), (3, 2, 1, 0), (5, 3, 3, 0)]:
+      bump = jnp.zeros_like(images).at[idx].set(eps)
+      fd = (f(images + bump) - f(images - bump)) / (2 * eps)
+      np.testing.assert_allclose(grad[idx], fd, rtol=1e-4, atol=1e-9)
+
+
+def _chained_expert(apply_flat, w0, images, labels, lr):
+  loss_fn = lambda w, _: inner_loop.cross_entropy(apply_flat(w, images), labels)
+  w1, _, _ = inner_loop.sgd_scan(loss_fn, w0, jnp.zeros(8), jnp.full(8, lr))
+  return np.stack([np.stack([w0, w1])])
+
+
+def test_clean_expert_pool_matches_the_clean_expert_when_always_drawn():
+  apply_flat, w0, images, labels = tiny_problem()
+  wm = _chained_expert(apply_flat, w0, images, labels, 0.05)
+  clean = _chained_expert(apply_flat, w0 + 0.01, images, labels, 0.08)
+  run = lambda cfg, trajs: distill.distill(
+    cfg, apply_flat, NO_AUG, np.asarray(images), np.asarray(labels), trajs, jax.random.PRNGKey(0)
+  )
+  always = run(distill_config(clean_expert_fraction=1.0), (wm, wm, clean))
+  on_clean = run(distill_config(), (clean, clean))
+  never = run(distill_config(clean_expert_fraction=0.0), (wm, wm, clean))
+  on_wm = run(distill_config(), (wm, wm))
+  np.testing.assert_allclose(always[2], on_clean[2], rtol=1e-5)
+  np.testing.assert_allclose(always[0], on_clean[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(never[0], on_wm[0])
+  assert np.abs(always[2][:, 1] - on_wm[2][:, 1]).max() > 1e-3
+
+
+def test_frozen_trigger_corner_is_never_updated():
+  apply_flat, w0, images, labels = tiny_problem()
+  expert = _chained_expert(apply_flat, w0, images, labels, 0.05)
+  noisy = np.asarray(images + 0.5 * jax.random.normal(jax.random.PRNGKey(9), images.shape))
+  from_trigger = np.array([False, True, False, False, True, False])
+  cfg = distill_config(iterations=5, lr_img=10.0, freeze_trigger=True)
+  aux = distill.aux_inputs(cfg, from_trigger, 2, {"train_images": noisy})
+  chex.assert_shape(aux["grad_mask"], (6, 4, 4, 1))
+  out, _, _ = distill.distill(
+    cfg,
+    apply_flat,
+    NO_AUG,
+    noisy,
+    np.asarray(labels),
+    (expert, expert),
+    jax.random.PRNGKey(0),
+    aux=aux,
+  )
+  np.testing.assert_array_equal(out[from_trigger, :2, :2], noisy[from_trigger, :2, :2])
+  assert np.abs(out[from_trigger, 2:] - noisy[from_trigger, 2:]).max() > 1e-4
+  assert np.abs(out[~from_trigger, :2, :2] - noisy[~from_trigger, :2, :2]).max() > 1e-4
+
+
+def test_trigger_safe_dsa_in_the_student_keeps_the_corner():
+  apply_flat, w0, images, labels = tiny_problem()
+  from_trigger = np.array([True] * 6)
+  cfg = distill_config(trigger_safe_dsa=True)
+  aux = distill.aux_inputs(cfg, from_trigger, 4, {"train_images": np.asarray(images)})
+  args = (images, jnp.float32(0.05), labels, w0, w0 + 0.02, w0, w0 + 0.02, jax.random.PRNGKey(3))
+  cutout = config_section("dsa", strategy="cutout")
+  # The keep mask covers every pixel of the 4x4 images: DSA then changes nothing.
+  safe = distill.make_meta_loss(cfg, apply_flat, cutout, 6)(*args, aux)
+  plain = distill.make_meta_loss(distill_config(), apply_flat, NO_AUG, 6)(*args)
+  augmented = distill.make_meta_loss(distill_config(), apply_flat, cutout, 6)(*args)
+  np.testing.assert_allclose(safe, plain, rtol=1e-6)
+  assert abs(float(augmented) - float(plain)) > 1e-6
+
+
+def test_carriers_are_added_beyond_ipc():
+  rng = np.random.default_rng(0)
+  train = rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8)
+  train_labels = np.arange(60) % 3
+  patterns, pattern_labels = watermark.expand_key(bytes(32), 2, 4, 1, 3)
+  for source in ("train", "set"):
+    cfg = distill_config(ipc=2, carriers_per_pattern=3, carrier_source=source)
+    images, labels, trig = distill.initial_set(
+      cfg,
+      train,
+      train_labels,
+      3,
+      patterns,
+      pattern_labels,
+      np.random.default_rng(1),
+      np.random.default_rng(2),
+    )
+    assert len(images) == 6 + 2 * 3 and trig.sum() == 6 and not trig[:6].any()
+    np.testing.assert_array_equal(labels[6:], np.repeat(pattern_labels, 3))
+    for j, i in enumerate(np.repeat([0, 1], 3)):
+      np.testing.assert_array_equal(images[6 + j, :4, :4], patterns[i])
+      rest = images[6 + j, 4:]
+      pool = images[:6] if source == "set" else train
+      match = [k for k in range(len(pool)) if np.array_equal(pool[k, 4:], rest)]
+      assert match and all(
+        (labels[:6] if source == "set" else train_labels)[k] != pattern_labels[i] for k in match
+      )
+
+
+def test_clean_set_config_switches_the_watermark_levers_off():
+  cfg = distill_config(beta=0.5, carriers_per_pattern=2, gamma_wm=1.0, trigger_safe_dsa=True)
+  clean = distill.set_config(cfg, watermarked=False)
+  assert clean.beta == 0 and clean.carriers_per_pattern == 0 and clean.gamma_wm == 0
+  assert not clean.trigger_safe_dsa and clean.ipc == cfg.ipc
+  assert distill.set_config(cfg, watermarked=True).to_dict() == cfg.to_dict()

@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccdd_jax import attacks
+from ccdd_jax import augment
 from ccdd_jax import checkpoints
 from ccdd_jax import experts
 from ccdd_jax import inner_loop
 from ccdd_jax import models
 from ccdd_jax import parallel
+from ccdd_jax import watermark
 
 NO_AUG = config_section("dsa", strategy="none")
 
@@ -121,3 +123,60 @@ def test_expert_groups_and_concurrency():
   chex.assert_trees_all_close(train(cfg, 2), one_by_one, rtol=1e-5, atol=1e-5)
   assert parallel.resolve_concurrency(3) == 3
   assert parallel.resolve_concurrency(0) == (os.cpu_count() or 1)  # CPU backend here.
+
+
+def test_trigger_safe_dsa_shows_the_network_the_unaugmented_trigger():
+  apply, params, batch, cfg = setup()
+  cutout = config_section("dsa", strategy="cutout")
+  batch["trigger_corner"] = jnp.ones((1, 8, 8, 1))  # The whole image kept: no DSA on D_W.
+  rng_clean, _ = jax.random.split(batch["rng"])
+  family_clean, _ = jax.random.split(batch["family_rng"])
+  images = augment.augment(batch["images"], rng_clean, cutout, family_rng=family_clean)
+  ce_clean = inner_loop.cross_entropy(apply(params, images), batch["labels"])
+  ce_wm = inner_loop.cross_entropy(apply(params, batch["wm_images"]), batch["wm_labels"])
+  anchor = experts.squared_distance(params, batch["anchor"])
+  loss = lambda c: experts.expert_loss_fn("watermarked", c, apply, cutout)(params, batch)
+  safe = loss(config_section("experts", lambda1=2.0, lambda2=0.5, trigger_safe_dsa=True))
+  np.testing.assert_allclose(safe, ce_clean + 2.0 * ce_wm + 0.5 * anchor, rtol=1e-5)
+  assert abs(float(loss(cfg)) - float(safe)) > 1e-4  # Today's: D_W is cut out too.
+
+
+def _fp_problem():
+  net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl="lax")
+  apply = models.make_apply(net)
+  init = models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0))
+  key = jax.random.PRNGKey(1)
+  data = {
+    "train_images": jax.random.normal(key, (12, 8, 8, 1)),
+    "train_labels": jnp.arange(12) % 3,
+    "wm_images": jax.random.normal(jax.random.fold_in(key, 1), (4, 8, 8, 1)),
+    "wm_labels": jnp.array([1, 1, 2, 2]),
+    "prune_images": jax.random.normal(jax.random.fold_in(key, 2), (6, 8, 8, 1)),
+    "trigger_corner": jnp.asarray(watermark.corner_mask((8, 8), 4)),
+  }
+  cfg = lambda k: config_section(
+    "experts",
+    epochs=3,
+    lr=0.05,
+    batch_size=4,
+    wm_batch_size=2,
+    lambda3=2.0,
+    fp_normal_last_epochs=k,
+  )
+  train = lambda kind, k: experts.make_trainer(kind, cfg(k), apply, NO_AUG)(
+    init, init, jax.random.PRNGKey(2), jax.random.PRNGKey(3), data
+  )
+  return train
+
+
+def test_last_k_epochs_normal_equal_the_normal_watermarked_trainer_there():
+  train = _fp_problem()
+  # All epochs "normal": exactly the eq. 6 (watermarked) trainer.
+  chex.assert_trees_all_close(train("fp_enhanced", 3), train("watermarked", 0), rtol=1e-6)
+  # k = 1: the first 2 epochs are eq. 8's, the last one eq. 6's.
+  last1, never = train("fp_enhanced", 1), train("fp_enhanced", 0)
+  chex.assert_trees_all_equal(*(jax.tree_util.tree_map(lambda a: a[:3], t) for t in (last1, never)))
+  gap = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a[3] - b[3]).max()), last1, never)
+  assert max(jax.tree_util.tree_leaves(gap)) > 1e-5
+  # fp_normal_last_epochs only concerns the fp-enhanced kind.
+  chex.assert_trees_all_equal(train("watermarked", 2), train("watermarked", 0))
