@@ -18,8 +18,11 @@ from ccdd_jax import CCDDError
 from ccdd_jax import checkpoints
 from ccdd_jax import data
 from ccdd_jax import evaluate as evaluate_lib
+from ccdd_jax import manifest
 from ccdd_jax import models
 from ccdd_jax import preprocess
+from ccdd_jax import reporting
+from ccdd_jax import resume
 from ccdd_jax import threats
 from ccdd_jax import watermark
 from ccdd_jax import workdir as workdir_lib
@@ -35,6 +38,11 @@ class Context:
     self.dataset = ds = data.load_dataset(config.data)
     self.net = models.build_network(config.model.name, ds.num_classes, ds.image_shape, config.model)
     self.patch_size = config.watermark.patch_size or ds.image_shape[0] // 2  # Paper, Stage I.
+    if self.patch_size > min(ds.image_shape[:2]):
+      raise CCDDError(
+        f"invalid config: watermark.patch_size = {self.patch_size} is larger than the "
+        f"{ds.image_shape[0]}x{ds.image_shape[1]} images of {ds.name}"
+      )
     self.preprocess = preprocess.fit_preprocessor(
       ds.train_images,
       zca=config.data.zca,
@@ -65,6 +73,46 @@ class Context:
   def key(self) -> bytes:
     """The owner's secret key, read once from the key file."""
     return watermark.read_key_file(self.key_file)
+
+  def report_header(self, timings: dict) -> dict:
+    """report.json's run-level fields (reporting.report_header) for this run."""
+    ds = self.dataset
+    fingerprint = watermark.key_fingerprint(self.key)
+    args = (ds.name, ds.num_classes, self.patch_size, fingerprint, timings)
+    return reporting.report_header(self.config, *args)
+
+  def fields(self) -> dict:
+    """The manifest's fields of this run (the key's fingerprint is None before keygen)."""
+    fp = watermark.key_fingerprint(self.key) if self.key_file.exists() else None
+    return manifest.record(self.config, fp, self.dataset.num_classes)
+
+  def fingerprint(self, stage: str) -> str:
+    """The tag of `stage`'s resume state: the fields its results depend on (manifest.py)."""
+    return manifest.fingerprint(self.fields(), stage)
+
+  def check_inputs(self, stage: str) -> None:
+    """Before any long work: every input `stage` reads exists and fits (one-line CCDDError)."""
+    cfg, root = self.config, workdir_lib.trajectories_dir(self.workdir)
+    if stage == "distill":
+      epochs = cfg.distill.max_start_epoch + cfg.distill.expert_epochs + 1
+      kinds = (
+        ("watermarked", "fp_enhanced", "clean") if cfg.distill.beta else ("watermarked", "clean")
+      )
+      like = self.net.like_params()
+      resume.check_experts(root, kinds, like, epochs, cfg.experts.num_experts)
+    elif stage == "evaluate":
+      ds = self.dataset
+      resume.check_distilled(
+        self.workdir, ("distilled", "clean_distilled"), ds.image_shape, ds.num_classes
+      )
+    elif stage in ("verify", "attacks"):
+      evaluation = resume.read_json_checked(self.workdir / "evaluation.json")
+      if not evaluation:
+        raise CCDDError(f"no evaluated networks in {self.workdir}: run --stage=evaluate first")
+      pairs = [(a, n) for a, sets in evaluation.items() for n in sets]
+      if stage == "attacks":
+        pairs = [(cfg.model.name, n) for n in threats.parse_list(cfg.attacks.sets)]
+      resume.check_networks(self.workdir, pairs)
 
   def patterns(self, key: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Trigger patterns and labels of `key` (default: the owner's)."""

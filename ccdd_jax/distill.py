@@ -42,6 +42,9 @@ from ccdd_jax import inner_loop
 from ccdd_jax import watermark
 from ccdd_jax.settings import EQ10_FORMS
 
+# Columns of the loss history: the total, eq. 10's expert and twin terms, the direct objective.
+HISTORY_COLUMNS = 4
+
 # The levers a clean distilled set never uses, with their "off" values.
 WATERMARK_ONLY = {
   "beta": 0.0,
@@ -418,11 +421,17 @@ def distill(
   rng: jax.Array,
   progress: Callable[[int, float], None] | None = None,
   aux: dict | None = None,
+  store: Any = None,
 ) -> tuple[np.ndarray, float, np.ndarray]:
   """Runs all distillation iterations; returns images, learned lr, history [it, 4].
 
   The history holds the total loss and its terms (eq. 10's expert and twin
   terms, the direct objective) per iteration. `aux`: see make_distill_update.
+  With a `store` (resume.DistillStore) the state is saved every
+  `distill.checkpoint_every` iterations and at the end, and a saved state is
+  resumed from; iteration i's key is the i-th split of `rng` whatever the start,
+  so a resumed run is bitwise the uninterrupted one. A non-finite loss stops
+  the run at the next check (each save, and the end): the last good state stays saved.
   """
   needed = distill_config.max_start_epoch + distill_config.expert_epochs
   available = trajectories[0].shape[1] - 1
@@ -433,21 +442,55 @@ def distill(
     )
   step = make_distill_step(distill_config, apply_flat, dsa_config, init_images.shape[0])
   state = init_state(distill_config, init_images, labels)
+  start, losses = 0, []
+  if store is not None and (saved := store.restore(_saved(state, [], rng))) is not None:
+    if not np.array_equal(saved["rng"], _key_bits(rng)):
+      raise CCDDError(f"the distillation checkpoint in {store.path} was made with another seed")
+    state, losses = jax.device_put(saved["state"]), list(saved["losses"])
+    start = len(losses)
   trajectories = jax.device_put(tuple(trajectories))
   aux = jax.device_put({k: np.asarray(v) for k, v in (aux or {}).items()})
   rngs = list(jax.random.split(rng, distill_config.iterations))  # Device keys, sliced once.
-  losses = []
-  for it, rng_it in enumerate(rngs):
+  every, checked = distill_config.get("checkpoint_every", 0), start
+  for it in range(start, distill_config.iterations):
     # Nothing crosses between host and device here: an accidental transfer
     # (a NumPy input, a Python scalar argument) is an error, not a slowdown.
     with jax.transfer_guard("disallow"):
-      state, loss = step(state, trajectories, rng_it, aux)
+      state, loss = step(state, trajectories, rngs[it], aux)
     losses.append(loss)
     if progress is not None:
       progress(it, loss[0])  # A device scalar: the callback decides when to fetch it.
+    if store is not None and ((every and (it + 1) % every == 0) or it + 1 == len(rngs)):
+      _check_finite(losses, checked, store)
+      store.save(it + 1, _saved(state, losses, rng))
+      checked = it + 1
+  _check_finite(losses, checked, store)
   losses = np.asarray(jax.device_get(losses), np.float64)
-  if not np.all(np.isfinite(losses)):
-    raise CCDDError(
-      "distillation diverged (non-finite matching loss): lower distill.lr_img or distill.lr_lr"
-    )
   return np.asarray(state["images"]), float(state["lr"]), losses
+
+
+def _saved(state: dict, losses: list, rng: jax.Array) -> dict:
+  """What a distillation checkpoint holds: the state, eq. 10's history, the run's PRNG key."""
+  return {
+    "state": state,
+    "losses": np.asarray(jax.device_get(losses), np.float32).reshape(-1, HISTORY_COLUMNS),
+    "rng": _key_bits(rng),
+  }
+
+
+def _key_bits(rng: jax.Array) -> np.ndarray:
+  """The uint32 words of a PRNG key (raw or typed)."""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return np.asarray(jax.random.key_data(rng) if typed else rng)
+
+
+def _check_finite(losses: list, since: int, store: Any) -> None:
+  """Raises a one-line CCDDError naming the first iteration >= `since` with a non-finite loss."""
+  recent = np.asarray(jax.device_get(losses[since:]), np.float64).reshape(-1, HISTORY_COLUMNS)
+  bad = np.flatnonzero(~np.all(np.isfinite(recent), axis=1))
+  if len(bad):
+    kept = f"; the state after iteration {since} is kept in {store.path}" if store and since else ""
+    raise CCDDError(
+      f"distillation diverged at iteration {since + bad[0] + 1} (non-finite matching loss)"
+      f"{kept}: lower distill.lr_img or distill.lr_lr"
+    )

@@ -22,11 +22,12 @@ several groups at once on a thread pool (`train_experts`).
 
 from collections.abc import Callable
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ccdd_jax import attacks
 from ccdd_jax import augment
@@ -78,6 +79,63 @@ def expert_loss_fn(
   return loss_fn
 
 
+def make_epoch_trainer(
+  kind: str,
+  expert_config: ml_collections.ConfigDict,
+  apply_fn,
+  dsa_config: ml_collections.ConfigDict,
+  unroll: int = 1,
+):
+  """Returns `epoch(params, anchor, rng_epoch, family_epoch, epoch_index, data) -> params`.
+
+  One epoch of `make_trainer`; the resumable trainer calls it once per epoch.
+  `epoch_index` (an int32 scalar, 0-based) decides whether eq. 8 applies in the
+  last `experts.fp_normal_last_epochs` epochs of fine-pruning-enhanced experts.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"unknown expert kind {kind!r}")
+  loss_fn = expert_loss_fn(kind, expert_config, apply_fn, dsa_config)
+  normal_last = expert_config.fp_normal_last_epochs if kind == "fp_enhanced" else 0
+
+  def epoch(params, anchor, rng_epoch, family_epoch, epoch_index, data):
+    num_train = data["train_labels"].shape[0]
+    num_wm = data["wm_labels"].shape[0]
+    rng_perm, rng_wm, rng_aug = jax.random.split(rng_epoch, 3)
+    batches = inner_loop.epoch_batches(rng_perm, num_train, expert_config.batch_size)
+    steps = batches.shape[0]
+    step_inputs = {
+      "images": data["train_images"][batches],
+      "labels": data["train_labels"][batches],
+      "rng": jax.random.split(rng_aug, steps),
+      "family_rng": jax.random.split(family_epoch, steps),
+    }
+    if kind != "clean":
+      wm_idx = jax.random.randint(rng_wm, (steps, expert_config.wm_batch_size), 0, num_wm)
+      step_inputs["wm_images"] = data["wm_images"][wm_idx]
+      step_inputs["wm_labels"] = data["wm_labels"][wm_idx]
+    # Constant per epoch; broadcast so the step function sees them per step.
+    constants = {"anchor": anchor}
+    if kind != "clean" and expert_config.trigger_safe_dsa:
+      constants["trigger_corner"] = data["trigger_corner"]
+    if normal_last:
+      enhance = epoch_index < expert_config.epochs - normal_last
+      constants["enhance"] = enhance.astype(jnp.float32)
+    if kind == "fp_enhanced":
+      activations = attacks.channel_activations(apply_fn, params, data["prune_images"])
+      constants["channel_mask"] = attacks.prune_mask(activations, expert_config.prune_ratio)
+
+    def step_loss(p, step_input):
+      return loss_fn(p, {**step_input, **constants})
+
+    lrs = jnp.full((steps,), expert_config.lr, jnp.float32)
+    params, _, _ = inner_loop.sgd_scan(
+      step_loss, params, step_inputs, lrs, momentum=expert_config.momentum, unroll=unroll
+    )
+    return params
+
+  return epoch
+
+
 def make_trainer(
   kind: str,
   expert_config: ml_collections.ConfigDict,
@@ -96,49 +154,11 @@ def make_trainer(
   `experts.trigger_safe_dsa` is set. The result has a leading axis of epochs + 1 (epoch 0 =
   the initial parameters).
   """
-  if kind not in KINDS:
-    raise ValueError(f"unknown expert kind {kind!r}")
-  loss_fn = expert_loss_fn(kind, expert_config, apply_fn, dsa_config)
-  normal_last = expert_config.fp_normal_last_epochs if kind == "fp_enhanced" else 0
+  one_epoch = make_epoch_trainer(kind, expert_config, apply_fn, dsa_config, unroll)
 
   def train(init_params, anchor, rng, family_rng, data):
-    num_train = data["train_labels"].shape[0]
-    num_wm = data["wm_labels"].shape[0]
-
     def epoch(params, rngs):
-      rng_epoch, family_epoch, epoch_index = rngs
-      rng_perm, rng_wm, rng_aug = jax.random.split(rng_epoch, 3)
-      batches = inner_loop.epoch_batches(rng_perm, num_train, expert_config.batch_size)
-      steps = batches.shape[0]
-      step_inputs = {
-        "images": data["train_images"][batches],
-        "labels": data["train_labels"][batches],
-        "rng": jax.random.split(rng_aug, steps),
-        "family_rng": jax.random.split(family_epoch, steps),
-      }
-      if kind != "clean":
-        wm_idx = jax.random.randint(rng_wm, (steps, expert_config.wm_batch_size), 0, num_wm)
-        step_inputs["wm_images"] = data["wm_images"][wm_idx]
-        step_inputs["wm_labels"] = data["wm_labels"][wm_idx]
-      # Constant per epoch; broadcast so the step function sees them per step.
-      constants = {"anchor": anchor}
-      if kind != "clean" and expert_config.trigger_safe_dsa:
-        constants["trigger_corner"] = data["trigger_corner"]
-      if normal_last:
-        constants["enhance"] = (epoch_index < expert_config.epochs - normal_last).astype(
-          jnp.float32
-        )
-      if kind == "fp_enhanced":
-        activations = attacks.channel_activations(apply_fn, params, data["prune_images"])
-        constants["channel_mask"] = attacks.prune_mask(activations, expert_config.prune_ratio)
-
-      def step_loss(p, step_input):
-        return loss_fn(p, {**step_input, **constants})
-
-      lrs = jnp.full((steps,), expert_config.lr, jnp.float32)
-      params, _, _ = inner_loop.sgd_scan(
-        step_loss, params, step_inputs, lrs, momentum=expert_config.momentum, unroll=unroll
-      )
+      params = one_epoch(params, anchor, *rngs, data)
       return params, params
 
     _, trajectory = jax.lax.scan(
@@ -242,3 +262,118 @@ def train_kinds(
     if kind == "clean":
       anchors = jax.tree_util.tree_map(lambda x: x[:, -1], stacked)
     yield kind, stacked
+
+
+class ExpertStore(Protocol):
+  """Where `train_experts_resumable` keeps groups: finished ones and each epoch (resume.py)."""
+
+  def finished(self, kind: str, start: int, size: int) -> bool: ...
+
+  def epochs_done(self, kind: str, start: int, size: int) -> list: ...
+
+  def save_epoch(self, kind: str, start: int, epoch: int, params: Any) -> None: ...
+
+  def finish(self, kind: str, start: int, trajectory: Any) -> None: ...
+
+  def final_params(self, kind: str) -> Any: ...
+
+
+def train_experts_resumable(
+  kind: str,
+  expert_config: ml_collections.ConfigDict,
+  apply_fn,
+  dsa_config: ml_collections.ConfigDict,
+  init_params: Any,
+  anchors: Any,
+  rng: jax.Array,
+  data: dict,
+  store: ExpertStore,
+  *,
+  concurrency: int = 0,
+  on_group_done: Callable[[int, int], None] | None = None,
+) -> None:
+  """`train_experts`, one jitted epoch at a time: each epoch of each group goes to `store`.
+
+  Groups the store has finished are skipped; a group it holds epochs of
+  continues after the last one. Every epoch's keys are those `make_trainer`
+  splits from expert i's key (by index, never from a consumed stream), and a
+  group is always the same experts, so a resumed run equals an uninterrupted
+  one bit for bit (both run this same per-epoch program). The trajectories
+  [size, epochs + 1, ...] go to `store.finish`, not back to the caller.
+  """
+  epoch_fn = jax.jit(
+    jax.vmap(
+      make_epoch_trainer(kind, expert_config, apply_fn, dsa_config),
+      in_axes=(0, 0, 0, None, None, None),
+    )
+  )
+  num_experts = jax.tree_util.tree_leaves(init_params)[0].shape[0]
+  epochs = expert_config.epochs
+  rng, family_rng = jax.random.split(rng)
+  epoch_rngs = jax.vmap(lambda r: jax.random.split(r, epochs))(jax.random.split(rng, num_experts))
+  family_rngs = jax.random.split(family_rng, epochs)
+  group = expert_config.get("group_size", 0) or num_experts
+  take = lambda tree, s: jax.tree_util.tree_map(lambda x: x[s : s + group], tree)
+  starts = [s for s in range(0, num_experts, group)]
+  sizes = {s: min(group, num_experts - s) for s in starts}
+  todo = [s for s in starts if not store.finished(kind, s, sizes[s])]
+  compiled = {}  # Compiled before the threads start, once per group size.
+  for s in todo:
+    if sizes[s] not in compiled:
+      args = (take(init_params, s), take(anchors, s), epoch_rngs[s : s + group, 0], family_rngs[0])
+      compiled[sizes[s]] = epoch_fn.lower(*args, jnp.int32(0), data).compile()
+
+  def run_group(s):
+    done = store.epochs_done(kind, s, sizes[s])
+    params = done[-1] if done else take(init_params, s)
+    for e in range(len(done), epochs):
+      params = jax.device_get(
+        compiled[sizes[s]](
+          params,
+          take(anchors, s),
+          epoch_rngs[s : s + group, e],
+          family_rngs[e],
+          jnp.int32(e),
+          data,
+        )
+      )
+      store.save_epoch(kind, s, e + 1, params)
+      done.append(params)
+    init = jax.device_get(take(init_params, s))
+    store.finish(kind, s, jax.tree_util.tree_map(lambda *xs: np.stack(xs, 1), init, *done))
+
+  parallel.run_concurrently(
+    run_group, [(s,) for s in todo], parallel.resolve_concurrency(concurrency), on_group_done
+  )
+
+
+def train_kinds_resumable(
+  expert_config: ml_collections.ConfigDict,
+  apply_fn,
+  dsa_config: ml_collections.ConfigDict,
+  init_params: Any,
+  rng: jax.Array,
+  data: dict,
+  store: Any,
+  concurrency: int = 0,
+  on_group_done: Callable[[str, int, int], None] | None = None,
+) -> None:
+  """`train_kinds` through `train_experts_resumable`; theta0 = `store.final_params("clean")`."""
+  anchors = init_params  # Unused by clean experts.
+  for i, kind in enumerate(KINDS):
+    progress = None if on_group_done is None else functools.partial(on_group_done, kind)
+    train_experts_resumable(
+      kind,
+      expert_config,
+      apply_fn,
+      dsa_config,
+      init_params,
+      anchors,
+      jax.random.fold_in(rng, i),
+      data,
+      store,
+      concurrency=concurrency,
+      on_group_done=progress,
+    )
+    if kind == "clean":
+      anchors = store.final_params("clean")

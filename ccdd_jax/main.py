@@ -9,6 +9,9 @@ r"""Runs the CCDD pipeline: python -m ccdd_jax.main --workdir runs/demo [--stage
 --predictions FILE  with --stage=verify: a black-box suspect's classes for
                     queries.npz (.npy, or one integer per line)
 --commitment FILE   refuse a key that does not match this published commitment
+--fresh  start over: remove the workdir's outputs (not the key) first; without
+         it a rerun resumes where the last run stopped, and a workdir made
+         with another config is refused (naming the differing fields)
 """
 
 import os
@@ -75,6 +78,9 @@ _PREDICTIONS = flags.DEFINE_string(
   "With --stage=verify: a black-box suspect's predicted classes for <workdir>/queries.npz, "
   "in its order (.npy, or a text file with one integer per line).",
 )
+_FRESH = flags.DEFINE_bool(
+  "fresh", False, "Remove the workdir's outputs (not the key) and start over; default: resume."
+)
 _COMMITMENT = flags.DEFINE_string(
   "commitment", None, "A published key commitment (owner.commitment); other keys are refused."
 )
@@ -98,6 +104,7 @@ def main(argv):
       _KEY_FILE.value,
       predictions=_PREDICTIONS.value,
       commitment=_COMMITMENT.value,
+      fresh=_FRESH.value,
     )
   except CCDDError as e:
     one_line_exit(e)

@@ -8,7 +8,7 @@
   verify    -> verification.json, report.json, report.md (--predictions: verification_blackbox.json)
   attacks   -> attacks.json, attacks.png, report.md's attacks table (not in all; after evaluate)
 
-Each stage reads only what earlier stages wrote, so any stage can be rerun.
+Each stage reads only what earlier stages wrote; a rerun resumes (resume.py, manifest.py).
 This module only orchestrates: the method lives in experts, distill,
 evaluate and watermark; I/O in checkpoints, workdir and reporting.
 """
@@ -27,9 +27,11 @@ from ccdd_jax import context
 from ccdd_jax import distill as distill_lib
 from ccdd_jax import evaluate as evaluate_lib
 from ccdd_jax import experts as experts_lib
+from ccdd_jax import manifest
 from ccdd_jax import models
 from ccdd_jax import parallel
 from ccdd_jax import reporting
+from ccdd_jax import resume
 from ccdd_jax import settings
 from ccdd_jax import threats
 from ccdd_jax import watermark
@@ -62,40 +64,28 @@ def stage_queries(ctx: Context) -> dict:
 
 
 def stage_experts(ctx: Context) -> dict:
-  """Trains clean, watermarked and fine-pruning-enhanced experts; saves trajectories."""
-  cfg, num = ctx.config, len(ctx.dataset.train_labels)
+  """Trains clean, watermarked and fine-pruning-enhanced experts; saves trajectories (resumes)."""
+  cfg, num, e = ctx.config, len(ctx.dataset.train_labels), ctx.config.experts
   rng_init, rng_train = jax.random.split(jax.random.fold_in(ctx.rng, 1))
-  init = ctx.net.init_params(rng_init, cfg.experts.num_experts)
+  init = ctx.net.init_params(rng_init, e.num_experts)
   inputs, num_wm = ctx.expert_inputs, len(ctx.watermark_set[1])
-  summary = {"d_w_size": num_wm, "d_c_size": num}
+  args = (ctx.fingerprint("experts"), ctx.net.like_params(), e.num_experts, e.epochs)
+  store = resume.ExpertStore(ctx.workdir, *args, ctx.accuracy_and_acc_w)
+  if done := store.describe(e.num_experts):
+    log(f"[experts] resuming: {done}")
   log(
-    f"[experts] {cfg.experts.num_experts} experts per kind x {cfg.experts.epochs} epochs "
+    f"[experts] {e.num_experts} experts per kind x {e.epochs} epochs "
     f"(|D_C| = {num}, |D_W| = {num_wm}) ..."
   )
   start, progress = time.time(), reporting.group_progress("experts")
-  kinds = experts_lib.train_kinds(
-    cfg.experts, ctx.net.apply, cfg.dsa, init, rng_train, inputs, cfg.concurrency, progress
+  experts_lib.train_kinds_resumable(
+    e, ctx.net.apply, cfg.dsa, init, rng_train, inputs, store, cfg.concurrency, progress
   )
-  for kind, stacked in kinds:
-    acc, acc_w = ctx.accuracy_and_acc_w(jax.tree_util.tree_map(lambda x: x[:, -1], stacked))
-    metadata = [{"test_acc": a, "acc_w": w} for a, w in zip(acc, acc_w)]
-    checkpoints.save_stacked(
-      workdir_lib.trajectories_dir(ctx.workdir),
-      kind,
-      stacked,
-      metadata_per_expert=metadata,
-      overwrite=True,
-    )
-    summary[kind] = {
-      "acc": evaluate_lib.summarize(acc),
-      "acc_w": evaluate_lib.summarize(acc_w),
-      "seconds": time.time() - start,
-    }
-    log(
-      f"[experts] {kind}: Acc {100 * np.mean(acc):.1f}% Acc_W {100 * np.mean(acc_w):.1f}% "
-      f"({summary[kind]['seconds']:.0f} s)"
-    )
-    start = time.time()
+  summary = {"d_w_size": num_wm, "d_c_size": num, "seconds": time.time() - start}
+  for kind in experts_lib.KINDS:
+    acc, acc_w = store.metrics(kind)
+    summary[kind] = {"acc": evaluate_lib.summarize(acc), "acc_w": evaluate_lib.summarize(acc_w)}
+    log(f"[experts] {kind}: Acc {100 * np.mean(acc):.1f}% Acc_W {100 * np.mean(acc_w):.1f}%")
   reporting.write_json(ctx.workdir / "experts.json", summary)
   return summary
 
@@ -104,18 +94,17 @@ def stage_distill(ctx: Context) -> dict:
   """Distils the watermarked set (eq. 9, 10) and, for comparison, a clean one."""
   cfg, ds = ctx.config, ctx.dataset
   epochs = cfg.distill.max_start_epoch + cfg.distill.expert_epochs + 1
-  root, like, (patterns, pattern_labels) = (
-    workdir_lib.trajectories_dir(ctx.workdir),
-    ctx.net.like_params(),
-    ctx.patterns(),
-  )
+  root, like = workdir_lib.trajectories_dir(ctx.workdir), ctx.net.like_params()
+  patterns, pattern_labels = ctx.patterns()
+  resume_dir, _ = resume.stage_dir(ctx.workdir, "distill", ctx.fingerprint("distill"))
+  before = resume.sets_digest(ctx.workdir)
 
   def distill_set(name, kind, twin_kind):
     start, set_cfg = time.time(), distill_lib.set_config(cfg.distill, kind != "clean")
-    load = lambda k: checkpoints.load_flat_trajectories(root, k, like, epochs)
-    expert = load(kind)
-    trajs = (expert, load(twin_kind) if set_cfg.beta else expert)
-    trajs += (load("clean"),) if set_cfg.clean_expert_fraction else ()
+    store = resume.DistillStore(resume_dir / name)
+    expert = loaded[kind]
+    trajs = (expert, loaded[twin_kind] if set_cfg.beta else expert)
+    trajs += (loaded["clean"],) if set_cfg.clean_expert_fraction else ()
     init_u8, labels, from_trigger = distill_lib.initial_set(
       set_cfg,
       ds.train_images,
@@ -130,6 +119,7 @@ def stage_distill(ctx: Context) -> dict:
     log(
       f"[distill] {name}: {len(labels)} images from {expert.shape[0]} {kind} experts, "
       f"{set_cfg.iterations} iterations x {set_cfg.syn_steps} steps"
+      + (f", resuming at iteration {store.latest()}" if store.latest() else "")
     )
     progress = reporting.progress_printer(name, set_cfg.iterations)
     images, lr, losses = distill_lib.distill(
@@ -142,6 +132,7 @@ def stage_distill(ctx: Context) -> dict:
       jax.random.fold_in(ctx.rng, 2),
       progress,
       aux,
+      store,
     )
     workdir_lib.save_distilled(
       ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess
@@ -158,11 +149,13 @@ def stage_distill(ctx: Context) -> dict:
 
   # The two sets are independent: on CPU they run at once (`concurrency`).
   jobs = [("distilled", "watermarked", "fp_enhanced"), ("clean_distilled", "clean", "clean")]
+  load = lambda kind: checkpoints.load_flat_trajectories(root, kind, like, epochs)
+  kinds = ("clean", "watermarked") + ("fp_enhanced",) * bool(cfg.distill.beta)
+  loaded = {kind: load(kind) for kind in kinds}  # Up front: a bad checkpoint fails both.
   workers = parallel.resolve_concurrency(cfg.concurrency)
   summary = dict(zip([j[0] for j in jobs], parallel.run_concurrently(distill_set, jobs, workers)))
   reporting.write_json(ctx.workdir / "distill.json", summary)
-  for stale in ("evaluation.json", "verification.json", "attacks.json"):  # Old sets'.
-    (ctx.workdir / stale).unlink(missing_ok=True)
+  resume.drop_stale(ctx.workdir, before)  # Evaluations of other sets, if they changed.
   return summary
 
 
@@ -174,12 +167,18 @@ def stage_evaluate(ctx: Context) -> dict:
   evaluation.json, so more architectures can be evaluated later.
   """
   cfg, ecfg = ctx.config, ctx.config.eval
-  sets = {name: workdir_lib.load_distilled(ctx.workdir, name) for name in SETS[:2]}
+  sets = resume.check_distilled(
+    ctx.workdir, SETS[:2], ctx.dataset.image_shape, ctx.dataset.num_classes
+  )
   sets["real"] = {"images": ctx.train_x, "labels": ctx.dataset.train_labels}
   summary = reporting.read_json(ctx.workdir / "evaluation.json")
+  done = resume.evaluated(ctx.workdir, ctx.fingerprint("evaluate"))
   for arch in models.eval_architectures(ecfg.models, cfg.model.name):
-    net, summary[arch] = ctx.network(arch), {}
     names = SETS if arch == cfg.model.name or ecfg.real_all_models else SETS[:2]
+    old, net = summary.get(arch, {}), ctx.network(arch)
+    summary[arch] = {n: old[n] for n in names if (arch, n) in done and n in old}
+    if summary[arch]:
+      log(f"[evaluate] {arch} resuming: {', '.join(summary[arch])} done")
     init = net.init_params(jax.random.fold_in(ctx.rng, 3), ecfg.num_seeds)
     announce = lambda text, a=arch: log(f"[evaluate] {a} {text}")
     for name, params, entry in evaluate_lib.train_on_sets(
@@ -187,7 +186,7 @@ def stage_evaluate(ctx: Context) -> dict:
       cfg.dsa,
       ecfg,
       init,
-      {n: sets[n] for n in names},
+      {n: sets[n] for n in names if n not in summary[arch]},
       jax.random.fold_in(ctx.rng, 4),
       on_start=announce,
     ):
@@ -196,6 +195,8 @@ def stage_evaluate(ctx: Context) -> dict:
       entry.update(acc=evaluate_lib.summarize(acc), acc_w=evaluate_lib.summarize(acc_w))
       summary[arch][name] = entry
       reporting.write_json(ctx.workdir / "evaluation.json", summary)
+      done.add((arch, name))
+      resume.mark_evaluated(ctx.workdir, done)
       log(
         f"[evaluate] {arch} on {name}: Acc {reporting.fmt_pct(entry['acc'])} "
         f"Acc_W {reporting.fmt_pct(entry['acc_w'])} ({entry['seconds']:.0f} s)"
@@ -208,19 +209,13 @@ def stage_verify(ctx: Context, predictions: str | None = None) -> dict:
   cfg, ds, wcfg = ctx.config, ctx.dataset, ctx.config.watermark
   if predictions:
     return blackbox.verify_file(ctx.workdir, predictions, ctx.key, ds, ctx.patterns(), wcfg)
-  evaluation = reporting.read_json(ctx.workdir / "evaluation.json")
-  if not evaluation:
-    raise CCDDError(f"no evaluated networks in {ctx.workdir}: run --stage=evaluate first")
-  result = {}
+  evaluation, result = resume.read_json_checked(ctx.workdir / "evaluation.json"), {}
   for arch, evaluated in evaluation.items():
     net, result[arch] = ctx.network(arch), {}
     for name in evaluated:
-      params = checkpoints.restore_networks(
-        workdir_lib.networks_dir(ctx.workdir, arch, name), net.like_params(), cfg.eval.num_seeds
-      )
       result[arch][name] = r = evaluate_lib.verify_networks(
         ctx.predictor(net.apply),
-        params,
+        ctx.restore_networks(name, arch),
         ctx.preprocess.apply,
         ctx.key,
         ds.test_images,
@@ -256,17 +251,27 @@ def run(
   key_file: str | None = None,
   predictions: str | None = None,
   commitment: str | None = None,
+  fresh: bool = False,
 ) -> dict:
-  """Runs one stage or all of them; returns the report (or the stage's summary). Flags: main.py."""
+  """Runs one stage or all of them; returns the report (or the stage's summary). Flags: main.py.
+
+  A rerun resumes; `fresh` first clears the workdir's outputs (not the key).
+  A config that changes what the stage would reuse is refused (manifest.py).
+  """
   if stage != "all" and stage not in STAGES:
     raise CCDDError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)} or all")
   settings.validate(config)
   workdir = workdir_lib.prepare(workdir)
+  if fresh and (removed := workdir_lib.clear_outputs(workdir)):
+    log(f"--fresh: removed {', '.join(removed)} from {workdir}")
   key_path = pathlib.Path(key_file) if key_file else workdir / "owner.key"
   if stage not in ("all", "keygen") and not key_path.exists():
     raise CCDDError(f"no key file at {key_path}: run --stage=keygen first or pass --key_file")
   blackbox.check_commitment(commitment, key_path)
   ctx = Context(config, workdir, key_path)
+  manifest.check(workdir, ctx.fields(), stage)
+  if not predictions:
+    ctx.check_inputs(stage)
   timings = reporting.read_json(workdir / "timings.json")
   functions = {
     "keygen": stage_keygen,
@@ -280,20 +285,14 @@ def run(
   result = {}
   for name in ALL_STAGES if stage == "all" else (stage,):
     start = time.time()
+    if name != "keygen":  # After the checks; the key exists from here on.
+      manifest.write(workdir, ctx.fields())
     result = functions[name](ctx)
     timings[name] = time.time() - start
     reporting.write_json(workdir / "timings.json", timings)
   if stage not in ("all", "verify", "attacks") or predictions:
     return result
   timings["total"] = sum(timings.get(s, 0.0) for s in STAGES)
-  header = reporting.report_header(
-    config,
-    ctx.dataset.name,
-    ctx.dataset.num_classes,
-    ctx.patch_size,
-    watermark.key_fingerprint(ctx.key),
-    timings,
-  )
-  report = reporting.build_report(workdir, header, config.model.name)
+  report = reporting.build_report(workdir, ctx.report_header(timings), config.model.name)
   reporting.write_report(workdir, report)
   return report

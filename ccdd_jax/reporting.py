@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import time
 from typing import Any
 
@@ -36,8 +37,22 @@ def fmt_pct(stat: dict) -> str:
 def write_json(path: pathlib.Path, obj: Any) -> None:
   """Writes `obj` as indented JSON, atomically (a kill leaves the old file or the new one)."""
   path = pathlib.Path(path)
+  write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+  """Writes a text file atomically (a kill leaves the old file or the new one)."""
+  path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+  """Saves a matplotlib figure as PNG atomically."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+  fig.savefig(tmp, dpi=100, format="png")
   os.replace(tmp, path)
 
 
@@ -117,7 +132,7 @@ def save_grid(
     axes[row, 0].set_title(class_names[c], fontsize=7, loc="left")
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path)
 
 
 def distill_summary(
@@ -210,7 +225,7 @@ def build_report(workdir: pathlib.Path, header: dict, primary_arch: str) -> dict
 def write_report(workdir: pathlib.Path, report: dict) -> None:
   """Writes report.json and report.md."""
   write_json(pathlib.Path(workdir) / "report.json", report)
-  (pathlib.Path(workdir) / "report.md").write_text(report_markdown(report))
+  write_text(pathlib.Path(workdir) / "report.md", report_markdown(report))
 
 
 def report_markdown(report: dict) -> str:
@@ -332,7 +347,7 @@ def save_attacks_plot(path: pathlib.Path, attacks: dict) -> None:
     "Attacks: Acc (solid), Acc_W (dashed); filled = verified in most networks", fontsize=9
   )
   fig.tight_layout(rect=(0, 0.06, 1, 1))
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path)
 
 
 def write_attacks(workdir: pathlib.Path, attacks: dict) -> None:

@@ -168,6 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
   # default: "nested" where the params vector is large against one step's
   # activations, as at IPC 1 on CIFAR, else "full").
   config.distill.remat = "auto"
+  # Resume: the distillation state (images, lr, optimiser, PRNG, iteration) is
+  # saved every this many iterations (Orbax, <workdir>/resume/); 0 = only at the end.
+  # Checkpoints never change a result; a non-finite loss is caught at each one.
+  config.distill.checkpoint_every = 50
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_seeds = 5
@@ -254,7 +258,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(e.group_size >= 0, f"experts.group_size = {e.group_size} must be >= 0 (0 = all)")
   require(config.concurrency >= 0, f"concurrency = {config.concurrency} must be >= 0 (0 = auto)")
   require(w.n_patterns >= 1, f"watermark.n_patterns = {w.n_patterns} must be >= 1")
-  require(0.0 < w.ratio <= 1.0, f"watermark.ratio = {w.ratio} must be in (0, 1]")
+  require(0.0 < w.ratio < 1.0, f"watermark.ratio = {w.ratio} (|D_W| / |D_C|) must be in (0, 1)")
+  require(
+    not (config.data.name == "digits" and config.data.image_size not in (0, 8)),
+    f"data.image_size = {config.data.image_size}: digits are only 8x8 (use 0)",
+  )
+  require(w.patch_size >= 0, f"watermark.patch_size = {w.patch_size} must be >= 0 (0 = half)")
+  require(
+    not (config.data.image_size and w.patch_size > config.data.image_size),
+    f"watermark.patch_size = {w.patch_size} exceeds data.image_size = {config.data.image_size}",
+  )
+  require(d.checkpoint_every >= 0, f"distill.checkpoint_every = {d.checkpoint_every} must be >= 0")
   require(0.0 < w.alpha < 1.0, f"watermark.alpha = {w.alpha} must be in (0, 1)")
   require(v.num_seeds >= 1 and v.epochs >= 1, "eval.num_seeds and eval.epochs must be >= 1")
   require(

@@ -9,10 +9,13 @@ trajectories/<kind>/NNNN/       experts (checkpoints.py)
 models/<architecture>/<set>/    evaluated networks (checkpoints.py)
 attacks.json, attacks.png       --stage=attacks (threats.py, reporting.write_attacks)
 *.json, report.md, *.png        figures and pictures (reporting.py)
+manifest.json                   the config and key the outputs were made with (manifest.py)
+resume/<stage>/                 in-progress state of experts, distill, evaluate (resume.py)
 """
 
 import os
 import pathlib
+import shutil
 
 import numpy as np
 
@@ -30,6 +33,50 @@ def prepare(workdir: str | os.PathLike) -> pathlib.Path:
   if not os.access(path, os.W_OK):
     raise CCDDError(f"workdir {path} is not writable")
   return path
+
+
+# What the stages write (--fresh removes these, and only these: never the key).
+OUTPUTS = (
+  "trajectories",
+  "models",
+  "resume",
+  "manifest.json",
+  "queries.npz",
+  "distilled.npz",
+  "clean_distilled.npz",
+  "distilled.png",
+  "clean_distilled.png",
+  "experts.json",
+  "distill.json",
+  "evaluation.json",
+  "verification.json",
+  "verification_blackbox.json",
+  "attacks.json",
+  "attacks.png",
+  "timings.json",
+  "report.json",
+  "report.md",
+)
+
+
+def clear_outputs(workdir: pathlib.Path) -> list[str]:
+  """Removes every stage output (`OUTPUTS`) from the workdir; keeps the key and its commitment."""
+  removed = []
+  for name in OUTPUTS:
+    path = pathlib.Path(workdir) / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
+    else:
+      continue
+    removed.append(name)
+  return removed
+
+
+def resume_dir(workdir: pathlib.Path, stage: str) -> pathlib.Path:
+  """Where a stage keeps its in-progress state (resume.py)."""
+  return pathlib.Path(workdir) / "resume" / stage
 
 
 def trajectories_dir(workdir: pathlib.Path) -> pathlib.Path:
