@@ -425,6 +425,7 @@ def make_distill_update(
   apply_flat: Callable,
   dsa_config: ml_collections.ConfigDict,
   num_syn: int,
+  mesh: Any = None,
 ):
   """Returns the pure `update(state, trajectories, rng, aux=None) -> (state, [loss, terms])`.
 
@@ -435,7 +436,7 @@ def make_distill_update(
   off). `distill` itself keeps the trajectories on the host and sends only
   the pair.
   """
-  pair_update = make_pair_update(distill_config, apply_flat, dsa_config, num_syn)
+  pair_update = make_pair_update(distill_config, apply_flat, dsa_config, num_syn, mesh)
 
   def update(state, trajectories, rng, aux=None):
     num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0

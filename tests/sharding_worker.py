@@ -46,7 +46,9 @@ class MemoryStore:
 
   def stacked(self, kind):
     starts = sorted(s for k, s in self.groups if k == kind)
-    return jax.tree_util.tree_map(lambda *x: np.concatenate(x), *(self.groups[kind, s] for s in starts))
+    return jax.tree_util.tree_map(
+      lambda *x: np.concatenate(x), *(self.groups[kind, s] for s in starts)
+    )
 
 
 def network():
