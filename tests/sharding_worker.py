@@ -8,6 +8,7 @@ checks passed and how each N-device result was laid out.
 
 import json
 import sys
+import time
 
 import chex
 import jax
@@ -23,7 +24,7 @@ from ccdd_jax import settings
 from ccdd_jax import sharding
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-DSA = settings.section("dsa")  # The default augmentation: it runs inside the sharded steps.
+DSA = settings.section("dsa", strategy="flip")  # Random per image: inside the sharded steps.
 
 
 class MemoryStore:
@@ -129,10 +130,12 @@ def main(argv):
   one, many = sharding.make_mesh(jax.devices()[:1]), sharding.make_mesh(jax.devices()[:n])
   checked = []
   for name, fn in (("experts", run_experts), ("distill", run_distill), ("evaluate", run_evaluate)):
+    start = time.time()
     single, spread = fn(one), fn(many)
     chex.assert_trees_all_close(spread, single, **TOL)
     chex.assert_trees_all_equal_shapes(spread, single)
     checked.append(name)
+    print(f"{name}: {time.time() - start:.1f} s", file=sys.stderr)
   print(json.dumps({"devices": n, "checked": checked}))
 
 
