@@ -130,18 +130,30 @@ def divides(mesh: Mesh | None, size: int) -> bool:
   return mesh is None or size % mesh.size == 0
 
 
+def _global_input(tree):
+  """In a multi-process run, this process's arrays as numpy (the same value on every process).
+
+  jax.device_put makes a global array of host data; an array on one of this
+  process's devices is fetched first. Arrays that already span processes stay.
+  """
+  if not multi_process():
+    return tree
+  local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable
+  return jax.tree_util.tree_map(lambda x: np.asarray(x) if local(x) else x, tree)
+
+
 def put_leading(tree, mesh: Mesh | None):
   """`tree` on the mesh, leaves split along their first axis (unchanged on one device)."""
   if size(mesh) == 1:
     return tree
-  return jax.device_put(tree, shard_leading(mesh))
+  return jax.device_put(_global_input(tree), shard_leading(mesh))
 
 
 def put_replicated(tree, mesh: Mesh | None):
   """`tree` replicated on every device of the mesh (unchanged on one device)."""
   if size(mesh) == 1:
     return tree
-  return jax.device_put(tree, replicated(mesh))
+  return jax.device_put(_global_input(tree), replicated(mesh))
 
 
 def to_device(tree, mesh: Mesh | None):

@@ -45,7 +45,15 @@ def test_distill_resumes_bitwise_from_its_checkpoint(tmp_path):
   apply_flat, images, labels, trajectories = _expert_problem()
   cfg = distill_config(iterations=7, lr_img=10.0, expert_epochs=1, checkpoint_every=3)
   run = lambda store, progress=None: distill.distill(
-    cfg, apply_flat, NO_AUG, images, labels, trajectories, jax.random.PRNGKey(0), progress, store
+    cfg,
+    apply_flat,
+    NO_AUG,
+    images,
+    labels,
+    trajectories,
+    jax.random.PRNGKey(0),
+    progress,
+    store=store,
   )
   whole = run(None)
 
@@ -64,7 +72,15 @@ def test_distill_resumes_bitwise_from_its_checkpoint(tmp_path):
   chex.assert_trees_all_equal(again, whole)
   with pytest.raises(CCDDError, match="another seed"):
     distill.distill(
-      cfg, apply_flat, NO_AUG, images, labels, trajectories, jax.random.PRNGKey(1), None, store
+      cfg,
+      apply_flat,
+      NO_AUG,
+      images,
+      labels,
+      trajectories,
+      jax.random.PRNGKey(1),
+      None,
+      store=store,
     )
 
 
@@ -74,7 +90,15 @@ def test_non_finite_loss_stops_names_the_iteration_and_keeps_the_last_good_state
   store = resume.DistillStore(tmp_path / "d")
   with pytest.raises(CCDDError, match=r"diverged at iteration (\d+)") as err:
     distill.distill(
-      cfg, apply_flat, NO_AUG, images, labels, trajectories, jax.random.PRNGKey(0), None, store
+      cfg,
+      apply_flat,
+      NO_AUG,
+      images,
+      labels,
+      trajectories,
+      jax.random.PRNGKey(0),
+      None,
+      store=store,
     )
   print(err.value)
   bad = int(str(err.value).split("iteration ")[1].split(" ")[0])
