@@ -134,7 +134,7 @@ def worker(args) -> dict:
     ds.train_images, ds.train_labels, ds.num_classes, cfg.ipc, ctx.np_rng(3)
   )
   images = ctx.preprocess.apply(images)
-  flat = np.asarray(ravel_pytree(ctx.net.like_params())[0])
+  flat = np.asarray(ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], init))[0])
   epochs_needed = cfg.max_start_epoch + cfg.expert_epochs + 1
   rng = np.random.default_rng(0)
   traj = (flat + 0.01 * rng.standard_normal((args.experts, epochs_needed, flat.size))).astype(
