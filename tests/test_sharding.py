@@ -96,6 +96,23 @@ def test_main_refuses_a_bad_distributed_value_in_one_line(tmp_path):
   assert not any(tmp_path.iterdir())  # Nothing written.
 
 
+def test_main_refuses_more_devices_than_there_are_in_one_line(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run(
+    [sys.executable, "-m", "ccdd_jax.main", f"--workdir={tmp_path}", "--num_devices=99"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 1
+  assert (
+    out.stderr.strip() == "error: num_devices = 99: this run has 1 cpu device(s) (0 = all of them)"
+  )
+  assert not (tmp_path / "owner.key").exists()
+
+
 def test_mesh_and_one_device_helpers_change_nothing():
   mesh = sharding.resolve_mesh(0)
   assert mesh.size == len(jax.devices()) and mesh.axis_names == (sharding.AXIS,)
