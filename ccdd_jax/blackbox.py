@@ -32,6 +32,7 @@ import numpy as np
 
 from ccdd_jax import CCDDError
 from ccdd_jax import data
+from ccdd_jax import sharding
 from ccdd_jax import watermark
 from ccdd_jax.reporting import log
 from ccdd_jax.reporting import write_json
@@ -86,10 +87,11 @@ def write_queries(
   """Writes `workdir/queries.npz` holding one array, `images` (nothing else); returns a summary."""
   queries = make_queries(key, images, patterns, m)[0]
   path = pathlib.Path(workdir) / QUERIES_FILE
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, images=queries)
-  os.replace(tmp, path)
+  if sharding.is_writer():  # Process 0 only.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+      np.savez(f, images=queries)
+    os.replace(tmp, path)
   log(f"[queries] wrote {len(queries)} stamped, shuffled held-out images to {path}")
   return {"n_queries": int(len(queries)), "path": str(path)}
 
@@ -334,6 +336,8 @@ def keep_commitment(workdir: pathlib.Path, key_file: pathlib.Path) -> str:
     log(f"[keygen] {path} matches the key")
   else:
     commitment = watermark.key_commitment(watermark.read_key_file(key_file))
+    if not sharding.is_writer():  # Process 0 writes it.
+      return commitment
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(commitment + "\n")
     os.replace(tmp, path)

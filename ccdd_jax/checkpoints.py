@@ -40,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ccdd_jax import CCDDError
+from ccdd_jax import sharding
 from ccdd_jax.experts import KINDS
 
 PyTree = Any
@@ -155,6 +156,8 @@ def _meta_json(meta: Mapping[str, Any], expert_name: str) -> str:
 
 
 def _write_atomically(path: pathlib.Path, text: str) -> None:
+  if not sharding.is_writer():  # Process 0 only (Orbax coordinates its own writes).
+    return
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)

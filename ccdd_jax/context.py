@@ -23,6 +23,7 @@ from ccdd_jax import models
 from ccdd_jax import preprocess
 from ccdd_jax import reporting
 from ccdd_jax import resume
+from ccdd_jax import sharding
 from ccdd_jax import threats
 from ccdd_jax import watermark
 from ccdd_jax import workdir as workdir_lib
@@ -35,6 +36,8 @@ class Context:
     self, config: ml_collections.ConfigDict, workdir: pathlib.Path, key_file: pathlib.Path
   ):
     self.config, self.workdir, self.key_file = config, pathlib.Path(workdir), pathlib.Path(key_file)
+    # The devices the stages spread over (config.num_devices; sharding.py).
+    self.mesh = sharding.resolve_mesh(config.get("num_devices", 0))
     self.dataset = ds = data.load_dataset(config.data)
     self.net = models.build_network(config.model.name, ds.num_classes, ds.image_shape, config.model)
     self.patch_size = config.watermark.patch_size or ds.image_shape[0] // 2  # Paper, Stage I.

@@ -39,6 +39,7 @@ import optax
 from ccdd_jax import CCDDError
 from ccdd_jax import augment
 from ccdd_jax import inner_loop
+from ccdd_jax import sharding
 from ccdd_jax import watermark
 from ccdd_jax.settings import EQ10_FORMS
 
@@ -225,6 +226,7 @@ def make_meta_loss(
   unroll: int | str = 1,
   remat: str = "none",
   with_terms: bool = False,
+  mesh: Any = None,
 ):
   """Returns `loss(images, lr, labels, start, target, twin_start, twin_target, rng, aux=None)`.
 
@@ -236,7 +238,9 @@ def make_meta_loss(
   `clean_images` / `clean_labels`. `unroll` (see inner_loop.resolve_unroll)
   and `remat` (one of inner_loop.REMAT_POLICIES) set the speed and memory of
   the inner loop only. With `with_terms` it returns (loss, (expert term, twin
-  term, direct term)).
+  term, direct term)). With a `mesh` of several devices each student step's
+  synthetic minibatch is split over the devices (data parallel, parameters
+  replicated: sharding.constrain_batch); the algorithm is the same.
   """
   syn_steps = distill_config.syn_steps
   batch_syn = min(distill_config.batch_syn or num_syn, num_syn)
@@ -247,12 +251,17 @@ def make_meta_loss(
   objective_batch = distill_config.objective_batch
   unroll = inner_loop.resolve_unroll(unroll, syn_steps)
 
+  split = lambda x: sharding.constrain_batch(x, mesh)  # Data parallel over the minibatch.
+
   def student_loss(flat_params, step_input, images, labels, keep):
     idx = step_input["idx"]
     batch = augment.augment_keeping(
-      images[idx], step_input["rng"], dsa_config, None if keep is None else jnp.asarray(keep)[idx]
+      split(images[idx]),
+      step_input["rng"],
+      dsa_config,
+      None if keep is None else split(jnp.asarray(keep)[idx]),
     )
-    return inner_loop.cross_entropy(apply_flat(flat_params, batch), labels[idx])
+    return inner_loop.cross_entropy(apply_flat(flat_params, split(batch)), split(labels[idx]))
 
   def run_student(start, images, labels, lr, step_inputs, keep):  # eq. 9
     final, _, _ = inner_loop.sgd_scan(
@@ -300,21 +309,69 @@ def make_meta_loss(
   return meta_loss
 
 
-def make_distill_update(
+def make_pair_sampler(distill_config: ml_collections.ConfigDict, num_experts: int, num_clean: int):
+  """Returns `sample(rng) -> {"e", "t"[, "use_clean", "c"]}`: iteration `rng`'s expert and epoch.
+
+  The indices of make_distill_update's iteration with key `rng`: expert e,
+  start epoch t and, with a clean pool (`num_clean` > 0 and
+  distill.clean_expert_fraction), whether clean expert c replaces e.
+  """
+  max_start, clean_fraction = distill_config.max_start_epoch, distill_config.clean_expert_fraction
+
+  def sample(rng):
+    rng_e, rng_t, _ = jax.random.split(rng, 3)
+    out = {
+      "e": jax.random.randint(rng_e, (), 0, num_experts),
+      "t": jax.random.randint(rng_t, (), 0, max_start + 1),
+    }
+    if num_clean and clean_fraction:  # The paper's pool of both kinds.
+      rng_pool = jax.random.fold_in(rng, 7)
+      out["use_clean"] = jax.random.uniform(rng_pool) < clean_fraction
+      out["c"] = jax.random.randint(jax.random.fold_in(rng_pool, 1), (), 0, num_clean)
+    return out
+
+  return sample
+
+
+def select_pair(trajectories: tuple, index: dict, expert_epochs: int, xp=np) -> dict:
+  """The (start, target) pairs one iteration matches: the expert's (or clean one's) and twin's.
+
+  `trajectories` = (expert, twin[, clean]) flat parameters [E, T, P]; `index`
+  one `make_pair_sampler` draw. `xp` = np on the host (host-resident
+  trajectories, distill), jnp inside jit (make_distill_update). "beta_weight"
+  (0 for a clean expert of the pool) is there only with a pool.
+  """
+  expert, twin = trajectories[:2]
+  e, t, m = index["e"], index["t"], expert_epochs
+  pair = {
+    "start": expert[e, t],
+    "target": expert[e, t + m],
+    "twin_start": twin[e, t],
+    "twin_target": twin[e, t + m],
+  }
+  if "use_clean" in index:
+    clean, c, use = trajectories[2], index["c"], index["use_clean"]
+    pair["start"] = xp.where(use, clean[c, t], pair["start"])
+    pair["target"] = xp.where(use, clean[c, t + m], pair["target"])
+    pair["beta_weight"] = xp.where(use, 0.0, 1.0).astype(np.float32)
+  return pair
+
+
+def make_pair_update(
   distill_config: ml_collections.ConfigDict,
   apply_flat: Callable,
   dsa_config: ml_collections.ConfigDict,
   num_syn: int,
+  mesh: Any = None,
 ):
-  """Returns the pure `update(state, trajectories, rng, aux=None) -> (state, [loss, terms])`.
+  """Returns the pure `update(state, pair, rng, aux=None) -> (state, [loss, terms])`.
 
-  `trajectories` = (expert [E, T, P], twin [E, T, P]) flat parameters per
-  epoch, or (expert, twin, clean [E', T, P]): then each iteration matches a
-  clean expert with probability distill.clean_expert_fraction (its beta term
-  off). `state` = {"images", "lr", "opt_state", "labels"} (see init_state).
-  `aux` is make_meta_loss's, plus optionally `grad_mask` [S, H, W, 1] (0 = a
-  pixel never updated: the frozen stamped corner). The terms are (expert,
-  twin, direct).
+  `pair` = select_pair's {"start", "target", "twin_start", "twin_target"[,
+  "beta_weight"]}: the only part of the trajectories an iteration reads.
+  `state` = {"images", "lr", "opt_state", "labels"} (see init_state). `aux` is
+  make_meta_loss's, plus optionally `grad_mask` [S, H, W, 1] (0 = a pixel never
+  updated: the frozen stamped corner). The terms are (expert, twin, direct).
+  `mesh`: make_meta_loss's (data parallel over the synthetic minibatch).
   """
   meta_loss = make_meta_loss(
     distill_config,
@@ -324,35 +381,24 @@ def make_distill_update(
     unroll=distill_config.unroll,
     remat=distill_config.remat,
     with_terms=True,
+    mesh=mesh,
   )
   optimizer = make_optimizer(distill_config)
-  expert_epochs = distill_config.expert_epochs
-  max_start = distill_config.max_start_epoch
-  clean_fraction = distill_config.clean_expert_fraction
 
-  def update(state, trajectories, rng, aux=None):
+  def update(state, pair, rng, aux=None):
     aux = dict(aux or {})
-    expert, twin = trajectories[:2]
-    rng_e, rng_t, rng_loss = jax.random.split(rng, 3)
-    e = jax.random.randint(rng_e, (), 0, expert.shape[0])
-    t = jax.random.randint(rng_t, (), 0, max_start + 1)
-    start, target = expert[e, t], expert[e, t + expert_epochs]
-    if len(trajectories) > 2 and clean_fraction:  # The paper's pool of both kinds.
-      clean, rng_pool = trajectories[2], jax.random.fold_in(rng, 7)
-      use_clean = jax.random.uniform(rng_pool) < clean_fraction
-      c = jax.random.randint(jax.random.fold_in(rng_pool, 1), (), 0, clean.shape[0])
-      start = jnp.where(use_clean, clean[c, t], start)
-      target = jnp.where(use_clean, clean[c, t + expert_epochs], target)
-      aux["beta_weight"] = jnp.where(use_clean, 0.0, 1.0)
+    if "beta_weight" in pair:
+      aux["beta_weight"] = pair["beta_weight"]
+    rng_loss = jax.random.split(rng, 3)[2]  # [0] and [1] drew the expert and the epoch.
     grad_mask = aux.pop("grad_mask", None)
     (loss, terms), grads = jax.value_and_grad(meta_loss, argnums=(0, 1), has_aux=True)(
       state["images"],
       state["lr"],
       state["labels"],
-      start,
-      target,
-      twin[e, t],
-      twin[e, t + expert_epochs],
+      pair["start"],
+      pair["target"],
+      pair["twin_start"],
+      pair["twin_target"],
       rng_loss,
       aux,
     )
@@ -374,15 +420,43 @@ def make_distill_update(
   return update
 
 
+def make_distill_update(
+  distill_config: ml_collections.ConfigDict,
+  apply_flat: Callable,
+  dsa_config: ml_collections.ConfigDict,
+  num_syn: int,
+  mesh: Any = None,
+):
+  """Returns the pure `update(state, trajectories, rng, aux=None) -> (state, [loss, terms])`.
+
+  make_pair_update with the pair drawn inside (make_pair_sampler, select_pair)
+  from whole `trajectories` = (expert [E, T, P], twin [E, T, P]) on the
+  device, or (expert, twin, clean [E', T, P]): then each iteration matches a
+  clean expert with probability distill.clean_expert_fraction (its beta term
+  off). `distill` itself keeps the trajectories on the host and sends only
+  the pair.
+  """
+  pair_update = make_pair_update(distill_config, apply_flat, dsa_config, num_syn, mesh)
+
+  def update(state, trajectories, rng, aux=None):
+    num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
+    sample = make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
+    pair = select_pair(trajectories, sample(rng), distill_config.expert_epochs, jnp)
+    return pair_update(state, pair, rng, aux)
+
+  return update
+
+
 def make_distill_step(
   distill_config: ml_collections.ConfigDict,
   apply_flat: Callable,
   dsa_config: ml_collections.ConfigDict,
   num_syn: int,
+  mesh: Any = None,
 ):
-  """The update of make_distill_update, jitted; the state it replaces is donated."""
+  """The update of make_pair_update, jitted; the state it replaces is donated."""
   return jax.jit(
-    make_distill_update(distill_config, apply_flat, dsa_config, num_syn), donate_argnums=(0,)
+    make_pair_update(distill_config, apply_flat, dsa_config, num_syn, mesh), donate_argnums=(0,)
   )
 
 
@@ -422,6 +496,7 @@ def distill(
   progress: Callable[[int, float], None] | None = None,
   aux: dict | None = None,
   store: Any = None,
+  mesh: Any = None,
 ) -> tuple[np.ndarray, float, np.ndarray]:
   """Runs all distillation iterations; returns images, learned lr, history [it, 4].
 
@@ -432,6 +507,13 @@ def distill(
   resumed from; iteration i's key is the i-th split of `rng` whatever the start,
   so a resumed run is bitwise the uninterrupted one. A non-finite loss stops
   the run at the next check (each save, and the end): the last good state stays saved.
+
+  The trajectories stay on the host (numpy): every iteration's (expert,
+  epoch) is drawn up front from its key (make_pair_sampler), and only that
+  iteration's pairs (select_pair: 4 flat parameter vectors) go to the device,
+  put there while the previous iteration runs. With a `mesh` of several
+  devices the state is replicated and each student step's minibatch split
+  over the devices (make_meta_loss); the synthetic minibatch must split evenly.
   """
   needed = distill_config.max_start_epoch + distill_config.expert_epochs
   available = trajectories[0].shape[1] - 1
@@ -440,23 +522,38 @@ def distill(
       f"distill.max_start_epoch + distill.expert_epochs = {needed} exceeds the "
       f"{available} expert epochs stored"
     )
-  step = make_distill_step(distill_config, apply_flat, dsa_config, init_images.shape[0])
-  state = init_state(distill_config, init_images, labels)
+  num_syn = init_images.shape[0]
+  batch = min(distill_config.batch_syn or num_syn, num_syn)
+  sharding.check_batch(batch, mesh, "the synthetic minibatch (distill.batch_syn, or all images)")
+  step = make_distill_step(distill_config, apply_flat, dsa_config, num_syn, mesh)
+  state = sharding.put_replicated(init_state(distill_config, init_images, labels), mesh)
   start, losses = 0, []
   if store is not None and (saved := store.restore(_saved(state, [], rng))) is not None:
     if not np.array_equal(saved["rng"], _key_bits(rng)):
       raise CCDDError(f"the distillation checkpoint in {store.path} was made with another seed")
-    state, losses = jax.device_put(saved["state"]), list(saved["losses"])
+    state, losses = sharding.to_device(saved["state"], mesh), list(saved["losses"])
     start = len(losses)
-  trajectories = jax.device_put(tuple(trajectories))
-  aux = jax.device_put({k: np.asarray(v) for k, v in (aux or {}).items()})
-  rngs = list(jax.random.split(rng, distill_config.iterations))  # Device keys, sliced once.
+  aux = sharding.to_device({k: np.asarray(v) for k, v in (aux or {}).items()}, mesh)
+  rngs = jax.random.split(rng, distill_config.iterations)
+  trajectories = tuple(np.asarray(t) for t in trajectories)  # Host-resident.
+  num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
+  sampler = make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
+  plan = jax.device_get(jax.jit(jax.vmap(sampler))(rngs))  # Every iteration's indices.
+  rngs = list(sharding.to_device(rngs, mesh))  # Device keys, sliced once.
+  pair_at = lambda it: sharding.to_device(
+    select_pair(trajectories, {k: v[it] for k, v in plan.items()}, distill_config.expert_epochs),
+    mesh,
+  )
   every, checked = distill_config.get("checkpoint_every", 0), start
+  upcoming = pair_at(start) if start < len(rngs) else None
   for it in range(start, distill_config.iterations):
+    pair = upcoming
     # Nothing crosses between host and device here: an accidental transfer
     # (a NumPy input, a Python scalar argument) is an error, not a slowdown.
     with jax.transfer_guard("disallow"):
-      state, loss = step(state, trajectories, rngs[it], aux)
+      state, loss = step(state, pair, rngs[it], aux)
+    if it + 1 < len(rngs):  # The next pair travels while this step runs (async dispatch).
+      upcoming = pair_at(it + 1)
     losses.append(loss)
     if progress is not None:
       progress(it, loss[0])  # A device scalar: the callback decides when to fetch it.
@@ -465,8 +562,8 @@ def distill(
       store.save(it + 1, _saved(state, losses, rng))
       checked = it + 1
   _check_finite(losses, checked, store)
-  losses = np.asarray(jax.device_get(losses), np.float64)
-  return np.asarray(state["images"]), float(state["lr"]), losses
+  losses = np.asarray(sharding.to_host(losses), np.float64)
+  return sharding.to_host(state["images"]), float(sharding.to_host(state["lr"])), losses
 
 
 def _saved(state: dict, losses: list, rng: jax.Array) -> dict:

@@ -3,7 +3,9 @@
 The protocol follows the MTT reference: SGD momentum 0.9, weight decay 5e-4,
 the learned step size, lr x 0.1 halfway, DSA, `eval.epochs` epochs; several
 seeds trained in parallel with `jax.vmap`. We report the mean and std of the
-final evaluation over seeds, never the best over evaluation points.
+final evaluation over seeds, never the best over evaluation points. With a
+mesh of several devices (sharding.py) the seeds axis is split over the
+devices (padded to a multiple of their number; the padding is dropped).
 """
 
 from collections.abc import Callable
@@ -17,6 +19,7 @@ import numpy as np
 
 from ccdd_jax import augment
 from ccdd_jax import inner_loop
+from ccdd_jax import sharding
 from ccdd_jax import watermark
 
 
@@ -73,12 +76,14 @@ def make_networks_trainer(
   batch_size: int,
   momentum: float = 0.9,
   weight_decay: float = 5e-4,
+  mesh: Any = None,
 ) -> Callable[..., Any]:
   """Returns `train(init_params, images, labels, lr, rng) -> params`, compiled once per shape.
 
   One network per leading entry of `init_params` (vmapped seeds). Keep it to
   train several sets of the same shapes (the distilled and the clean
-  distilled set) without compiling twice.
+  distilled set) without compiling twice. With a `mesh` of several devices
+  the seeds are split over it and the result comes back as numpy arrays.
   """
   run = jax.jit(
     jax.vmap(
@@ -97,14 +102,14 @@ def make_networks_trainer(
   def train(init_params, images, labels, lr, rng):
     num_seeds = jax.tree_util.tree_leaves(init_params)[0].shape[0]
     rng, family_rng = jax.random.split(rng)
-    return run(
-      init_params,
-      jnp.asarray(images),
-      jnp.asarray(labels, jnp.int32),
-      jnp.float32(lr),
-      jax.random.split(rng, num_seeds),
-      family_rng,
-    )
+    seeds = (init_params, jax.random.split(rng, num_seeds))
+    shared = (jnp.asarray(images), jnp.asarray(labels, jnp.int32), jnp.float32(lr), family_rng)
+    if sharding.size(mesh) == 1:
+      return run(seeds[0], *shared[:3], seeds[1], shared[3])
+    seeds = sharding.put_leading(sharding.pad_leading(seeds, mesh), mesh)
+    shared = sharding.put_replicated(shared, mesh)
+    params = run(seeds[0], *shared[:3], seeds[1], shared[3])
+    return sharding.unpad(sharding.to_host(params), num_seeds)
 
   return train
 
@@ -117,13 +122,15 @@ def train_on_sets(
   sets: dict,
   rng: jax.Array,
   on_start: Callable[[str], None] | None = None,
+  mesh: Any = None,
 ):
   """Yields (name, stacked params, entry) for each set, trained from `init_params` (seeds).
 
   `sets` maps a name to {"images", "labels", "lr"}; the set named "real" is
   trained with `eval.real_*` (no "lr" needed), the others for `eval.epochs`
   with the lr they carry. Sets of one epochs and batch size share one
-  compiled trainer. `entry` holds lr, epochs, num_images and seconds.
+  compiled trainer. `entry` holds lr, epochs, num_images and seconds. `mesh`:
+  the seeds split over several devices (make_networks_trainer).
   """
   trainers = {}
   for name, s in sets.items():
@@ -149,6 +156,7 @@ def train_on_sets(
         batch_size=batch_size,
         momentum=eval_config.momentum,
         weight_decay=eval_config.weight_decay,
+        mesh=mesh,
       )
     params = jax.device_get(
       trainers[epochs, batch_size](init_params, s["images"], s["labels"], lr, rng)

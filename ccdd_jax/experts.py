@@ -17,7 +17,10 @@ Expert i of every kind starts from the same initial parameters, and theta0 of
 watermarked / fp-enhanced expert i is the final state of clean expert i, so
 the fine-pruning-enhanced twin used by eq. 10 compares like with like.
 Experts are trained in parallel: `jax.vmap` over groups of experts, and
-several groups at once on a thread pool (`train_experts`).
+several groups at once on a thread pool (`train_experts`). With a mesh of
+several devices (sharding.py) each group's expert axis is split over the
+devices (padded to a multiple of their number; the padding is dropped), so
+each device trains its slice with the same vmapped program.
 """
 
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from ccdd_jax import attacks
 from ccdd_jax import augment
 from ccdd_jax import inner_loop
 from ccdd_jax import parallel
+from ccdd_jax import sharding
 
 KINDS = ("clean", "watermarked", "fp_enhanced")
 
@@ -291,6 +295,7 @@ def train_experts_resumable(
   *,
   concurrency: int = 0,
   on_group_done: Callable[[int, int], None] | None = None,
+  mesh: Any = None,
 ) -> None:
   """`train_experts`, one jitted epoch at a time: each epoch of each group goes to `store`.
 
@@ -300,6 +305,8 @@ def train_experts_resumable(
   group is always the same experts, so a resumed run equals an uninterrupted
   one bit for bit (both run this same per-epoch program). The trajectories
   [size, epochs + 1, ...] go to `store.finish`, not back to the caller.
+  With a `mesh` of several devices, each group's expert axis is split over it
+  (sharding.py); on one device the program is the same as without.
   """
   epoch_fn = jax.jit(
     jax.vmap(
@@ -317,26 +324,27 @@ def train_experts_resumable(
   starts = [s for s in range(0, num_experts, group)]
   sizes = {s: min(group, num_experts - s) for s in starts}
   todo = [s for s in starts if not store.finished(kind, s, sizes[s])]
+  data = sharding.put_replicated(data, mesh)
+
+  def inputs(s, params, e):
+    """One epoch's arguments: the expert axis split over the mesh, the rest replicated."""
+    split = (params, take(anchors, s), epoch_rngs[s : s + group, e])
+    shared = (family_rngs[e], jnp.int32(e))
+    split = sharding.put_leading(sharding.pad_leading(split, mesh), mesh)
+    return (*split, *sharding.put_replicated(shared, mesh), data)
+
   compiled = {}  # Compiled before the threads start, once per group size.
   for s in todo:
     if sizes[s] not in compiled:
-      args = (take(init_params, s), take(anchors, s), epoch_rngs[s : s + group, 0], family_rngs[0])
-      compiled[sizes[s]] = epoch_fn.lower(*args, jnp.int32(0), data).compile()
+      args = inputs(s, take(init_params, s), 0)
+      compiled[sizes[s]] = epoch_fn.lower(*args).compile()
 
   def run_group(s):
     done = store.epochs_done(kind, s, sizes[s])
     params = done[-1] if done else take(init_params, s)
     for e in range(len(done), epochs):
-      params = jax.device_get(
-        compiled[sizes[s]](
-          params,
-          take(anchors, s),
-          epoch_rngs[s : s + group, e],
-          family_rngs[e],
-          jnp.int32(e),
-          data,
-        )
-      )
+      out = compiled[sizes[s]](*inputs(s, params, e))
+      params = sharding.unpad(sharding.to_host(out), sizes[s])
       store.save_epoch(kind, s, e + 1, params)
       done.append(params)
     init = jax.device_get(take(init_params, s))
@@ -357,6 +365,7 @@ def train_kinds_resumable(
   store: Any,
   concurrency: int = 0,
   on_group_done: Callable[[str, int, int], None] | None = None,
+  mesh: Any = None,
 ) -> None:
   """`train_kinds` through `train_experts_resumable`; theta0 = `store.final_params("clean")`."""
   anchors = init_params  # Unused by clean experts.
@@ -374,6 +383,7 @@ def train_kinds_resumable(
       store,
       concurrency=concurrency,
       on_group_done=progress,
+      mesh=mesh,
     )
     if kind == "clean":
       anchors = store.final_params("clean")

@@ -12,6 +12,11 @@ r"""Runs the CCDD pipeline: python -m ccdd_jax.main --workdir runs/demo [--stage
 --fresh  start over: remove the workdir's outputs (not the key) first; without
          it a rerun resumes where the last run stopped, and a workdir made
          with another config is refused (naming the differing fields)
+--num_devices N     spread the stages over N devices (default: config.num_devices,
+                    0 = every device of every process); see sharding.py
+--distributed auto|on|off  jax.distributed.initialize() before any other JAX
+                    work: auto = when launched by Slurm, Open MPI or on a TPU
+                    pod (launch/README.md); only process 0 writes files
 """
 
 import os
@@ -81,6 +86,16 @@ _PREDICTIONS = flags.DEFINE_string(
 _FRESH = flags.DEFINE_bool(
   "fresh", False, "Remove the workdir's outputs (not the key) and start over; default: resume."
 )
+_NUM_DEVICES = flags.DEFINE_integer(
+  "num_devices",
+  None,
+  "Devices to spread the stages over (sets config.num_devices; 0 = all devices).",
+)
+_DISTRIBUTED = flags.DEFINE_string(
+  "distributed",
+  "auto",
+  "auto | on | off: call jax.distributed.initialize() (auto: under Slurm, Open MPI, TPU pods).",
+)
 _COMMITMENT = flags.DEFINE_string(
   "commitment", None, "A published key commitment (owner.commitment); other keys are refused."
 )
@@ -89,7 +104,13 @@ _COMMITMENT = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from ccdd_jax import blackbox  # Imported late: flags first, then jax.
+  from ccdd_jax import sharding  # Imported late: flags first, then jax.
+
+  try:  # Before any other JAX work.
+    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  except CCDDError as e:
+    one_line_exit(e)
+  from ccdd_jax import blackbox
   from ccdd_jax import pipeline
   from ccdd_jax import reporting
 
@@ -97,6 +118,8 @@ def main(argv):
     one_line_exit(CCDDError("--predictions goes with --stage=verify"))
   try:
     config = config_loader.materialize(_CONFIG, flags.FLAGS["config"].serialize().split("=", 1)[-1])
+    if _NUM_DEVICES.value is not None:
+      config.num_devices = _NUM_DEVICES.value
     report = pipeline.run(
       config,
       _WORKDIR.value,

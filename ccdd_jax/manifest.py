@@ -28,7 +28,13 @@ from ccdd_jax import reporting
 FILE = "manifest.json"
 ORDER = ("keygen", "queries", "experts", "distill", "evaluate", "verify", "attacks")
 # Paths and speed settings: the same run whatever their value.
-IGNORED = ("concurrency", "data.cache_dir", "data.tfds_data_dir", "distill.checkpoint_every")
+IGNORED = (
+  "concurrency",
+  "num_devices",  # Float32 rounding only (sharding.py): a run may resume on another machine.
+  "data.cache_dir",
+  "data.tfds_data_dir",
+  "distill.checkpoint_every",
+)
 # (prefix, stage), first match wins; "key" and "num_classes" are the key file's and the data's.
 OWNER = (
   ("key", "queries"),

@@ -14,7 +14,13 @@ import jax
 
 
 def resolve_concurrency(concurrency: int) -> int:
-  """Programs run at once for a config's `concurrency` (0 = one per CPU core on CPU, else 1)."""
+  """Programs run at once for a config's `concurrency` (0 = one per CPU core on CPU, else 1).
+
+  Always 1 in a multi-process run: every process must launch the same
+  programs in the same order, which threads would not keep.
+  """
+  if jax.process_count() > 1:
+    return 1
   if concurrency:
     return concurrency
   return (os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1

@@ -33,6 +33,7 @@ from ccdd_jax import parallel
 from ccdd_jax import reporting
 from ccdd_jax import resume
 from ccdd_jax import settings
+from ccdd_jax import sharding
 from ccdd_jax import threats
 from ccdd_jax import watermark
 from ccdd_jax import workdir as workdir_lib
@@ -78,9 +79,8 @@ def stage_experts(ctx: Context) -> dict:
     f"(|D_C| = {num}, |D_W| = {num_wm}) ..."
   )
   start, progress = time.time(), reporting.group_progress("experts")
-  experts_lib.train_kinds_resumable(
-    e, ctx.net.apply, cfg.dsa, init, rng_train, inputs, store, cfg.concurrency, progress
-  )
+  args = (init, rng_train, inputs, store, cfg.concurrency, progress, ctx.mesh)
+  experts_lib.train_kinds_resumable(e, ctx.net.apply, cfg.dsa, *args)
   summary = {"d_w_size": num_wm, "d_c_size": num, "seconds": time.time() - start}
   for kind in experts_lib.KINDS:
     acc, acc_w = store.metrics(kind)
@@ -101,19 +101,12 @@ def stage_distill(ctx: Context) -> dict:
 
   def distill_set(name, kind, twin_kind):
     start, set_cfg = time.time(), distill_lib.set_config(cfg.distill, kind != "clean")
-    store = resume.DistillStore(resume_dir / name)
-    expert = loaded[kind]
+    store, expert = resume.DistillStore(resume_dir / name), loaded[kind]
     trajs = (expert, loaded[twin_kind] if set_cfg.beta else expert)
     trajs += (loaded["clean"],) if set_cfg.clean_expert_fraction else ()
+    pool = (ds.train_images, ds.train_labels, ds.num_classes, patterns, pattern_labels)
     init_u8, labels, from_trigger = distill_lib.initial_set(
-      set_cfg,
-      ds.train_images,
-      ds.train_labels,
-      ds.num_classes,
-      patterns,
-      pattern_labels,
-      ctx.np_rng(3),
-      ctx.np_rng(6),
+      set_cfg, *pool, ctx.np_rng(3), ctx.np_rng(6)
     )
     aux = distill_lib.aux_inputs(set_cfg, from_trigger, ctx.patch_size, ctx.expert_inputs)
     log(
@@ -133,6 +126,7 @@ def stage_distill(ctx: Context) -> dict:
       progress,
       aux,
       store,
+      ctx.mesh,
     )
     workdir_lib.save_distilled(
       ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess
@@ -188,7 +182,8 @@ def stage_evaluate(ctx: Context) -> dict:
       init,
       {n: sets[n] for n in names if n not in summary[arch]},
       jax.random.fold_in(ctx.rng, 4),
-      on_start=announce,
+      announce,
+      ctx.mesh,
     ):
       checkpoints.save_networks(workdir_lib.networks_dir(ctx.workdir, arch, name), params)
       acc, acc_w = ctx.accuracy_and_acc_w(params, net)
@@ -265,7 +260,7 @@ def run(
   if fresh and (removed := workdir_lib.clear_outputs(workdir)):
     log(f"--fresh: removed {', '.join(removed)} from {workdir}")
   key_path = pathlib.Path(key_file) if key_file else workdir / "owner.key"
-  if stage not in ("all", "keygen") and not key_path.exists():
+  if (stage not in ("all", "keygen") or sharding.multi_process()) and not key_path.exists():
     raise CCDDError(f"no key file at {key_path}: run --stage=keygen first or pass --key_file")
   blackbox.check_commitment(commitment, key_path)
   ctx = Context(config, workdir, key_path)
@@ -288,6 +283,7 @@ def run(
     if name != "keygen":  # After the checks; the key exists from here on.
       manifest.write(workdir, ctx.fields())
     result = functions[name](ctx)
+    sharding.barrier(f"ccdd stage {name}")  # Process 0's files are written (sharding.is_writer).
     timings[name] = time.time() - start
     reporting.write_json(workdir / "timings.json", timings)
   if stage not in ("all", "verify", "attacks") or predictions:

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ccdd_jax import sharding
+
 SETS = ("distilled", "clean_distilled", "real")
 
 
@@ -41,7 +43,9 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
-  """Writes a text file atomically (a kill leaves the old file or the new one)."""
+  """Writes a text file atomically (a kill leaves the old file or the new one); process 0 only."""
+  if not sharding.is_writer():
+    return
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   tmp.write_text(text)
@@ -49,7 +53,9 @@ def write_text(path: pathlib.Path, text: str) -> None:
 
 
 def save_figure(fig, path: pathlib.Path) -> None:
-  """Saves a matplotlib figure as PNG atomically."""
+  """Saves a matplotlib figure as PNG atomically (process 0 only)."""
+  if not sharding.is_writer():
+    return
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
   fig.savefig(tmp, dpi=100, format="png")

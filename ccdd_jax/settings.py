@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 0 = one per CPU core on CPU (XLA:CPU keeps about one core busy per small
   # program, docs/performance.md), 1 on GPU/TPU. Never changes a result.
   config.concurrency = 0
+  # Devices the stages spread over (sharding.py): 0 = every device of every
+  # process. Experts' and evaluation's seeds axes and the distillation
+  # minibatch are split over them; results equal one device's to float32
+  # rounding (bitwise on one device). main.py's --num_devices sets it.
+  config.num_devices = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"  # digits | folder | tinyimagenet | tfds:<name>
@@ -257,6 +262,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and epochs must be >= 1")
   require(e.group_size >= 0, f"experts.group_size = {e.group_size} must be >= 0 (0 = all)")
   require(config.concurrency >= 0, f"concurrency = {config.concurrency} must be >= 0 (0 = auto)")
+  require(config.num_devices >= 0, f"num_devices = {config.num_devices} must be >= 0 (0 = all)")
   require(w.n_patterns >= 1, f"watermark.n_patterns = {w.n_patterns} must be >= 1")
   require(0.0 < w.ratio < 1.0, f"watermark.ratio = {w.ratio} (|D_W| / |D_C|) must be in (0, 1)")
   require(

@@ -21,6 +21,7 @@ import numpy as np
 
 from ccdd_jax import CCDDError
 from ccdd_jax import preprocess
+from ccdd_jax import sharding
 
 
 def prepare(workdir: str | os.PathLike) -> pathlib.Path:
@@ -106,6 +107,8 @@ def save_distilled(
   history (`losses`) and the input transform (`Preprocessor.as_arrays`).
   """
   path = pathlib.Path(workdir) / f"{name}.npz"
+  if not sharding.is_writer():  # Process 0 writes; the others computed the same set.
+    return path
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   with open(tmp, "wb") as f:
     np.savez(
