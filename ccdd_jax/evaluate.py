@@ -28,10 +28,15 @@ def make_set_trainer(
   batch_size: int,
   momentum: float,
   weight_decay: float,
+  label_smoothing: float = 0.0,
+  extra_augment: Callable | None = None,
 ):
   """Returns `train(init_params, images, labels, lr, rng, family_rng) -> params`.
 
   `family_rng` picks the DSA family per step; it is shared by vmapped seeds.
+  Robust training (data_threats.py) adds `label_smoothing` (inner_loop.smooth_targets)
+  and `extra_augment(images, rng) -> images`, applied to every batch after DSA;
+  without them the trainer is exactly MTT's evaluation.
   """
 
   def train(init_params, images, labels, lr, rng, family_rng):
@@ -49,8 +54,12 @@ def make_set_trainer(
 
     def loss_fn(params, step_input):
       idx, rng_step, family_step = step_input
+      if extra_augment is not None:
+        rng_step, rng_extra = jax.random.split(rng_step)
       x = augment.augment(images[idx], rng_step, dsa_config, family_rng=family_step)
-      return inner_loop.cross_entropy(apply_fn(params, x), labels[idx])
+      if extra_augment is not None:
+        x = extra_augment(x, rng_extra)
+      return inner_loop.cross_entropy(apply_fn(params, x), labels[idx], label_smoothing)
 
     params, _, _ = inner_loop.sgd_scan(
       loss_fn,
@@ -73,12 +82,15 @@ def make_networks_trainer(
   batch_size: int,
   momentum: float = 0.9,
   weight_decay: float = 5e-4,
+  label_smoothing: float = 0.0,
+  extra_augment: Callable | None = None,
 ) -> Callable[..., Any]:
   """Returns `train(init_params, images, labels, lr, rng) -> params`, compiled once per shape.
 
   One network per leading entry of `init_params` (vmapped seeds). Keep it to
   train several sets of the same shapes (the distilled and the clean
-  distilled set) without compiling twice.
+  distilled set) without compiling twice. `label_smoothing` and
+  `extra_augment`: `make_set_trainer`.
   """
   run = jax.jit(
     jax.vmap(
@@ -89,6 +101,8 @@ def make_networks_trainer(
         batch_size=batch_size,
         momentum=momentum,
         weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        extra_augment=extra_augment,
       ),
       in_axes=(0, None, None, None, 0, None),
     )
