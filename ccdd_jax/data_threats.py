@@ -287,12 +287,21 @@ def parameter_detection(watermarked: Any, clean: Any) -> dict:
 
 
 def anomaly_index(norms: np.ndarray) -> tuple[float, int]:
-  """Neural Cleanse's MAD anomaly index of the smallest of `norms`, and its class."""
+  """Neural Cleanse's MAD anomaly index of the smallest of `norms`, and its class.
+
+  (median - min) / (1.4826 MAD); the MAD is floored at 1% of the median, so
+  that a degenerate search (most classes at one norm) gives a finite index.
+  """
   norms = np.asarray(norms, np.float64)
   median = np.median(norms)
   mad = MAD_CONSTANT * np.median(np.abs(norms - median))
   smallest = int(np.argmin(norms))
-  return float((median - norms[smallest]) / max(mad, 1e-12)), smallest
+  return float((median - norms[smallest]) / max(mad, 0.01 * median, 1e-12)), smallest
+
+
+def _finite(value: float) -> float | None:
+  """`value`, or None for nan (attacks.json stays strict JSON)."""
+  return None if value != value else float(value)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("num_classes", "steps"))
@@ -312,23 +321,26 @@ def _reverse_engineer(
     )
     targets = jnp.full((pixels.shape[0],), target)
 
-    def loss_fn(v):
+    def loss_fn(v, weight):
       mask, pattern = jax.nn.sigmoid(v[0]), jax.nn.sigmoid(v[1])
       logits = apply_fn(p, to_inputs((1 - mask) * pixels + mask * pattern))
       l1 = jnp.sum(mask)
       hits = jnp.mean(jnp.argmax(logits, -1) == target)
-      return inner_loop.cross_entropy(logits, targets) + lam * l1, (l1, hits)
+      return inner_loop.cross_entropy(logits, targets) + weight * l1, (l1, hits)
 
     def step(carry, _):
-      v, state, best = carry
-      (_, (l1, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(v)
-      best = jnp.where(hits >= success, jnp.minimum(best, l1), best)
+      v, state, weight, best = carry
+      (_, (l1, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(v, weight)
+      reached = hits >= success
+      best = jnp.where(reached, jnp.minimum(best, l1), best)
+      # Neural Cleanse's schedule, per step: a heavier L1 weight while the mask works.
+      weight = jnp.clip(jnp.where(reached, weight * 1.1, weight / 1.1), lam * 1e-2, lam * 1e2)
       updates, state = optimizer.update(grads, state)
-      return (optax.apply_updates(v, updates), state, best), None
+      return (optax.apply_updates(v, updates), state, weight, best), None
 
-    init = (variables, optimizer.init(variables), jnp.float32(height * width))
-    (v, _, best), _ = jax.lax.scan(step, init, None, length=steps)
-    _, (l1, hits) = loss_fn(v)
+    init = (variables, optimizer.init(variables), lam, jnp.float32(height * width))
+    (v, _, weight, best), _ = jax.lax.scan(step, init, None, length=steps)
+    _, (l1, hits) = loss_fn(v, weight)
     best = jnp.where(hits >= success, jnp.minimum(best, l1), best)
     return best, hits, jax.nn.sigmoid(v[0])
 
@@ -347,16 +359,18 @@ def neural_cleanse(
   rng: jax.Array,
   *,
   steps: int = 100,
-  lr: float = 0.1,
+  lr: float = 0.3,
   lam: float = 0.01,
   success: float = 0.9,
 ) -> dict:
   """Neural Cleanse on each stacked network, with clean [0, 1] `pixels` [N, H, W, C].
 
   Per class t: Adam on a mask m (sigmoid, [H, W, 1]) and pattern (sigmoid,
-  [H, W, C]) minimising CE(f(to_inputs((1 - m) x + m pattern)), t) + lam |m|_1;
-  the class's norm is the smallest |m|_1 seen while at least `success` of the
-  images go to t (H W where never). `to_inputs` maps [0, 1] pixels to network
+  [H, W, C]) minimising CE(f(to_inputs((1 - m) x + m pattern)), t) + w |m|_1,
+  where w starts at `lam` and grows 1.1x after each step on which at least
+  `success` of the images go to t, else shrinks 1.1x (Neural Cleanse's
+  schedule, within [lam / 100, 100 lam]); the class's norm is the smallest
+  |m|_1 seen at such a step (H W where never). `to_inputs` maps [0, 1] pixels to network
   inputs and must be traceable (`pixel_transform`). Returns per network the
   norms [K], the final masks, the anomaly index and the flagged class.
   """
@@ -417,90 +431,45 @@ def image_scores(acfg, feats, labels, pixels, patch) -> dict:
   return {name: scorers[name]() for name in cleansers(acfg)}
 
 
-def run(
-  config,
-  *,
-  network,
-  verifier: threats.Verifier,
-  preprocessor,
-  sets: Mapping[str, dict],
-  networks: Mapping[str, Any],
-  attacker: tuple[np.ndarray, np.ndarray],
-  init_params: Any,
-  train_rng: jax.Array,
-  rng: np.random.Generator,
-) -> dict:
-  """The data threats on `sets["distilled"]` (vs `sets["clean_distilled"]`): attacks.json's
-  "data" section.
+def _fmt_auc(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.2f}"
 
-  `sets` hold the distilled sets as workdir.load_distilled reads them;
-  `networks` the networks evaluate trained on each (the unattacked ones);
-  `init_params` and `train_rng` are evaluate's (the attacked networks start
-  where the unattacked ones did); `network` has `apply` and `init_params`.
-  """
-  acfg, ecfg, start = config.attacks, config.eval, time.time()
-  apply_fn, patch = network.apply, verifier.patch_size
-  wm, clean = sets["distilled"], sets["clean_distilled"]
-  count = acfg.num_seeds or jax.tree_util.tree_leaves(networks["distilled"])[0].shape[0]
-  first = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x[:count]), tree)
-  init = first(init_params)
-  before = verifier.measure(first(networks["distilled"]))
-  from_trigger = np.asarray(wm["from_trigger"], bool)
-  result = {
-    "set": "distilled",
-    "num_images": len(wm["labels"]),
-    "trigger_slots": int(from_trigger.sum()),
-    "attacks": {n: {"strength": s, "description": d} for n, (s, _, d) in DATA_ATTACKS.items()},
-    "before": {**threats.measured_point(None, before, before, 0.0), "verdict": "unattacked"},
-    "points": {},
-  }
-  log(
-    f"[attacks] data: {len(wm['labels'])} distilled images ({int(from_trigger.sum())} trigger "
-    f"slots), {count} networks per point"
-  )
 
-  # The pirate's clean model: its own held-out data only.
+def _pirate_model(config, network, verifier, attacker, key: jax.Array) -> tuple[Any, dict]:
+  """The pirate's clean model: one network on its held-out data (eval.real_* recipe)."""
+  acfg, ecfg, tick = config.attacks, config.eval, time.time()
   images, labels = attacker
-  attacker_x = verifier.to_inputs(images)
-  tick = time.time()
   trainer = evaluate.make_networks_trainer(
-    apply_fn,
+    network.apply,
     config.dsa,
     epochs=acfg.data_clean_model_epochs,
     batch_size=ecfg.real_batch_size,
     momentum=ecfg.momentum,
     weight_decay=ecfg.weight_decay,
   )
-  key = jax.random.PRNGKey(int(rng.integers(2**31)))
-  pirate = trainer(
-    network.init_params(jax.random.fold_in(key, 0), 1),
-    attacker_x,
-    labels,
-    ecfg.real_lr,
-    jax.random.fold_in(key, 1),
+  init = network.init_params(jax.random.fold_in(key, 0), 1)
+  stacked = jax.device_get(
+    trainer(init, verifier.to_inputs(images), labels, ecfg.real_lr, jax.random.fold_in(key, 1))
   )
-  pirate = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], pirate))
-  stacked = jax.tree_util.tree_map(lambda x: x[None], pirate)
-  test_x = verifier.to_inputs(verifier.test_images)
-  pirate_acc = float(np.mean(verifier.predict(stacked, test_x)[0] == verifier.test_labels))
-  result["clean_model"] = {
+  predictions = verifier.predict(stacked, verifier.to_inputs(verifier.test_images))[0]
+  summary = {
     "images": len(labels),
     "epochs": acfg.data_clean_model_epochs,
-    "acc": pirate_acc,
+    "acc": float(np.mean(predictions == verifier.test_labels)),
     "seconds": time.time() - tick,
   }
   log(
-    f"[attacks] data: the pirate's clean model ({len(labels)} images): Acc {100 * pirate_acc:.1f}%"
+    f"[attacks] data: the pirate's clean model ({len(labels)} images of its own): "
+    f"Acc {100 * summary['acc']:.1f}%"
   )
-  scores = {
-    name: image_scores(
-      acfg, features(apply_fn, pirate, s["images"]), s["labels"], s["pixels"], patch
-    )
-    for name, s in (("distilled", wm), ("clean_distilled", clean))
-  }
+  return jax.tree_util.tree_map(lambda x: x[0], stacked), summary
 
-  # Attacks: cleansing, robust training.
-  trainers = {}
+
+def _attack_points(config, network, verifier, wm, scores, init, train_rng, before) -> dict:
+  """Every data attack at every strength: {name: [measured points]} (threats.measured_point)."""
+  acfg, ecfg, patch = config.attacks, config.eval, verifier.patch_size
+  from_trigger = np.asarray(wm["from_trigger"], bool)
+  trainers, points = {}, {}
 
   def train(images, labels, smoothing=0.0, corner_prob=None):
     spec = (len(labels), smoothing, corner_prob)
@@ -512,7 +481,7 @@ def run(
           strong_augment, patch=patch, corner_prob=corner_prob, max_shift=shift
         )
       trainers[spec] = evaluate.make_networks_trainer(
-        apply_fn,
+        network.apply,
         config.dsa,
         epochs=ecfg.epochs,
         batch_size=ecfg.batch_size,
@@ -521,77 +490,80 @@ def run(
         label_smoothing=smoothing,
         extra_augment=extra,
       )
-    params = trainers[spec](init, images, labels, float(wm["lr"]), train_rng)
-    return jax.device_get(params)
+    return jax.device_get(trainers[spec](init, images, labels, float(wm["lr"]), train_rng))
 
   def record(name, value, params, tick, **extra):
     point = threats.measured_point(value, verifier.measure(params), before, time.time() - tick)
-    point.update(extra)
-    result["points"].setdefault(name, []).append(point)
+    points.setdefault(name, []).append({**point, **extra})
+    slots = f", trigger slots dropped {extra['trigger_slots_dropped']}" if extra else ""
     log(
       f"[attacks] data {name} {DATA_ATTACKS[name][0]}={value:g}: Acc "
       f"{100 * point['acc']['mean']:.1f}% ({-100 * point['acc_drop']:+.1f}) Acc_W "
-      f"{100 * point['acc_w']['mean']:.1f}%, verified {sum(point['verified'])}/{count}"
-      + (f", trigger slots dropped {extra['trigger_slots_dropped']}" if extra else "")
-      + f": {point['verdict']}"
+      f"{100 * point['acc_w']['mean']:.1f}%, verified {sum(point['verified'])}/"
+      f"{len(point['verified'])}{slots}: {point['verdict']}"
     )
 
   for cleanser in cleansers(acfg):
     for fraction in strengths(acfg, f"cleanse_{cleanser}"):
       tick = time.time()
-      keep = cleanse(scores["distilled"][cleanser], fraction)
+      keep = cleanse(scores[cleanser], fraction)
       params = train(wm["images"][keep], wm["labels"][keep])
       dropped = np.setdiff1d(np.arange(len(from_trigger)), keep)
+      slots = int(from_trigger[dropped].sum())
       record(
         f"cleanse_{cleanser}",
         fraction,
         params,
         tick,
         dropped=len(dropped),
-        trigger_slots_dropped=int(from_trigger[dropped].sum()),
+        trigger_slots_dropped=slots,
       )
   for smoothing in strengths(acfg, "label_smoothing"):
     tick = time.time()
     record("label_smoothing", smoothing, train(wm["images"], wm["labels"], smoothing), tick)
   # On 8x8 digits the 4x4 trigger corner is a quarter of the image: a corner
-  # cutout, crop and flip on every batch can destroy accuracy (an earlier
+  # cutout, crop and flip on every batch may destroy accuracy (an earlier
   # measurement: 46% Acc), which the verdict then counts as "destroyed".
   for corner_prob in strengths(acfg, "strong_augment"):
     tick = time.time()
     params = train(wm["images"], wm["labels"], corner_prob=corner_prob)
     record("strong_augment", corner_prob, params, tick)
+  return points
 
-  # Detection.
-  tick = time.time()
+
+def _detect(config, network, verifier, preprocessor, sets, networks, scores, pixels, key):
+  """The detectors: parameter statistics, Neural Cleanse, and the data scores (AUCs)."""
+  acfg, wm, clean = config.attacks, sets["distilled"], sets["clean_distilled"]
   detection = {
     "parameters": parameter_detection(networks["distilled"], networks["clean_distilled"])
   }
   d = detection["parameters"]
   log(
     f"[attacks] data detection, parameter statistics: AUC {d['auc']:.2f}, smallest "
-    f"Mann-Whitney p {d['min_p_mannwhitney']:.3g} (Bonferroni {d['bonferroni_p_mannwhitney']:.3g})"
+    f"Mann-Whitney p {d['min_p_mannwhitney']:.3g} of {d['n_statistics']} (Bonferroni "
+    f"{d['bonferroni_p_mannwhitney']:.3g})"
   )
-  pick = rng.choice(len(labels), min(acfg.data_nc_images, len(labels)), replace=False)
-  nc_pixels = images[pick].astype(np.float32) / 255.0
-  nc = {}
-  for name in ("distilled", "clean_distilled"):
-    nc[name] = neural_cleanse(
-      apply_fn,
+  nc = {
+    name: neural_cleanse(
+      network.apply,
       networks[name],
-      nc_pixels,
+      pixels,
       pixel_transform(preprocessor),
       verifier.num_classes,
-      jax.random.fold_in(key, 2),
+      key,
       steps=acfg.data_nc_steps,
       lr=acfg.data_nc_lr,
       lam=acfg.data_nc_lambda,
       success=acfg.data_nc_success,
     )
+    for name in ("distilled", "clean_distilled")
+  }
   a_wm, a_clean = nc["distilled"]["anomaly_index"], nc["clean_distilled"]["anomaly_index"]
+  negatives_then_positives = np.r_[np.zeros(len(a_clean), bool), np.ones(len(a_wm), bool)]
   detection["neural_cleanse"] = {
-    "auc": roc_auc(np.r_[a_clean, a_wm], np.r_[np.zeros(len(a_clean)), np.ones(len(a_wm))]),
+    "auc": roc_auc(np.r_[a_clean, a_wm], negatives_then_positives),
     "threshold": ANOMALY_THRESHOLD,
-    "images": len(pick),
+    "images": len(pixels),
     "steps": acfg.data_nc_steps,
     **{
       name: {
@@ -605,35 +577,110 @@ def run(
   }
   d = detection["neural_cleanse"]
   log(
-    f"[attacks] data detection, Neural Cleanse: AUC {d['auc']:.2f}, flagged "
-    f"{d['distilled']['flagged']}/{len(a_wm)} watermarked-set and "
+    f"[attacks] data detection, Neural Cleanse: AUC {d['auc']:.2f}; anomaly index > "
+    f"{ANOMALY_THRESHOLD:g} in {d['distilled']['flagged']}/{len(a_wm)} watermarked-set and "
     f"{d['clean_distilled']['flagged']}/{len(a_clean)} clean-set networks"
   )
-  # The owner's own view (uses the key's patterns; a reference, not a pirate's option).
+  # The owner's own view (the key's patterns): a reference, not a pirate's option.
   patterns, _ = watermark.expand_key(
-    verifier.key, verifier.n_patterns, patch, wm["pixels"].shape[-1], verifier.num_classes
+    verifier.key,
+    verifier.n_patterns,
+    verifier.patch_size,
+    wm["pixels"].shape[-1],
+    verifier.num_classes,
   )
-  visibility = {
-    n: watermark.trigger_visibility(s["pixels"], patterns)
-    for n, s in (("distilled", wm), ("clean_distilled", clean))
+  scores = {
+    **scores,
+    "trigger_visibility": {
+      n: watermark.trigger_visibility(s["pixels"], patterns)
+      for n, s in (("distilled", wm), ("clean_distilled", clean))
+    },
   }
   detection["data"] = {}
-  for name in [*scores["distilled"], "trigger_visibility"]:
-    mine = visibility if name == "trigger_visibility" else {n: scores[n][name] for n in scores}
-    on_wm, on_clean = mine["distilled"], mine["clean_distilled"]
-    detection["data"][name] = {
-      "trigger_slots_auc": roc_auc(on_wm, from_trigger),
-      "set_auc": roc_auc(
-        np.r_[on_clean, on_wm], np.r_[np.zeros(len(on_clean)), np.ones(len(on_wm))]
-      ),
+  from_trigger = np.asarray(wm["from_trigger"], bool)
+  for name, by_set in scores.items():
+    on_wm, on_clean = by_set["distilled"], by_set["clean_distilled"]
+    set_labels = np.r_[np.zeros(len(on_clean), bool), np.ones(len(on_wm), bool)]
+    e = detection["data"][name] = {
+      "trigger_slots_auc": _finite(roc_auc(on_wm, from_trigger)),
+      "set_auc": _finite(roc_auc(np.r_[on_clean, on_wm], set_labels)),
       "uses_key": name == "trigger_visibility",
     }
-    e = detection["data"][name]
     log(
-      f"[attacks] data detection, {name} scores: AUC {e['trigger_slots_auc']:.2f} for trigger "
-      f"slots, {e['set_auc']:.2f} watermarked vs clean set"
+      f"[attacks] data detection, {name} scores: AUC {_fmt_auc(e['trigger_slots_auc'])} for "
+      f"trigger slots, {_fmt_auc(e['set_auc'])} for watermarked vs clean set images"
     )
-  detection["seconds"] = time.time() - tick
-  result["detection"] = detection
+  return detection
+
+
+def run(
+  config,
+  *,
+  network,
+  verifier: threats.Verifier,
+  preprocessor,
+  sets: Mapping[str, dict],
+  networks: Mapping[str, Any],
+  attacker: tuple[np.ndarray, np.ndarray],
+  init_params: Any,
+  train_rng: jax.Array,
+  rng: np.random.Generator,
+) -> dict:
+  """The data threats on `sets["distilled"]` (against `sets["clean_distilled"]`):
+  attacks.json's "data" section.
+
+  `sets` hold the distilled sets as workdir.load_distilled reads them;
+  `networks` the networks evaluate trained on each (the unattacked ones);
+  `init_params` and `train_rng` are evaluate's, so that the attacked networks
+  start where the unattacked ones did; `network` has `apply` and
+  `init_params`; `preprocessor` maps pixels to inputs (Neural Cleanse);
+  `attacker` is the pirate's uint8 images and labels; `rng` draws the rest.
+  """
+  acfg, start = config.attacks, time.time()
+  wm = sets["distilled"]
+  count = acfg.num_seeds or jax.tree_util.tree_leaves(networks["distilled"])[0].shape[0]
+  first = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x[:count]), tree)
+  before = verifier.measure(first(networks["distilled"]))
+  from_trigger = np.asarray(wm["from_trigger"], bool)
+  result = {
+    "set": "distilled",
+    "num_images": len(wm["labels"]),
+    "trigger_slots": int(from_trigger.sum()),
+    "attacks": {n: {"strength": s, "description": d} for n, (s, _, d) in DATA_ATTACKS.items()},
+    "before": {**threats.measured_point(None, before, before, 0.0), "verdict": "unattacked"},
+  }
+  log(
+    f"[attacks] data: {len(wm['labels'])} distilled images ({int(from_trigger.sum())} trigger "
+    f"slots), {count} networks per point"
+  )
+  key = jax.random.PRNGKey(int(rng.integers(2**31)))
+  pirate, result["clean_model"] = _pirate_model(config, network, verifier, attacker, key)
+  scores = {}  # scores[cleanser][set name]: [N]
+  for name, s in sets.items():
+    feats = features(network.apply, pirate, s["images"])
+    for cleanser, values in image_scores(
+      acfg, feats, s["labels"], s["pixels"], verifier.patch_size
+    ).items():
+      scores.setdefault(cleanser, {})[name] = values
+  distilled_scores = {c: by_set["distilled"] for c, by_set in scores.items()}
+  result["points"] = _attack_points(
+    config, network, verifier, wm, distilled_scores, first(init_params), train_rng, before
+  )
+  tick = time.time()
+  images = attacker[0]
+  pick = rng.choice(len(images), min(acfg.data_nc_images, len(images)), replace=False)
+  pixels = images[pick].astype(np.float32) / 255.0
+  result["detection"] = _detect(
+    config,
+    network,
+    verifier,
+    preprocessor,
+    sets,
+    networks,
+    scores,
+    pixels,
+    jax.random.fold_in(key, 2),
+  )
+  result["detection"]["seconds"] = time.time() - tick
   result["seconds"] = time.time() - start
   return result

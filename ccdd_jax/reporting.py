@@ -445,8 +445,9 @@ def save_data_threats_plot(path: pathlib.Path, data: dict) -> None:
 
 
 def write_attacks(workdir: pathlib.Path, attacks: dict) -> None:
-  """Writes attacks.json, attacks.png and (with a "data" section) attacks_data.png."""
+  """Writes attacks.json, attacks.png (with model attacks) and attacks_data.png (with data)."""
   write_json(pathlib.Path(workdir) / "attacks.json", attacks)
-  save_attacks_plot(pathlib.Path(workdir) / "attacks.png", attacks)
+  if attacks["attacks"]:
+    save_attacks_plot(pathlib.Path(workdir) / "attacks.png", attacks)
   if attacks.get("data"):
     save_data_threats_plot(pathlib.Path(workdir) / "attacks_data.png", attacks["data"])

@@ -238,7 +238,7 @@ def base_config() -> ml_collections.ConfigDict:
   # clean attacker images, the mask-L1 weight and the success rate a mask must reach.
   config.attacks.data_nc_steps = 100
   config.attacks.data_nc_images = 64
-  config.attacks.data_nc_lr = 0.1
+  config.attacks.data_nc_lr = 0.3
   config.attacks.data_nc_lambda = 0.01
   config.attacks.data_nc_success = 0.9
   return config
