@@ -397,6 +397,14 @@ def neural_cleanse(
   }
 
 
+def corner_mass(masks: np.ndarray, patch: int) -> np.ndarray:
+  """Per network, the mean over classes of the fraction of a reverse-engineered mask
+  [S, K, H, W, 1] that lies on the top-left patch x patch corner."""
+  masks = np.asarray(masks, np.float64)
+  on_corner = masks[:, :, :patch, :patch].sum(axis=(2, 3, 4))
+  return np.mean(on_corner / np.maximum(masks.sum(axis=(2, 3, 4)), 1e-12), axis=1)
+
+
 def pixel_transform(preprocessor) -> Callable[[jax.Array], jax.Array]:
   """A preprocess.Preprocessor's [0, 1] pixels -> network inputs, as a traceable function."""
   if preprocessor.zca:
@@ -560,8 +568,20 @@ def _detect(config, network, verifier, preprocessor, sets, networks, scores, pix
   }
   a_wm, a_clean = nc["distilled"]["anomaly_index"], nc["clean_distilled"]["anomaly_index"]
   negatives_then_positives = np.r_[np.zeros(len(a_clean), bool), np.ones(len(a_wm), bool)]
+  # Beyond the MAD criterion (one target class): a CCDD key sends its n patterns
+  # to several classes, so its networks may have small masks for many classes
+  # (a smaller median norm) or masks drawn to the trigger corner (public: where
+  # the method stamps). Both scores need clean reference networks to threshold.
+  median = {n: -np.median(r["norms"], axis=1) for n, r in nc.items()}
+  corner = {n: corner_mass(r["masks"], verifier.patch_size) for n, r in nc.items()}
   detection["neural_cleanse"] = {
     "auc": roc_auc(np.r_[a_clean, a_wm], negatives_then_positives),
+    "auc_median_norm": roc_auc(
+      np.r_[median["clean_distilled"], median["distilled"]], negatives_then_positives
+    ),
+    "auc_corner_mass": roc_auc(
+      np.r_[corner["clean_distilled"], corner["distilled"]], negatives_then_positives
+    ),
     "threshold": ANOMALY_THRESHOLD,
     "images": len(pixels),
     "steps": acfg.data_nc_steps,
@@ -571,15 +591,17 @@ def _detect(config, network, verifier, preprocessor, sets, networks, scores, pix
         "flagged": int(np.sum(r["anomaly_index"] > ANOMALY_THRESHOLD)),
         "smallest_class": r["flagged_class"].tolist(),
         "norms": r["norms"].tolist(),
+        "corner_mass": corner[name].tolist(),
       }
       for name, r in nc.items()
     },
   }
   d = detection["neural_cleanse"]
   log(
-    f"[attacks] data detection, Neural Cleanse: AUC {d['auc']:.2f}; anomaly index > "
-    f"{ANOMALY_THRESHOLD:g} in {d['distilled']['flagged']}/{len(a_wm)} watermarked-set and "
-    f"{d['clean_distilled']['flagged']}/{len(a_clean)} clean-set networks"
+    f"[attacks] data detection, Neural Cleanse: AUC {d['auc']:.2f} (anomaly index), "
+    f"{d['auc_median_norm']:.2f} (median mask norm), {d['auc_corner_mass']:.2f} (corner "
+    f"mass); anomaly index > {ANOMALY_THRESHOLD:g} in {d['distilled']['flagged']}/{len(a_wm)} "
+    f"watermarked-set and {d['clean_distilled']['flagged']}/{len(a_clean)} clean-set networks"
   )
   # The owner's own view (the key's patterns): a reference, not a pirate's option.
   patterns, _ = watermark.expand_key(

@@ -349,6 +349,10 @@ def data_threats_markdown(data: dict) -> list[str]:
     f"{len(nc['clean_distilled']['anomaly_index'])} networks | {_auc(nc['auc'])} | flagged "
     f"(index > {nc['threshold']:g}): {nc['distilled']['flagged']} watermarked-set, "
     f"{nc['clean_distilled']['flagged']} clean-set networks |",
+    f"| Neural Cleanse median mask norm (smaller = watermarked) | same | "
+    f"{_auc(nc['auc_median_norm'])} | needs clean reference networks |",
+    f"| Neural Cleanse mask mass on the trigger corner | same | "
+    f"{_auc(nc['auc_corner_mass'])} | needs clean reference networks |",
   ]
   for name, d in det["data"].items():
     who = " (owner's view: uses the key)" if d["uses_key"] else ""
@@ -415,7 +419,9 @@ def save_data_threats_plot(path: pathlib.Path, data: dict) -> None:
   det = data["detection"]
   aucs = [
     ("parameter statistics", det["parameters"]["auc"]),
-    ("Neural Cleanse", det["neural_cleanse"]["auc"]),
+    ("Neural Cleanse: anomaly index", det["neural_cleanse"]["auc"]),
+    ("Neural Cleanse: median norm", det["neural_cleanse"]["auc_median_norm"]),
+    ("Neural Cleanse: corner mass", det["neural_cleanse"]["auc_corner_mass"]),
   ]
   for name, d in det["data"].items():
     aucs += [(f"{name}: trigger slots", d["trigger_slots_auc"]), (f"{name}: set", d["set_auc"])]

@@ -178,6 +178,10 @@ def test_neural_cleanse_finds_a_planted_trigger():
   assert int(np.argmin(norms)) == 0, norms
   assert mask[:3, :3].sum() > 0.5 * mask.sum(), mask.round(2)
   assert result["anomaly_index"][0] > data_threats.ANOMALY_THRESHOLD, norms
+  masks = np.zeros((1, 2, 8, 8, 1))
+  masks[0, 0, :3, :3] = 1.0  # All on the corner ...
+  masks[0, 1, 4:, 4:] = 1.0  # ... none on it.
+  assert np.allclose(data_threats.corner_mass(masks, 4), 0.5)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +226,8 @@ def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_pa
   assert data["points"]["cleanse_corner"][0]["dropped"] == round(0.3 * data["num_images"])
   detection = data["detection"]
   assert set(detection["data"]) == {"spectral", "clustering", "corner", "trigger_visibility"}
-  assert 0.0 <= detection["neural_cleanse"]["auc"] <= 1.0
+  for name in ("auc", "auc_median_norm", "auc_corner_mass"):
+    assert 0.0 <= detection["neural_cleanse"][name] <= 1.0
   assert 0.0 <= detection["parameters"]["auc"] <= 1.0
   markdown = (run / "report.md").read_text()
   assert "| cleanse_spectral | fraction 0.3 |" in markdown
