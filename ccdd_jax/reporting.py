@@ -437,7 +437,7 @@ def save_data_threats_plot(path: pathlib.Path, data: dict) -> None:
   left.invert_yaxis()
   left.set_xlim(0, 125)
   left.set_xlabel("%", fontsize=8)
-  left.legend(fontsize=7, loc="lower right")
+  left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
   left.set_title("Networks trained on the attacked data: Acc, Acc_W", fontsize=9)
   y = np.arange(len(aucs))
   right.barh(y, [0.0 if v is None or v != v else v for _, v in aucs], color="tab:gray")
