@@ -172,7 +172,7 @@ def test_neural_cleanse_finds_a_planted_trigger():
     data_threats.pixel_transform(prep),
     10,
     jax.random.PRNGKey(2),
-    steps=150,
+    steps=100,
   )
   norms, mask = result["norms"][0], result["masks"][0, 0, ..., 0]
   assert int(np.argmin(norms)) == 0, norms
@@ -211,14 +211,16 @@ def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_pa
   for name in ("fine_tune_epochs", "prune_ratios", "fine_prune_ratios", "overwrite_epochs"):
     a[name] = ""
   a.extraction_epochs, a.jpeg_qualities, a.blur_sigmas, a.resize_factors = "", "", "", ""
-  a.sets, a.data_drop_fractions, a.data_label_smoothing = "distilled", "0.3", "0.1"
+  # Label smoothing is a loss change (test_label_smoothing_targets_sum_to_one): skipped here,
+  # as one more compiled trainer.
+  a.sets, a.data_drop_fractions, a.data_label_smoothing = "distilled", "0.3", ""
   a.data_clean_model_epochs, a.data_nc_steps, a.data_nc_images = 2, 3, 16
   capfd.readouterr()
   pipeline.run(config, str(run), "attacks")
   out, err = capfd.readouterr()
   data = json.loads((run / "attacks.json").read_text())["data"]
   assert (run / "attacks_data.png").stat().st_size > 0
-  assert set(data["points"]) == set(data_threats.DATA_ATTACKS)
+  assert set(data["points"]) == set(data_threats.DATA_ATTACKS) - {"label_smoothing"}
   for entries in data["points"].values():
     for e in entries:
       assert len(e["verified"]) == config.eval.num_seeds
