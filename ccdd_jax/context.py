@@ -28,6 +28,8 @@ from ccdd_jax import threats
 from ccdd_jax import watermark
 from ccdd_jax import workdir as workdir_lib
 
+DATA_SETS = ("distilled", "clean_distilled")  # What data_threats compares.
+
 
 class Context:
   """What every stage derives from the config: data, networks, watermark patterns."""
@@ -114,7 +116,12 @@ class Context:
         raise CCDDError(f"no evaluated networks in {self.workdir}: run --stage=evaluate first")
       pairs = [(a, n) for a, sets in evaluation.items() for n in sets]
       if stage == "attacks":
-        pairs = [(cfg.model.name, n) for n in threats.parse_list(cfg.attacks.sets)]
+        names = set(threats.parse_list(cfg.attacks.sets))
+        if cfg.attacks.data_threats:  # data_threats reads both distilled sets and their networks.
+          names |= set(DATA_SETS)
+          ds = self.dataset
+          resume.check_distilled(self.workdir, DATA_SETS, ds.image_shape, ds.num_classes)
+        pairs = [(cfg.model.name, n) for n in reporting.SETS if n in names]
       resume.check_networks(self.workdir, pairs)
 
   def patterns(self, key: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +205,25 @@ class Context:
       self.network(arch).like_params(),
       self.config.eval.num_seeds,
     )
+
+  def evaluation_rngs(self, net: models.Network, count: int) -> tuple[Any, jax.Array]:
+    """The initial parameters of `count` evaluation networks and the key of their batches."""
+    return net.init_params(jax.random.fold_in(self.rng, 3), count), jax.random.fold_in(self.rng, 4)
+
+  def data_threats_inputs(self) -> dict:
+    """data_threats.run's inputs: both distilled sets, their networks, evaluate's rngs."""
+    init_params, train_rng = self.evaluation_rngs(self.net, self.config.eval.num_seeds)
+    return {
+      "network": self.net,
+      "verifier": self.verifier(),
+      "preprocessor": self.preprocess,
+      "sets": {n: workdir_lib.load_distilled(self.workdir, n) for n in DATA_SETS},
+      "networks": {n: self.restore_networks(n) for n in DATA_SETS},
+      "attacker": self.attacker_data,
+      "init_params": init_params,
+      "train_rng": train_rng,
+      "rng": self.np_rng(12),
+    }
 
   def verifier(self, net: models.Network | None = None) -> threats.Verifier:
     """The owner's measurements of `net`'s networks (Acc, Acc_W, exact test), as `verify`'s."""

@@ -31,10 +31,15 @@ def make_set_trainer(
   batch_size: int,
   momentum: float,
   weight_decay: float,
+  label_smoothing: float = 0.0,
+  extra_augment: Callable | None = None,
 ):
   """Returns `train(init_params, images, labels, lr, rng, family_rng) -> params`.
 
   `family_rng` picks the DSA family per step; it is shared by vmapped seeds.
+  Robust training (data_threats.py) adds `label_smoothing` (inner_loop.smooth_targets)
+  and `extra_augment(images, rng) -> images`, applied to every batch after DSA;
+  without them the trainer is exactly MTT's evaluation.
   """
 
   def train(init_params, images, labels, lr, rng, family_rng):
@@ -52,8 +57,12 @@ def make_set_trainer(
 
     def loss_fn(params, step_input):
       idx, rng_step, family_step = step_input
+      if extra_augment is not None:
+        rng_step, rng_extra = jax.random.split(rng_step)
       x = augment.augment(images[idx], rng_step, dsa_config, family_rng=family_step)
-      return inner_loop.cross_entropy(apply_fn(params, x), labels[idx])
+      if extra_augment is not None:
+        x = extra_augment(x, rng_extra)
+      return inner_loop.cross_entropy(apply_fn(params, x), labels[idx], label_smoothing)
 
     params, _, _ = inner_loop.sgd_scan(
       loss_fn,
@@ -77,6 +86,8 @@ def make_networks_trainer(
   momentum: float = 0.9,
   weight_decay: float = 5e-4,
   mesh: Any = None,
+  label_smoothing: float = 0.0,
+  extra_augment: Callable | None = None,
 ) -> Callable[..., Any]:
   """Returns `train(init_params, images, labels, lr, rng) -> params`, compiled once per shape.
 
@@ -84,6 +95,7 @@ def make_networks_trainer(
   train several sets of the same shapes (the distilled and the clean
   distilled set) without compiling twice. With a `mesh` of several devices
   the seeds are split over it and the result comes back as numpy arrays.
+  `label_smoothing` and `extra_augment`: `make_set_trainer`.
   """
   run = jax.jit(
     jax.vmap(
@@ -94,6 +106,8 @@ def make_networks_trainer(
         batch_size=batch_size,
         momentum=momentum,
         weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        extra_augment=extra_augment,
       ),
       in_axes=(0, None, None, None, 0, None),
     )

@@ -13,9 +13,17 @@ import optax
 Params = Any
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean cross entropy for integer labels (eq. 5)."""
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Mean cross entropy for integer labels (eq. 5); against `smooth_targets` if smoothing > 0."""
+  if smoothing:
+    targets = smooth_targets(labels, logits.shape[-1], smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def smooth_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+  """Label smoothing (Szegedy et al. 2016): (1 - s) one_hot(labels) + s / K; rows sum to 1."""
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
 
 # Rematerialisation of the scan body (what the backward pass through the loop

@@ -6,11 +6,11 @@
   distill   -> distilled.npz, clean_distilled.npz, distilled.png, clean_distilled.png
   evaluate  -> models/<architecture>/<set> (Orbax), evaluation.json
   verify    -> verification.json, report.json, report.md (--predictions: verification_blackbox.json)
-  attacks   -> attacks.json, attacks.png, report.md's attacks table (not in all; after evaluate)
+  attacks   -> attacks.json, attacks.png, attacks_data.png, report.md's tables (not in all)
 
 Each stage reads only what earlier stages wrote; a rerun resumes (resume.py, manifest.py).
-This module only orchestrates: the method lives in experts, distill,
-evaluate and watermark; I/O in checkpoints, workdir and reporting.
+Orchestration only: the method lives in experts, distill, evaluate, watermark, threats
+and data_threats; I/O in checkpoints, workdir and reporting.
 """
 
 import pathlib
@@ -24,6 +24,7 @@ from ccdd_jax import CCDDError
 from ccdd_jax import blackbox
 from ccdd_jax import checkpoints
 from ccdd_jax import context
+from ccdd_jax import data_threats
 from ccdd_jax import distill as distill_lib
 from ccdd_jax import evaluate as evaluate_lib
 from ccdd_jax import experts as experts_lib
@@ -156,9 +157,8 @@ def stage_distill(ctx: Context) -> dict:
 def stage_evaluate(ctx: Context) -> dict:
   """Trains fresh networks of each `eval.models` architecture on each set; Acc / Acc_W.
 
-  The real-data baseline is trained for the distillation model only (and for
-  every architecture with `eval.real_all_models`). Results merge into
-  evaluation.json, so more architectures can be evaluated later.
+  The real-data baseline: the distillation model only (all with `eval.real_all_models`).
+  Results merge into evaluation.json, so more architectures can be evaluated later.
   """
   cfg, ecfg = ctx.config, ctx.config.eval
   sets = resume.check_distilled(
@@ -173,7 +173,7 @@ def stage_evaluate(ctx: Context) -> dict:
     summary[arch] = {n: old[n] for n in names if (arch, n) in done and n in old}
     if summary[arch]:
       log(f"[evaluate] {arch} resuming: {', '.join(summary[arch])} done")
-    init = net.init_params(jax.random.fold_in(ctx.rng, 3), ecfg.num_seeds)
+    init, rng = ctx.evaluation_rngs(net, ecfg.num_seeds)
     announce = lambda text, a=arch: log(f"[evaluate] {a} {text}")
     for name, params, entry in evaluate_lib.train_on_sets(
       net.apply,
@@ -181,9 +181,9 @@ def stage_evaluate(ctx: Context) -> dict:
       ecfg,
       init,
       {n: sets[n] for n in names if n not in summary[arch]},
-      jax.random.fold_in(ctx.rng, 4),
-      announce,
-      ctx.mesh,
+      rng,
+      on_start=announce,
+      mesh=ctx.mesh,
     ):
       checkpoints.save_networks(workdir_lib.networks_dir(ctx.workdir, arch, name), params)
       acc, acc_w = ctx.accuracy_and_acc_w(params, net)
@@ -231,10 +231,12 @@ def stage_verify(ctx: Context, predictions: str | None = None) -> dict:
 
 
 def stage_attacks(ctx: Context) -> dict:
-  """Attacks the distillation model's networks of each set; the owner verifies each (threats)."""
+  """Attacks each set's networks (threats) and the distilled data (data_threats); verifies each."""
   networks = {n: ctx.restore_networks(n) for n in threats.parse_list(ctx.config.attacks.sets)}
   args = (ctx.net, ctx.verifier(), networks, ctx.attacker_data, ctx.np_rng(11))
   result = threats.run_suite(ctx.config, *args)
+  if ctx.config.attacks.data_threats:
+    result["data"] = data_threats.run(ctx.config, **ctx.data_threats_inputs())
   reporting.write_attacks(ctx.workdir, result)
   return result
 

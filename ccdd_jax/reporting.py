@@ -7,6 +7,7 @@ pipeline's Context, so the stages can call it without an import cycle.
   report.md    its short table (`report_markdown`), with the attacks' (`attacks_markdown`)
   *.png        distilled images, one row per class (`save_grid`)
   attacks.json, attacks.png   --stage=attacks (`write_attacks`, `save_attacks_plot`)
+  attacks_data.png            its "data" section (`data_threats_markdown`, `save_data_threats_plot`)
 """
 
 from collections.abc import Callable
@@ -308,6 +309,65 @@ def attacks_markdown(attacks: dict) -> list[str]:
           f"{fmt_pct(e['acc'])} | {change} | {fmt_pct(e['acc_w'])} | "
           f"{_verified(e)} | {new_key} | {e['verdict']} |"
         )
+  if attacks.get("data"):
+    lines += ["", *data_threats_markdown(attacks["data"])]
+  return lines
+
+
+def _auc(value) -> str:
+  return "-" if value is None or value != value else f"{value:.2f}"
+
+
+def data_threats_markdown(data: dict) -> list[str]:
+  """The lines of report.md's tables of the attacks on the distilled data (data_threats.run)."""
+  lines = [
+    f"Attacks on the distilled data ({data['num_images']} images, {data['trigger_slots']} "
+    f"trigger slots; the pirate's clean model: {data['clean_model']['images']} images, Acc "
+    f"{100 * data['clean_model']['acc']:.1f}%): networks trained on what the pirate keeps or "
+    "how it trains, verified with the owner's key.",
+    "",
+    "| attack | strength | images kept | trigger slots dropped | Acc | Acc change | Acc_W "
+    "| verified | verdict |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  rows = [("none", None, data["before"])]
+  rows += [(n, e["strength"], e) for n, entries in data["points"].items() for e in entries]
+  for name, value, e in rows:
+    strength = "-" if value is None else f"{data['attacks'][name]['strength']} {value:g}"
+    kept = data["num_images"] - e.get("dropped", 0)
+    dropped = f"{e['trigger_slots_dropped']}/{data['trigger_slots']}" if "dropped" in e else "-"
+    change = "-" if value is None else f"{-100 * e['acc_drop']:+.1f}"
+    lines.append(
+      f"| {name} | {strength} | {kept} | {dropped} | {fmt_pct(e['acc'])} | {change} | "
+      f"{fmt_pct(e['acc_w'])} | {_verified(e)} | {e['verdict']} |"
+    )
+  det = data["detection"]
+  p, nc = det["parameters"], det["neural_cleanse"]
+  lines += [
+    "",
+    "| detector | positives vs negatives | ROC AUC | also |",
+    "|---|---|---|---|",
+    f"| parameter statistics (distance to clean reference) | {p['n_watermarked']} vs "
+    f"{p['n_clean']} networks | {_auc(p['auc'])} | smallest Mann-Whitney p "
+    f"{p['min_p_mannwhitney']:.3g} of {p['n_statistics']} statistics (Bonferroni "
+    f"{p['bonferroni_p_mannwhitney']:.3g}) |",
+    f"| Neural Cleanse anomaly index | {len(nc['distilled']['anomaly_index'])} vs "
+    f"{len(nc['clean_distilled']['anomaly_index'])} networks | {_auc(nc['auc'])} | flagged "
+    f"(index > {nc['threshold']:g}): {nc['distilled']['flagged']} watermarked-set, "
+    f"{nc['clean_distilled']['flagged']} clean-set networks |",
+    f"| Neural Cleanse median mask norm (smaller = watermarked) | same | "
+    f"{_auc(nc['auc_median_norm'])} | needs clean reference networks |",
+    f"| Neural Cleanse mask mass on the trigger corner | same | "
+    f"{_auc(nc['auc_corner_mass'])} | needs clean reference networks |",
+  ]
+  for name, d in det["data"].items():
+    who = " (owner's view: uses the key)" if d["uses_key"] else ""
+    lines += [
+      f"| {name} score{who} | trigger slots vs other images of the set | "
+      f"{_auc(d['trigger_slots_auc'])} | |",
+      f"| {name} score{who} | watermarked vs clean distilled set's images | "
+      f"{_auc(d['set_auc'])} | |",
+    ]
   return lines
 
 
@@ -356,7 +416,50 @@ def save_attacks_plot(path: pathlib.Path, attacks: dict) -> None:
   save_figure(fig, path)
 
 
+def save_data_threats_plot(path: pathlib.Path, data: dict) -> None:
+  """attacks_data.png: Acc and Acc_W per attack on the data (left), detectors' AUC (right)."""
+  from matplotlib.figure import Figure  # Imported on first use: it is slow to import.
+
+  rows = [("none", data["before"])]
+  rows += [(f"{n} {e['strength']:g}", e) for n, entries in data["points"].items() for e in entries]
+  det = data["detection"]
+  aucs = [
+    ("parameter statistics", det["parameters"]["auc"]),
+    ("Neural Cleanse: anomaly index", det["neural_cleanse"]["auc"]),
+    ("Neural Cleanse: median norm", det["neural_cleanse"]["auc_median_norm"]),
+    ("Neural Cleanse: corner mass", det["neural_cleanse"]["auc_corner_mass"]),
+  ]
+  for name, d in det["data"].items():
+    aucs += [(f"{name}: trigger slots", d["trigger_slots_auc"]), (f"{name}: set", d["set_auc"])]
+  fig = Figure(figsize=(12, 0.3 * max(len(rows), len(aucs)) + 1.5))
+  left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+  y = np.arange(len(rows))
+  for offset, metric, color in ((-0.2, "acc", "tab:blue"), (0.2, "acc_w", "tab:red")):
+    values = [100 * e[metric]["mean"] for _, e in rows]
+    left.barh(y + offset, values, 0.4, color=color, label=metric.title())
+  for i, (_, e) in enumerate(rows):
+    left.text(101, i, f"{_verified(e)} verified", va="center", fontsize=7)
+  left.set_yticks(y, [name for name, _ in rows], fontsize=7)
+  left.invert_yaxis()
+  left.set_xlim(0, 125)
+  left.set_xlabel("%", fontsize=8)
+  left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+  left.set_title("Networks trained on the attacked data: Acc, Acc_W", fontsize=9)
+  y = np.arange(len(aucs))
+  right.barh(y, [0.0 if v is None or v != v else v for _, v in aucs], color="tab:gray")
+  right.axvline(0.5, color="k", lw=0.8, ls="--")
+  right.set_yticks(y, [name for name, _ in aucs], fontsize=7)
+  right.invert_yaxis()
+  right.set_xlim(0, 1)
+  right.set_title("Detectors: ROC AUC (0.5 = chance)", fontsize=9)
+  fig.tight_layout()
+  save_figure(fig, path)
+
+
 def write_attacks(workdir: pathlib.Path, attacks: dict) -> None:
-  """Writes attacks.json and attacks.png."""
+  """Writes attacks.json, attacks.png (with model attacks) and attacks_data.png (with data)."""
   write_json(pathlib.Path(workdir) / "attacks.json", attacks)
-  save_attacks_plot(pathlib.Path(workdir) / "attacks.png", attacks)
+  if attacks["attacks"]:
+    save_attacks_plot(pathlib.Path(workdir) / "attacks.png", attacks)
+  if attacks.get("data"):
+    save_data_threats_plot(pathlib.Path(workdir) / "attacks_data.png", attacks["data"])

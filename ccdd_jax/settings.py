@@ -221,6 +221,31 @@ def base_config() -> ml_collections.ConfigDict:
   config.attacks.jpeg_qualities = "90,50,20,10"  # Query-time transformations.
   config.attacks.blur_sigmas = "0.5,0.7,1.0"
   config.attacks.resize_factors = "0.875,0.75,0.5"
+  # Attacks on the distilled data itself (data_threats.py), before any model:
+  # cleansing, robust training and detection, on the distilled set vs the clean
+  # distilled set; attacks.json's "data" section. The networks trained on what
+  # the pirate keeps use the evaluation's recipe (eval.*, the set's learned lr).
+  config.attacks.data_threats = True
+  # Outlier scores of each image, from the pirate's own clean model (trained for
+  # data_clean_model_epochs on its held-out data, eval.real_* recipe) or, for
+  # "corner", its top-left patch against the set's typical corner (no key).
+  config.attacks.data_cleansers = "spectral,clustering,corner"
+  config.attacks.data_drop_fractions = "0.1,0.3"  # Each cleanser drops its top k% ...
+  config.attacks.data_clean_model_epochs = 100
+  config.attacks.data_cluster_dims = 10  # Activation clustering: PCA dimensions (<= class - 1).
+  config.attacks.data_label_smoothing = "0.1,0.3"  # Robust training: label smoothing ...
+  # ... and strong augmentation on every batch (on top of DSA): cutout of a patch-sized
+  # square that lands on the trigger corner with each listed probability, a random
+  # crop (shift up to data_crop_ratio of the side) and a flip. "" skips either.
+  config.attacks.data_strong_augment = "0.5"
+  config.attacks.data_crop_ratio = 0.125
+  # Neural Cleanse on every evaluated network of both sets: Adam steps and lr,
+  # clean attacker images, the mask-L1 weight and the success rate a mask must reach.
+  config.attacks.data_nc_steps = 100
+  config.attacks.data_nc_images = 64
+  config.attacks.data_nc_lr = 0.3
+  config.attacks.data_nc_lambda = 0.01
+  config.attacks.data_nc_success = 0.9
   return config
 
 
@@ -359,6 +384,44 @@ def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int, require) ->
       values is not None and all(spec.valid(x) for x in values),
       f"attacks.{spec.field} = {a[spec.field]!r}: use comma-separated {spec.rule}",
     )
+  _validate_data_threats(a, require)
+
+
+def _validate_data_threats(a: ml_collections.ConfigDict, require) -> None:
+  """The checks of the `attacks.data_*` fields (data_threats.py)."""
+  from ccdd_jax import data_threats  # pylint: disable=g-import-not-at-top
+  from ccdd_jax import threats  # pylint: disable=g-import-not-at-top
+
+  require(isinstance(a.data_threats, bool), "attacks.data_threats must be True or False")
+  cleansers = threats.parse_list(a.data_cleansers)
+  require(
+    set(cleansers) <= set(data_threats.CLEANSERS) and len(set(cleansers)) == len(cleansers),
+    f"attacks.data_cleansers = {a.data_cleansers!r}: list some of "
+    f"{', '.join(data_threats.CLEANSERS)}, each once",
+  )
+  lists = (
+    ("data_drop_fractions", lambda v: 0.0 < v < 1.0, "numbers in (0, 1)"),
+    ("data_label_smoothing", lambda v: 0.0 < v < 1.0, "numbers in (0, 1)"),
+    ("data_strong_augment", lambda v: 0.0 <= v <= 1.0, "probabilities in [0, 1]"),
+  )
+  for field, valid, rule in lists:
+    try:
+      values = threats.parse_list(a[field], float)
+    except (TypeError, ValueError):
+      values = None
+    require(
+      values is not None and all(valid(x) for x in values),
+      f"attacks.{field} = {a[field]!r}: use comma-separated {rule}",
+    )
+  for field in ("data_clean_model_epochs", "data_cluster_dims", "data_nc_steps", "data_nc_images"):
+    require(a[field] >= 1, f"attacks.{field} = {a[field]} must be >= 1")
+  require(
+    0.0 <= a.data_crop_ratio <= 0.5, f"attacks.data_crop_ratio = {a.data_crop_ratio}: [0, 0.5]"
+  )
+  require(
+    a.data_nc_lr > 0 and a.data_nc_lambda > 0, "attacks.data_nc_lr and data_nc_lambda must be > 0"
+  )
+  require(0.0 < a.data_nc_success <= 1.0, f"attacks.data_nc_success = {a.data_nc_success}: (0, 1]")
 
 
 def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:

@@ -199,7 +199,7 @@ def judge(before: dict, after: dict) -> dict:
   return {"outcomes": outcomes, "removed": removed, "verdict": verdict}
 
 
-def _entry(strength, measured: dict, before: dict, seconds: float) -> dict:
+def measured_point(strength, measured: dict, before: dict, seconds: float) -> dict:
   """One point of attacks.json: the measurements, summaries, Acc drop and verdict."""
   return {
     "strength": strength,
@@ -312,7 +312,7 @@ def run_suite(
     count = acfg.num_seeds or jax.tree_util.tree_leaves(params)[0].shape[0]
     params = jax.tree_util.tree_map(lambda x, c=count: np.asarray(x[:c]), params)
     before = verifier.measure(params)
-    unattacked = {**_entry(None, before, before, 0.0), "outcomes": [], "removed": None}
+    unattacked = {**measured_point(None, before, before, 0.0), "outcomes": [], "removed": None}
     unattacked.update(verdict="unattacked", pirate=_pirate_entry(pirate.measure(params)))
     sets = result["sets"][set_name] = {"before": unattacked}
     log(
@@ -327,7 +327,7 @@ def run_suite(
         name, network, params, acfg, dsa, data, rng_attack, init
       ):
         measured = verifier.measure(attacked, transform)
-        entry = _entry(value, measured, before, time.time() - tick)
+        entry = measured_point(value, measured, before, time.time() - tick)
         if name.startswith("overwrite"):
           entry["pirate"] = _pirate_entry(pirate.measure(attacked))
         sets[name].append(entry)

@@ -8,6 +8,7 @@ trajectories/<kind>/NNNN/       experts (checkpoints.py)
 <set>.npz                       a distilled set: images, labels, lr, preprocessing
 models/<architecture>/<set>/    evaluated networks (checkpoints.py)
 attacks.json, attacks.png       --stage=attacks (threats.py, reporting.write_attacks)
+attacks_data.png                its attacks on the distilled data (data_threats.py)
 *.json, report.md, *.png        figures and pictures (reporting.py)
 manifest.json                   the config and key the outputs were made with (manifest.py)
 resume/<stage>/                 in-progress state of experts, distill, evaluate (resume.py)
@@ -54,6 +55,7 @@ OUTPUTS = (
   "verification_blackbox.json",
   "attacks.json",
   "attacks.png",
+  "attacks_data.png",
   "timings.json",
   "report.json",
   "report.md",

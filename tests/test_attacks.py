@@ -261,6 +261,7 @@ def test_attacks_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_path, c
   config = ml_collections.ConfigDict(config.to_dict())
   a = config.attacks
   a.sets, a.num_seeds, a.fine_tune_epochs, a.prune_ratios = "distilled,real", 1, "1,2", "0.5"
+  a.data_threats = False  # tests/test_data_threats.py runs them.
   a.fine_prune_ratios, a.fine_prune_epochs, a.overwrite_epochs = "0.5", 1, "1,2"
   a.extraction_epochs, a.jpeg_qualities, a.blur_sigmas, a.resize_factors = "2", "50", "1", "0.5"
   capfd.readouterr()
@@ -301,5 +302,6 @@ def test_attacks_need_the_attackers_data(tiny_run, tmp_path):
   config.data.attacker_fraction = 0.0
   run = tmp_path / "no_attacker"
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("trajectories"))
+  (run / "manifest.json").unlink()  # Else the manifest refuses the changed field first.
   with pytest.raises(CCDDError, match="no attacker data: set data.attacker_fraction > 0"):
     pipeline.run(config, str(run), "attacks")
