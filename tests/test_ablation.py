@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
+import pathlib
 
 from conftest import REPO
 import pytest
 
 from ccdd_jax import config_loader
 from ccdd_jax import settings
+from ccdd_jax import watermark
 
 _spec = importlib.util.spec_from_file_location("ablation", REPO / "launch" / "ablation.py")
 ablation = importlib.util.module_from_spec(_spec)
@@ -83,35 +85,69 @@ TINY = (
 )
 
 
-def test_tiny_ablation_shares_experts_and_resumes(tmp_path, capsys):
-  results = tmp_path / "results.md"
-  results.write_text("# Results\n\nkept\n")
-  argv = [
-    "--root",
-    str(tmp_path / "runs"),
-    "--variants",
-    "paper,beta0",
-    "--eval_seeds",
-    "1",
-    "--results",
-    str(results),
-    "--plot",
-    str(tmp_path / "ablation.png"),
-  ]
-  for field in TINY:
+def _argv(tmp_path, variants, *tiny):
+  argv = ["--root", str(tmp_path / "runs"), "--variants", variants, "--eval_seeds", "1"]
+  argv += ["--results", str(tmp_path / "results.md"), "--plot", str(tmp_path / "ablation.png")]
+  for field in tiny:
     argv += ["--set", field]
+  return argv
+
+
+def _fake_report(seeds):
+  stat = {"mean": 0.5, "std": 0.1, "runs": [0.5] * seeds}
+  entry = {"acc": stat, "acc_w": stat, "verified": [True] * seeds, "p_values": [1e-9] * seeds}
+  terms = ("loss", "expert_term", "twin_term", "direct_term")
+  distilled = {f"{t}_{w}": 1.0 for t in terms for w in ("first", "last")}
+  distilled.update(num_images=100, seconds=1.0, trigger_visibility={"mean": 0.5})
+  return {
+    "experts": {"seconds": 2.0},
+    "distill": {"distilled": distilled},
+    **{name: entry for name in ("distilled", "clean_distilled", "real")},
+  }
+
+
+def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypatch, capsys):
+  """The orchestration alone, over a stand-in for pipeline.run (no training)."""
+  calls = []
+
+  def fake_run(config, workdir, stage, key_file):
+    calls.append((pathlib.Path(workdir).name, stage))
+    workdir = pathlib.Path(workdir)
+    if stage == "keygen" and not pathlib.Path(key_file).exists():
+      watermark.write_key_file(pathlib.Path(key_file), watermark.generate_key())
+    if stage == "experts":
+      (workdir / "trajectories").mkdir(parents=True)
+      for name in ("experts.json", "manifest.json"):
+        (workdir / name).write_text("{}")
+    return _fake_report(config.eval.num_seeds) if stage == "verify" else {}
+
+  monkeypatch.setattr(ablation.pipeline, "run", fake_run)
+  (tmp_path / "results.md").write_text("# Results\n\nkept\n")
+  argv = _argv(tmp_path, "paper,beta0,default,levers_direct")
   ablation.main(argv)
   runs = tmp_path / "runs"
-  assert len(list(runs.glob("experts_*"))) == 1  # beta0 reused the paper's experts.
-  assert (runs / "beta0" / "trajectories").is_symlink()
+  groups = sorted(p.name for p in runs.glob("experts_*"))
+  assert len(groups) == 2  # The paper's experts, and the trigger-safe ones of the default.
+  assert sorted(n for n, s in calls if s == "experts") == groups  # Each trained once.
+  for name in ("paper", "beta0", "default", "levers_direct"):
+    assert (runs / name / "trajectories").is_symlink()
+    assert [s for n, s in calls if n == name] == ["distill", "evaluate", "verify"]
   rows = json.loads((runs / "ablation.json").read_text())
-  assert [r["variant"] for r in rows] == ["paper", "beta0"]
-  for r in rows:
-    assert r["iterations"] == 2 and r["seeds"] == 1 and 0 <= r["acc"]["mean"] <= 1
-  assert rows[1]["twin_term_first"] == 0.0 and rows[0]["twin_term_first"] > 0.0
-  text = results.read_text()
+  assert [r["variant"] for r in rows] == ["paper", "beta0", "default", "levers_direct"]
+  text = (tmp_path / "results.md").read_text()
   assert text.startswith("# Results\n\nkept\n") and "| beta0 | β 0 (no twin term) |" in text
+  assert text.count("<!-- ablation:digits:begin -->") == 1
   assert (tmp_path / "ablation.png").stat().st_size > 0
+  calls.clear()
   capsys.readouterr()
   ablation.main(argv)  # Finished variants are read back, not rerun.
-  assert capsys.readouterr().err.count("finished earlier") == 2
+  assert calls == [] and capsys.readouterr().err.count("finished earlier") == 4
+  assert (tmp_path / "results.md").read_text().count("<!-- ablation:digits:end -->") == 1
+
+
+def test_one_tiny_variant_end_to_end(tmp_path):
+  ablation.main(_argv(tmp_path, "beta0", *TINY))
+  (row,) = json.loads((tmp_path / "runs" / "ablation.json").read_text())
+  assert row["variant"] == "beta0" and row["iterations"] == 2 and row["seeds"] == 1
+  assert 0.0 <= row["acc"]["mean"] <= 1.0 and row["twin_term_first"] == 0.0
+  assert row["num_images"] == 20 and row["real"]["seeds"] == 1
