@@ -62,6 +62,8 @@ DEFAULT_LEVERS = {
   "distill.beta": 0.0,
   "distill.carriers_per_pattern": 4,
 }
+# Where each setting's section sits in docs/results.md.
+SECTION_NUMBERS = {"digits": 9, "cifar10_cpu": 10}
 DIRECT = {"distill.gamma_wm": 0.3, "distill.gamma_clean": 0.3}
 
 
@@ -249,7 +251,7 @@ def _terms(r: dict, term: str) -> str:
 def section_markdown(setting: str, rows: list, meta: dict) -> str:
   """The results section of one setting: how it was made, then the table."""
   lines = [
-    f"## Ablation of issue 10's levers: {setting}",
+    f"## {SECTION_NUMBERS.get(setting, '')}. Ablation of issue 10's levers: {setting}",
     "",
     f"    {meta['command']}        # commit {meta['commit']}, {meta['date']}",
     "",
