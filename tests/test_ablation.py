@@ -5,6 +5,7 @@ import json
 import pathlib
 
 from conftest import REPO
+import ml_collections
 import pytest
 
 from ccdd_jax import config_loader
@@ -70,26 +71,9 @@ def test_replace_section_touches_only_its_own_section():
   assert appended.endswith("<!-- ablation:tinyimagenet:end -->\n")
 
 
-TINY = (
-  "model.width=8",
-  "experts.num_experts=2",
-  "experts.epochs=3",
-  "distill.iterations=2",
-  "distill.syn_steps=2",
-  "distill.max_start_epoch=1",
-  "distill.ipc=2",
-  "distill.triggers_per_pattern=0",
-  "eval.epochs=2",
-  "eval.real_epochs=1",
-  "watermark.queries_per_pattern=10",
-)
-
-
-def _argv(tmp_path, variants, *tiny):
+def _argv(tmp_path, variants):
   argv = ["--root", str(tmp_path / "runs"), "--variants", variants, "--eval_seeds", "1"]
   argv += ["--results", str(tmp_path / "results.md"), "--plot", str(tmp_path / "ablation.png")]
-  for field in tiny:
-    argv += ["--set", field]
   return argv
 
 
@@ -145,9 +129,20 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
   assert (tmp_path / "results.md").read_text().count("<!-- ablation:digits:end -->") == 1
 
 
-def test_one_tiny_variant_end_to_end(tmp_path):
-  ablation.main(_argv(tmp_path, "beta0", *TINY))
-  (row,) = json.loads((tmp_path / "runs" / "ablation.json").read_text())
+def test_one_tiny_variant_end_to_end(tiny_run, tmp_path):
+  """Distil, evaluate and verify one variant over the shared tiny run's experts (reused)."""
+  workdir, tiny, _ = tiny_run
+  config = ml_collections.ConfigDict(tiny.to_dict())
+  config.distill.beta, config.distill.iterations, config.eval.num_seeds = 0.0, 2, 1
+  root = tmp_path / "runs"
+  root.mkdir()
+  (root / f"experts_{ablation.experts_group(config)}").symlink_to(workdir)
+  row = ablation.run_variant("beta0", config, root, workdir / "owner.key")
+  assert (root / "beta0" / "trajectories").resolve() == (workdir / "trajectories").resolve()
   assert row["variant"] == "beta0" and row["iterations"] == 2 and row["seeds"] == 1
   assert 0.0 <= row["acc"]["mean"] <= 1.0 and row["twin_term_first"] == 0.0
-  assert row["num_images"] == 20 and row["real"]["seeds"] == 1
+  assert row["real"]["seeds"] == 1 and row["num_images"] >= 10 * config.distill.ipc
+  meta = dict.fromkeys(("command", "commit", "date", "machine", "python", "jax", "key"), "x")
+  meta.update(eval_seeds=1, iterations=2, default_iterations=2, iterations_scale=1.0)
+  text = ablation.section_markdown("digits", [row], dict(meta, plot_name="a.png"))
+  assert "| beta0 | β 0 (no twin term) |" in text and "| real | real data" in text
