@@ -42,6 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ccdd_jax import CCDDError
 from ccdd_jax import config_loader
 from ccdd_jax import manifest
 from ccdd_jax import pipeline
@@ -56,12 +57,14 @@ SETTINGS = {
   "cifar10_cpu": ("configs/cifar10_cpu.py", None),
 }
 
-# The levers of the default (configs/digits.py) over the paper-literal config.
-DEFAULT_LEVERS = {
+# "levers": the first combination that helped (trigger-safe experts, beta 0, 4 carriers).
+LEVERS = {
   "experts.trigger_safe_dsa": True,
   "distill.beta": 0.0,
   "distill.carriers_per_pattern": 4,
 }
+# The levers of the default (configs/digits.py) over the paper-literal config.
+DEFAULT_LEVERS = {**LEVERS, "distill.trigger_safe_dsa": True, "distill.freeze_trigger": True}
 # Where each setting's section sits in docs/results.md.
 SECTION_NUMBERS = {"digits": 9, "cifar10_cpu": 10}
 DIRECT = {"distill.gamma_wm": 0.3, "distill.gamma_clean": 0.3}
@@ -76,7 +79,7 @@ class Variant:
 
 
 VARIANTS = (
-  Variant("default", "the default config", None),
+  Variant("default", "default: levers + trigger-safe distill DSA, frozen corner", None),
   Variant("paper", "paper: eq. 10 literal (a), β 0.5", {}),
   Variant("beta0", "β 0 (no twin term)", {"distill.beta": 0.0}),
   Variant(
@@ -97,34 +100,28 @@ VARIANTS = (
     "carriers4", "β 0, 4 carriers/pattern", {"distill.beta": 0.0, "distill.carriers_per_pattern": 4}
   ),
   Variant("direct", "β 0, 0.3 CE(D_W) + 0.3 CE(clean)", {"distill.beta": 0.0, **DIRECT}),
-  Variant(
-    "levers_safe_distill",
-    "default levers + trigger-safe distill DSA + frozen corner",
-    {**DEFAULT_LEVERS, "distill.trigger_safe_dsa": True, "distill.freeze_trigger": True},
-  ),
+  Variant("levers", "levers: trigger-safe experts, β 0, 4 carriers/pattern", dict(LEVERS)),
   Variant(
     "levers_carriers8",
-    "default levers, 8 carriers/pattern",
-    {**DEFAULT_LEVERS, "distill.carriers_per_pattern": 8},
+    "levers, 8 carriers/pattern",
+    {**LEVERS, "distill.carriers_per_pattern": 8},
   ),
-  Variant(
-    "levers_direct", "default levers + 0.3 CE(D_W) + 0.3 CE(clean)", {**DEFAULT_LEVERS, **DIRECT}
-  ),
+  Variant("levers_direct", "levers + 0.3 CE(D_W) + 0.3 CE(clean)", {**LEVERS, **DIRECT}),
   Variant(
     "levers_fp_normal",
-    "default levers with β 0.5 (b), fp experts normal last 5 epochs",
+    "levers with β 0.5 (b), fp experts normal last 5 epochs",
     {
-      **DEFAULT_LEVERS,
+      **LEVERS,
       "distill.beta": 0.5,
       "distill.eq10_form": "second_student",
       "experts.fp_normal_last_epochs": 5,
     },
   ),
-  Variant("levers_2x", "default levers, 2x iterations", dict(DEFAULT_LEVERS), 2.0),
+  Variant("levers_2x", "levers, 2x iterations", dict(LEVERS), 2.0),
   Variant(
     "levers_half_batch_2x",
-    "default levers, batch_syn half the set, 2x iterations",
-    {**DEFAULT_LEVERS, "distill.batch_syn": 70},
+    "levers, batch_syn 70 (half the set), 2x iterations",
+    {**LEVERS, "distill.batch_syn": 70},
     2.0,
   ),
 )
@@ -185,9 +182,15 @@ def run_variant(
   """Runs, resumes or reads back one variant; returns its row (also <root>/<name>/ablation.json)."""
   workdir = root / name
   done = reporting.read_json(workdir / "ablation.json")
-  if done:
+  if done:  # Read back only if the workdir was made with this very config.
+    old = reporting.read_json(workdir / "manifest.json").get("fields", {})
+    changed = manifest.differing(
+      old, manifest.record(config, old.get("key"), old.get("num_classes"))
+    )
+    if changed:
+      raise CCDDError(f"{workdir} was made with other values of {', '.join(changed)}: remove it")
     reporting.log(f"== {name}: finished earlier ({workdir / 'ablation.json'})")
-    return done
+    return dict(done, variant=name)
   base = root / f"experts_{experts_group(config)}"
   if not (base / "experts.json").is_file():
     reporting.log(f"== {name}: training experts in {base}")
@@ -261,7 +264,8 @@ def section_markdown(setting: str, rows: list, meta: dict) -> str:
     f"(the default config's {meta['default_iterations']} × {meta['iterations_scale']:g}) "
     "unless a row says otherwise. Variants are the paper-literal config "
     f"(`{SETTINGS[setting][0]}`) plus the fields named in `launch/ablation.py`; "
-    '"default levers" = experts.trigger_safe_dsa, β 0, 4 carriers per pattern beyond IPC. '
+    '"levers" = experts.trigger_safe_dsa, β 0, 4 carriers per pattern beyond IPC; the '
+    "default adds distill.trigger_safe_dsa and distill.freeze_trigger. "
     "Acc / Acc_W: mean ± std over seeds (%); verified: seeds with p ≤ α = 1e-6; p: median "
     "conditional-test p; vis.: trigger visibility of the distilled images (mean); eq. 10 "
     "terms: mean of the first / last 20 iterations (expert term, twin term, direct "
@@ -274,8 +278,9 @@ def section_markdown(setting: str, rows: list, meta: dict) -> str:
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
+    label = BY_NAME[r["variant"]].label if r["variant"] in BY_NAME else r["label"]
     lines.append(
-      f"| {r['variant']} | {r['label']} | {r['num_images']} | {r['iterations']} | "
+      f"| {r['variant']} | {label} | {r['num_images']} | {r['iterations']} | "
       f"{_pct(r['acc'])} | {_pct(r['acc_w'])} | {r['verified']}/{r['seeds']} | "
       f"{r['median_p']:.2g} | {r['visibility']:.2f} | {_terms(r, 'expert_term')} | "
       f"{_terms(r, 'twin_term')} | {_terms(r, 'direct_term')} | {r['seconds']:.0f} | "

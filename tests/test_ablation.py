@@ -8,7 +8,10 @@ from conftest import REPO
 import ml_collections
 import pytest
 
+from ccdd_jax import CCDDError
 from ccdd_jax import config_loader
+from ccdd_jax import manifest
+from ccdd_jax import reporting
 from ccdd_jax import settings
 from ccdd_jax import watermark
 
@@ -103,6 +106,8 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
       (workdir / "trajectories").mkdir(parents=True)
       for name in ("experts.json", "manifest.json"):
         (workdir / name).write_text("{}")
+    if stage != "keygen":  # As pipeline.run: the manifest of the config the stage ran with.
+      reporting.write_json(workdir / "manifest.json", {"fields": manifest.record(config, "k", 10)})
     return _fake_report(config.eval.num_seeds) if stage == "verify" else {}
 
   monkeypatch.setattr(ablation.pipeline, "run", fake_run)
@@ -127,6 +132,8 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
   ablation.main(argv)  # Finished variants are read back, not rerun.
   assert calls == [] and capsys.readouterr().err.count("finished earlier") == 4
   assert (tmp_path / "results.md").read_text().count("<!-- ablation:digits:end -->") == 1
+  with pytest.raises(CCDDError, match="beta0 was made with other values of distill.lr_img"):
+    ablation.main(_argv(tmp_path, "beta0") + ["--set", "distill.lr_img=50"])
 
 
 def test_one_tiny_variant_end_to_end(tiny_run, tmp_path):
