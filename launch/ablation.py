@@ -337,6 +337,8 @@ def save_plot(rows: list, path: pathlib.Path, setting: str) -> None:
       color="tab:red" if name == "default" else ("tab:gray" if marker != "o" else "tab:blue"),
     )
     ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+  ax.plot([90], [88], marker="*", markersize=12, color="tab:green", linestyle="none")
+  ax.annotate("issue 10 target (digits)", (90, 88), textcoords="offset points", xytext=(-60, 8))
   ax.set_xlabel("Acc_W of networks trained on the set (%)")
   ax.set_ylabel("Acc on the test split (%)")
   ax.set_title(f"Issue 10 ablation: {setting} (mean ± std over seeds)")
