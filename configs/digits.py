@@ -2,10 +2,26 @@ r"""The embedded default: scikit-learn's 8x8 digits, IPC 10, on 2 CPU cores.
 
   python -m ccdd_jax.main --workdir runs/demo                # this config
   python -m ccdd_jax.main --workdir runs/demo --config.distill.ipc=1
+  python -m ccdd_jax.main --workdir runs/paper --config configs/digits_paper.py  # the paper
 
-A width/depth-reduced ConvNet (width 16, depth 2) keeps the whole pipeline
-(three expert kinds, two distillations, 3 x 5 evaluation networks) within
-five minutes on 2 CPU cores. Every field and its MTT default: ccdd_jax/settings.py.
+A width/depth-reduced ConvNet (width 16, depth 2), 8 experts of each kind x
+20 epochs. It is the paper's method (configs/digits_paper.py) with the issue
+10 levers that measured best on digits (docs/results.md, "Ablation",
+launch/ablation.py):
+  * experts.trigger_safe_dsa: the stamped corner of D_W images bypasses DSA
+    in expert training, so the experts learn the trigger that verification
+    shows (crop, rotate, scale and cutout otherwise move or erase it);
+  * distill.beta = 0: no fine-pruning twin term in eq. 10 (its literal form
+    only grows during distillation and costs Acc);
+  * distill.carriers_per_pattern = 4: 4 stamped carriers per pattern BEYOND
+    the 100 IPC images (a set of 140 images; the set's size is reported);
+  * distill.trigger_safe_dsa and distill.freeze_trigger: the stamped corner of
+    the carriers and seeded slots stays out of DSA in eq. 9 and is never
+    updated (+12 points of Acc_W at equal cost in the ablation, Acc within
+    its seed spread).
+Distillation iterations are what keeps the whole run near 5 minutes on 2 CPU
+cores; more iterations help both Acc and Acc_W (docs/results.md).
+Every field and its MTT default: ccdd_jax/settings.py.
 """
 
 import ml_collections
@@ -32,11 +48,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.experts.batch_size = 64
   config.experts.wm_batch_size = 16
   config.experts.prune_examples = 256
+  config.experts.trigger_safe_dsa = True  # Issue 10: the trigger corner keeps out of DSA.
 
-  config.distill.iterations = 200  # What 5 minutes on 2 CPU cores allow.
+  config.distill.iterations = 300  # What about 5 minutes on 2 CPU cores allow.
   config.distill.max_start_epoch = 10
   config.distill.lr_teacher = 0.05  # Initial alpha of eq. 9 = the experts' lr.
+  config.distill.beta = 0.0  # Issue 10: no fine-pruning twin term.
   config.distill.triggers_per_pattern = 1
+  config.distill.carriers_per_pattern = 4  # Issue 10: 40 carriers beyond the 100 IPC images.
+  config.distill.trigger_safe_dsa = True  # Issue 10: the carriers' corner keeps out of DSA ...
+  config.distill.freeze_trigger = True  # ... and out of the image updates.
 
   config.eval.epochs = 300
   config.eval.real_epochs = 30

@@ -34,7 +34,9 @@ def test_outputs_and_report(tiny_run):
   ):
     assert (workdir / name).is_file(), name
   with np.load(workdir / "distilled.npz") as f:
-    assert f["images"].shape == (10 * config.distill.ipc, 8, 8, 1)
+    d = config.distill  # IPC images per class, plus the carriers beyond IPC per pattern.
+    size = 10 * d.ipc + config.watermark.n_patterns * d.carriers_per_pattern
+    assert f["images"].shape == (size, 8, 8, 1)
     assert sorted(set(f["labels"].tolist())) == list(range(10))
     assert float(f["lr"]) > 0
     assert f["preprocess_mean"].shape == f["preprocess_std"].shape == (1,)

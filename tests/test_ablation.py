@@ -1,0 +1,155 @@
+"""launch/ablation.py: every variant's config validates, the results section, one tiny run."""
+
+import importlib.util
+import json
+import pathlib
+
+from conftest import REPO
+import ml_collections
+import pytest
+
+from ccdd_jax import CCDDError
+from ccdd_jax import config_loader
+from ccdd_jax import manifest
+from ccdd_jax import reporting
+from ccdd_jax import settings
+from ccdd_jax import watermark
+
+_spec = importlib.util.spec_from_file_location("ablation", REPO / "launch" / "ablation.py")
+ablation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablation)
+
+
+@pytest.mark.parametrize("setting", sorted(ablation.SETTINGS))
+def test_every_variant_builds_a_valid_config(setting):
+  default = ablation.default_config(setting)
+  for variant in ablation.VARIANTS:
+    config = ablation.variant_config(setting, variant, iterations_scale=0.5, eval_seeds=5)
+    settings.validate(config)
+    expected = max(1, round(default.distill.iterations * 0.5 * variant.iterations_factor))
+    assert config.distill.iterations == expected, variant.name
+    assert config.eval.num_seeds == 5
+    for field, value in (variant.fields or {}).items():
+      section, name = field.split(".")
+      assert config[section][name] == value, (variant.name, field)
+
+
+def test_digits_variants_are_the_shipped_configs():
+  paper = config_loader.load(str(REPO / "configs" / "digits_paper.py"))
+  default = config_loader.load(str(REPO / "configs" / "digits.py"))
+  assert paper.distill.eq10_form == "literal" and paper.distill.beta == 0.5
+  assert not paper.experts.trigger_safe_dsa and not paper.distill.carriers_per_pattern
+  # The default is the paper-literal config plus DEFAULT_LEVERS (and its own iterations).
+  levers = ablation._set(config_loader.load(str(REPO / "configs" / "digits_paper.py")), {})
+  levers = ablation._set(levers, ablation.DEFAULT_LEVERS)
+  levers.distill.iterations = default.distill.iterations
+  assert levers.to_dict() == default.to_dict()
+  by_variant = ablation.variant_config("digits", ablation.BY_NAME["default"])
+  assert by_variant.to_dict() == default.to_dict()
+  paper_variant = ablation.variant_config("digits", ablation.BY_NAME["paper"])
+  paper.distill.iterations = default.distill.iterations  # All variants at equal length.
+  assert paper_variant.to_dict() == paper.to_dict()
+  # Variants that only change distillation share the paper's or the default's experts.
+  group = ablation.experts_group
+  assert group(ablation.variant_config("digits", ablation.BY_NAME["beta0"])) == group(paper)
+  assert group(by_variant) == group(
+    ablation.variant_config("digits", ablation.BY_NAME["levers_direct"])
+  )
+  assert group(by_variant) != group(paper)
+  with pytest.raises(KeyError, match="distill.nope"):
+    ablation._set(paper, {"distill.nope": 1})
+
+
+def test_replace_section_touches_only_its_own_section():
+  begin, end = ablation.markers("digits")
+  other_begin, other_end = ablation.markers("cifar10_cpu")
+  text = (
+    f"# Results\n\nintro\n\n{begin}\nold table\n{end}\n\n{other_begin}\nkeep\n{other_end}\ntail\n"
+  )
+  new = ablation.replace_section(text, "digits", "new table\n")
+  assert new == text.replace("old table", "new table")
+  assert ablation.replace_section(new, "digits", "new table") == new  # Idempotent.
+  appended = ablation.replace_section("# Results\n", "tinyimagenet", "rows")
+  assert appended.startswith("# Results\n\n<!-- ablation:tinyimagenet:begin -->\nrows\n")
+  assert appended.endswith("<!-- ablation:tinyimagenet:end -->\n")
+
+
+def _argv(tmp_path, variants):
+  argv = ["--root", str(tmp_path / "runs"), "--variants", variants, "--eval_seeds", "1"]
+  argv += ["--results", str(tmp_path / "results.md"), "--plot", str(tmp_path / "ablation.png")]
+  return argv
+
+
+def _fake_report(seeds):
+  stat = {"mean": 0.5, "std": 0.1, "runs": [0.5] * seeds}
+  entry = {"acc": stat, "acc_w": stat, "verified": [True] * seeds, "p_values": [1e-9] * seeds}
+  terms = ("loss", "expert_term", "twin_term", "direct_term")
+  distilled = {f"{t}_{w}": 1.0 for t in terms for w in ("first", "last")}
+  distilled.update(num_images=100, seconds=1.0, trigger_visibility={"mean": 0.5})
+  return {
+    "experts": {"seconds": 2.0},
+    "distill": {"distilled": distilled},
+    **{name: entry for name in ("distilled", "clean_distilled", "real")},
+  }
+
+
+def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypatch, capsys):
+  """The orchestration alone, over a stand-in for pipeline.run (no training)."""
+  calls = []
+
+  def fake_run(config, workdir, stage, key_file):
+    calls.append((pathlib.Path(workdir).name, stage))
+    workdir = pathlib.Path(workdir)
+    if stage == "keygen" and not pathlib.Path(key_file).exists():
+      watermark.write_key_file(pathlib.Path(key_file), watermark.generate_key())
+    if stage == "experts":
+      (workdir / "trajectories").mkdir(parents=True)
+      for name in ("experts.json", "manifest.json"):
+        (workdir / name).write_text("{}")
+    if stage != "keygen":  # As pipeline.run: the manifest of the config the stage ran with.
+      reporting.write_json(workdir / "manifest.json", {"fields": manifest.record(config, "k", 10)})
+    return _fake_report(config.eval.num_seeds) if stage == "verify" else {}
+
+  monkeypatch.setattr(ablation.pipeline, "run", fake_run)
+  (tmp_path / "results.md").write_text("# Results\n\nkept\n")
+  argv = _argv(tmp_path, "paper,beta0,default,levers_direct")
+  ablation.main(argv)
+  runs = tmp_path / "runs"
+  groups = sorted(p.name for p in runs.glob("experts_*"))
+  assert len(groups) == 2  # The paper's experts, and the trigger-safe ones of the default.
+  assert sorted(n for n, s in calls if s == "experts") == groups  # Each trained once.
+  for name in ("paper", "beta0", "default", "levers_direct"):
+    assert (runs / name / "trajectories").is_symlink()
+    assert [s for n, s in calls if n == name] == ["distill", "evaluate", "verify"]
+  rows = json.loads((runs / "ablation.json").read_text())
+  assert [r["variant"] for r in rows] == ["paper", "beta0", "default", "levers_direct"]
+  text = (tmp_path / "results.md").read_text()
+  assert text.startswith("# Results\n\nkept\n") and "| beta0 | β 0 (no twin term) |" in text
+  assert text.count("<!-- ablation:digits:begin -->") == 1
+  assert (tmp_path / "ablation.png").stat().st_size > 0
+  calls.clear()
+  capsys.readouterr()
+  ablation.main(argv)  # Finished variants are read back, not rerun.
+  assert calls == [] and capsys.readouterr().err.count("finished earlier") == 4
+  assert (tmp_path / "results.md").read_text().count("<!-- ablation:digits:end -->") == 1
+  with pytest.raises(CCDDError, match="beta0 was made with other values of distill.lr_img"):
+    ablation.main(_argv(tmp_path, "beta0") + ["--set", "distill.lr_img=50"])
+
+
+def test_one_tiny_variant_end_to_end(tiny_run, tmp_path):
+  """Distil, evaluate and verify one variant over the shared tiny run's experts (reused)."""
+  workdir, tiny, _ = tiny_run
+  config = ml_collections.ConfigDict(tiny.to_dict())
+  config.distill.beta, config.distill.iterations, config.eval.num_seeds = 0.0, 2, 1
+  root = tmp_path / "runs"
+  root.mkdir()
+  (root / f"experts_{ablation.experts_group(config)}").symlink_to(workdir)
+  row = ablation.run_variant("beta0", config, root, workdir / "owner.key")
+  assert (root / "beta0" / "trajectories").resolve() == (workdir / "trajectories").resolve()
+  assert row["variant"] == "beta0" and row["iterations"] == 2 and row["seeds"] == 1
+  assert 0.0 <= row["acc"]["mean"] <= 1.0 and row["twin_term_first"] == 0.0
+  assert row["real"]["seeds"] == 1 and row["num_images"] >= 10 * config.distill.ipc
+  meta = dict.fromkeys(("command", "commit", "date", "machine", "python", "jax", "key"), "x")
+  meta.update(eval_seeds=1, iterations=2, default_iterations=2, iterations_scale=1.0)
+  text = ablation.section_markdown("digits", [row], dict(meta, plot_name="a.png"))
+  assert "| beta0 | β 0 (no twin term) |" in text and "| real | real data" in text
