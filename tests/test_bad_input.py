@@ -76,7 +76,7 @@ CASES = {
     {"model.width": 4},
     "distill",
     {},
-    r"clean expert 0 .* is float32\[.*8\] on disk but float32\[.*4\]",
+    r"(clean|watermarked) expert 0 .* is float32\[.*8\] on disk but float32\[.*4\]",
   ),
   "image size on digits": (None, {"data.image_size": 12}, "distill", {}, "only 8x8"),
   "another key": (None, {}, "evaluate", {"key_file": "OTHER_KEY"}, r"other values of key \("),
