@@ -119,6 +119,21 @@ VARIANTS = (
   ),
   Variant("levers_2x", "levers, 2x iterations", dict(LEVERS), 2.0),
   Variant(
+    "default_carriers8",
+    "default, 8 carriers/pattern",
+    {**DEFAULT_LEVERS, "distill.carriers_per_pattern": 8},
+  ),
+  Variant(
+    "default_fp_normal",
+    "default with β 0.5 (b), fp experts normal last 5 epochs",
+    {
+      **DEFAULT_LEVERS,
+      "distill.beta": 0.5,
+      "distill.eq10_form": "second_student",
+      "experts.fp_normal_last_epochs": 5,
+    },
+  ),
+  Variant(
     "levers_half_batch_2x",
     "levers, batch_syn 70 (half the set), 2x iterations",
     {**LEVERS, "distill.batch_syn": 70},
