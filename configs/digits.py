@@ -24,8 +24,9 @@ launch/ablation.py):
 Against trigger-safe experts, beta 0 and the carriers alone, the last two
 items gave +12 and then +5 points of Acc_W at the same Acc (the second costs
 about 1.5x the watermarked set's distillation time for the second student).
-Distillation iterations are what keeps the whole run near 5 minutes on 2 CPU
-cores; more iterations help both Acc and Acc_W (docs/results.md).
+300 distillation iterations keep the run short: 6.5 minutes (359 CPU-seconds)
+on the shared 2-core machine of docs/results.md 1.1; more iterations, or 8
+carriers per pattern, raise Acc_W further at more cost (section 9 there).
 Every field and its MTT default: ccdd_jax/settings.py.
 """
 
@@ -56,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.experts.trigger_safe_dsa = True  # Issue 10: the trigger corner keeps out of DSA.
   config.experts.fp_normal_last_epochs = 5  # Issue 10: the paper's last epochs trained normally.
 
-  config.distill.iterations = 300  # What about 5 minutes on 2 CPU cores allow.
+  config.distill.iterations = 300  # The run's length on 2 CPU cores (docs/results.md 1.1).
   config.distill.max_start_epoch = 10
   config.distill.lr_teacher = 0.05  # Initial alpha of eq. 9 = the experts' lr.
   config.distill.beta = 0.5
