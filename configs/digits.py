@@ -21,9 +21,10 @@ launch/ablation.py):
   * distill.trigger_safe_dsa and distill.freeze_trigger: the stamped corner of
     the carriers and seeded slots stays out of DSA in eq. 9 and is never
     updated.
-Against trigger-safe experts, beta 0 and the carriers alone, the last two
-items gave +12 and then +5 points of Acc_W at the same Acc (the second costs
-about 1.5x the watermarked set's distillation time for the second student).
+Over trigger-safe experts, beta 0 and the carriers alone, the trigger-safe
+distillation gave +12 points of Acc_W and then form (b) over the normal-last-
+epochs twins +5 more, at the same Acc (the second student costs about 1.5x
+the watermarked set's distillation time).
 300 distillation iterations keep the run short: 6.5 minutes (359 CPU-seconds)
 on the shared 2-core machine of docs/results.md 1.1; more iterations, or 8
 carriers per pattern, raise Acc_W further at more cost (section 9 there).
