@@ -53,7 +53,7 @@ def test_digits_variants_are_the_shipped_configs():
   group = ablation.experts_group
   assert group(ablation.variant_config("digits", ablation.BY_NAME["beta0"])) == group(paper)
   assert group(by_variant) == group(
-    ablation.variant_config("digits", ablation.BY_NAME["levers_direct"])
+    ablation.variant_config("digits", ablation.BY_NAME["levers_fp_normal"])
   )
   assert group(by_variant) != group(paper)
   with pytest.raises(KeyError, match="distill.nope"):
@@ -112,17 +112,17 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
 
   monkeypatch.setattr(ablation.pipeline, "run", fake_run)
   (tmp_path / "results.md").write_text("# Results\n\nkept\n")
-  argv = _argv(tmp_path, "paper,beta0,default,levers_direct")
+  argv = _argv(tmp_path, "paper,beta0,default,levers_fp_normal")
   ablation.main(argv)
   runs = tmp_path / "runs"
   groups = sorted(p.name for p in runs.glob("experts_*"))
   assert len(groups) == 2  # The paper's experts, and the trigger-safe ones of the default.
   assert sorted(n for n, s in calls if s == "experts") == groups  # Each trained once.
-  for name in ("paper", "beta0", "default", "levers_direct"):
+  for name in ("paper", "beta0", "default", "levers_fp_normal"):
     assert (runs / name / "trajectories").is_symlink()
     assert [s for n, s in calls if n == name] == ["distill", "evaluate", "verify"]
   rows = json.loads((runs / "ablation.json").read_text())
-  assert [r["variant"] for r in rows] == ["paper", "beta0", "default", "levers_direct"]
+  assert [r["variant"] for r in rows] == ["paper", "beta0", "default", "levers_fp_normal"]
   text = (tmp_path / "results.md").read_text()
   assert text.startswith("# Results\n\nkept\n") and "| beta0 | β 0 (no twin term) |" in text
   assert text.count("<!-- ablation:digits:begin -->") == 1

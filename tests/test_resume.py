@@ -117,6 +117,7 @@ TINY = (
   "model.width=8",
   "experts.num_experts=2",
   "experts.epochs=3",
+  "experts.fp_normal_last_epochs=1",
   "distill.iterations=4",
   "distill.syn_steps=3",
   "distill.max_start_epoch=1",
