@@ -231,43 +231,6 @@ def train_experts(
   return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
-def train_kinds(
-  expert_config: ml_collections.ConfigDict,
-  apply_fn,
-  dsa_config: ml_collections.ConfigDict,
-  init_params: Any,
-  rng: jax.Array,
-  data: dict,
-  concurrency: int = 0,
-  on_group_done: Callable[[str, int, int], None] | None = None,
-):
-  """Yields (kind, stacked params [experts, epochs + 1, ...]) for each of KINDS in turn.
-
-  Expert i of every kind starts from `init_params[i]`; theta0 of eq. 4 for the
-  watermarked and fp-enhanced expert i is the final state of clean expert i.
-  """
-  anchors = init_params  # Unused by clean experts.
-  for i, kind in enumerate(KINDS):
-    progress = None if on_group_done is None else functools.partial(on_group_done, kind)
-    stacked = jax.device_get(
-      train_experts(
-        kind,
-        expert_config,
-        apply_fn,
-        dsa_config,
-        init_params,
-        anchors,
-        jax.random.fold_in(rng, i),
-        data,
-        concurrency=concurrency,
-        on_group_done=progress,
-      )
-    )
-    if kind == "clean":
-      anchors = jax.tree_util.tree_map(lambda x: x[:, -1], stacked)
-    yield kind, stacked
-
-
 class ExpertStore(Protocol):
   """Where `train_experts_resumable` keeps groups: finished ones and each epoch (resume.py)."""
 
@@ -367,7 +330,11 @@ def train_kinds_resumable(
   on_group_done: Callable[[str, int, int], None] | None = None,
   mesh: Any = None,
 ) -> None:
-  """`train_kinds` through `train_experts_resumable`; theta0 = `store.final_params("clean")`."""
+  """Trains each of KINDS in turn into `store`; theta0 of eq. 4 = `store.final_params("clean")`.
+
+  Expert i of every kind starts from `init_params[i]`; theta0 for the watermarked and
+  fp-enhanced expert i is the final state of clean expert i.
+  """
   anchors = init_params  # Unused by clean experts.
   for i, kind in enumerate(KINDS):
     progress = None if on_group_done is None else functools.partial(on_group_done, kind)
