@@ -16,15 +16,19 @@ def test_convnet_shapes_and_matmul_convolutions_match_lax(shape, depth, conv_imp
   x = jax.random.normal(jax.random.PRNGKey(1), (4,) + shape)
   lax_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl="lax")
   col_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl=conv_impl)
-  params = models.init_params(lax_net, shape, jax.random.PRNGKey(0))
-  out_lax = lax_net.apply({"params": params}, x)
-  out_col = col_net.apply({"params": params}, x)
+  params = jax.jit(lambda r: models.init_params(lax_net, shape, r))(jax.random.PRNGKey(0))
+  # Jitted: op-by-op dispatch of these networks costs more on CPU than one compilation.
+  out_lax = jax.jit(lax_net.apply)({"params": params}, x)
+  out_col = jax.jit(col_net.apply)({"params": params}, x)
   chex.assert_shape(out_lax, (4, 10))
   np.testing.assert_allclose(out_lax, out_col, rtol=1e-4, atol=1e-4)
   # One gradient agrees too.
   loss = lambda net: lambda p: jnp.sum(net.apply({"params": p}, x) ** 2)
   chex.assert_trees_all_close(
-    jax.grad(loss(lax_net))(params), jax.grad(loss(col_net))(params), rtol=2e-3, atol=2e-4
+    jax.jit(jax.grad(loss(lax_net)))(params),
+    jax.jit(jax.grad(loss(col_net)))(params),
+    rtol=2e-3,
+    atol=2e-4,
   )
 
 
@@ -41,16 +45,15 @@ def test_channel_mask_and_features(conv_impl):
   # "shift" runs channel-major inside; features come back NHWC all the same.
   net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl=conv_impl)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-  params = models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0))
+  params = jax.jit(lambda r: models.init_params(net, (8, 8, 1), r))(jax.random.PRNGKey(0))
   mask = jnp.array([1.0, 0.0, 1.0, 0.0])
-  logits, feats = net.apply({"params": params}, x, channel_mask=mask, return_features=True)
+  apply = lambda n: jax.jit(lambda p, x, m: n.apply(p, x, channel_mask=m, return_features=True))
+  logits, feats = apply(net)({"params": params}, x, mask)
   chex.assert_shape(feats, (2, 4, 4, 4))
   assert float(jnp.abs(feats[..., 1]).max()) == 0.0
   assert float(jnp.abs(feats[..., 0]).max()) > 0.0
   lax_net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl="lax")
-  lax_logits, lax_feats = lax_net.apply(
-    {"params": params}, x, channel_mask=mask, return_features=True
-  )
+  lax_logits, lax_feats = apply(lax_net)({"params": params}, x, mask)
   np.testing.assert_allclose(feats, lax_feats, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(logits, lax_logits, rtol=1e-4, atol=1e-5)
 

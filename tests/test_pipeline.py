@@ -67,26 +67,31 @@ def test_outputs_and_report(tiny_run):
 
 
 def test_cross_architecture_evaluation_merges_into_the_report(tiny_run, tmp_path):
-  """--stage=evaluate with eval.models adds architectures; verify covers them all."""
+  """--stage=evaluate with eval.models adds architectures; verify covers them all.
+
+  A second ConvNet (no norm) keeps this cheap on CPU; test_model_zoo.py builds and
+  differentiates the other architectures of the registry.
+  """
   workdir, config, _ = tiny_run
   run = tmp_path / "cross"
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("trajectories"))
   config = ml_collections.ConfigDict(config.to_dict())
-  config.eval.models = "convnet:none,alexnet"
+  config.eval.models = "convnet:none"
   config.eval.epochs = 2
   evaluation = pipeline.run(config, str(run), "evaluate")
-  assert list(evaluation) == ["convnet", "convnet:none", "alexnet"]
+  assert list(evaluation) == ["convnet", "convnet:none"]
   # Only the distillation model has the real-data baseline (eval.real_all_models off).
   assert set(evaluation["convnet:none"]) == {"distilled", "clean_distilled"}
   assert set(evaluation["convnet"]) == set(pipeline.SETS)  # Kept from the first run.
   report = pipeline.run(config, str(run), "verify")
-  for label in ("convnet:none", "alexnet"):
+  for label in ("convnet", "convnet:none"):
     entry = report["architectures"][label]["distilled"]
     assert len(entry["acc"]["runs"]) == len(entry["p_values"]) == config.eval.num_seeds
     assert (run / "models" / label.replace(":", "_") / "clean_distilled").is_dir()
   assert report["distilled"] == report["architectures"]["convnet"]["distilled"]
   markdown = (run / "report.md").read_text()
-  assert "| convnet:none | distilled |" in markdown and "| alexnet | clean_distilled |" in markdown
+  assert "| convnet:none | distilled |" in markdown
+  assert "| convnet:none | clean_distilled |" in markdown
 
 
 @pytest.mark.parametrize(

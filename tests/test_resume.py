@@ -135,11 +135,13 @@ def test_cli_overrides_are_the_tiny_config():
   assert config_loader.load("digits", list(TINY)).to_dict() == conftest.tiny_config().to_dict()
 
 
-def cli(workdir, key, *extra, cache=None):
-  """`python -m ccdd_jax.main` on the tiny run, as a child process (stderr to a file)."""
+def cli(workdir, key, *extra):
+  """`python -m ccdd_jax.main` on the tiny run, as a child process (stderr to a file).
+
+  The child inherits the session's compilation cache (conftest.py): it loads the
+  executables that the in-process reference run compiled, so the same bits.
+  """
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  if cache:  # Compiled programs shared by the runs: the same executables, so the same bits.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   argv = [sys.executable, "-m", "ccdd_jax.main", f"--workdir={workdir}", "--key_file", str(key)]
   argv += [f"--config.{o}" for o in (*TINY, "distill.checkpoint_every=1")] + list(extra)
   log = open(pathlib.Path(workdir).with_suffix(f".{time.monotonic_ns()}.log"), "w+")
@@ -171,18 +173,18 @@ def _figures(workdir):
 
 
 def test_sigkill_in_each_stage_then_rerun_gives_the_uninterrupted_results(tiny_run, tmp_path):
-  reference, key, cache = tiny_run[0], tiny_run[0] / "owner.key", tmp_path / "jax_cache"
+  reference, key = tiny_run[0], tiny_run[0] / "owner.key"
   rng = random.Random(int(time.time()))
   killed = tmp_path / "killed"
   for stage, under_way in UNDER_WAY.items():
-    proc, log = cli(killed, key, cache=cache)
+    proc, log = cli(killed, key)
     while not under_way(killed) and proc.poll() is None:
       time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.5))  # A random point of the stage.
     assert proc.poll() is None, f"the run ended before the kill in {stage}"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-  again, log = cli(killed, key, cache=cache)
+  again, log = cli(killed, key)
   assert again.wait(timeout=600) == 0, log.seek(0) or log.read()
   log.seek(0)
   assert "resuming" in log.read()
