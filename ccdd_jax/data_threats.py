@@ -55,7 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy import stats
 
 from ccdd_jax import augment
 from ccdd_jax import evaluate
@@ -91,6 +90,8 @@ DATA_ATTACKS = {
 def roc_auc(scores, positives) -> float:
   """ROC AUC of `scores` for the boolean `positives` (Mann-Whitney, ties count 1/2); nan if
   either group is empty."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top  # Late: a CLI error need not load it.
+
   scores, positives = np.asarray(scores, np.float64), np.asarray(positives, bool)
   n_pos, n_neg = int(positives.sum()), int((~positives).sum())
   if not n_pos or not n_neg:
@@ -225,6 +226,8 @@ def parameter_statistics(stacked_params: Any) -> tuple[list[str], np.ndarray]:
 
   Returns the statistics' names and an array [S, F].
   """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
   names, columns = [], []
   for path, leaf in jax.tree_util.tree_flatten_with_path(stacked_params)[0]:
     flat = np.asarray(leaf, np.float64).reshape(leaf.shape[0], -1)
@@ -259,6 +262,8 @@ def reference_distance(reference: np.ndarray, suspects: np.ndarray) -> np.ndarra
 def parameter_detection(watermarked: Any, clean: Any) -> dict:
   """Two-sample tests per parameter statistic and the AUC of `reference_distance`, for
   networks trained on the watermarked vs the clean distilled set (clean = the reference)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
   names, wm = parameter_statistics(watermarked)
   _, cl = parameter_statistics(clean)
   mw = np.array([stats.mannwhitneyu(w, c).pvalue for w, c in zip(wm.T, cl.T)])
