@@ -142,14 +142,17 @@ def test_anomaly_index():
 
 
 def test_neural_cleanse_finds_a_planted_trigger():
-  """A tiny digits network learns "white 3x3 top-left square -> 0"; Neural Cleanse finds class 0
-  with a small mask on that corner, and its MAD anomaly index flags it."""
+  """A tiny digits network learns "white 2x2 top-left square -> 0"; Neural Cleanse finds class 0
+  with a small mask on that corner, and its MAD anomaly index flags it.
+
+  A 3x3 square sat too close to the threshold: its index was 1.6-3.3 over training seeds and
+  CPUs (1.84 on an AVX-512 machine); a 2x2 one gives 3.3-6.6 over four seeds at 100 steps."""
   ds = data_lib.load_digits(0.2, 0)
   prep = preprocess.fit_preprocessor(ds.train_images)
   rng = np.random.default_rng(0)
   poisoned = rng.choice(len(ds.train_labels), 300, replace=False)
   images, labels = ds.train_images.copy(), ds.train_labels.copy()
-  images[poisoned, :3, :3] = 255
+  images[poisoned, :2, :2] = 255
   labels[poisoned] = 0
   net = models.build_network("convnet", 10, (8, 8, 1), config_section("model", width=8, depth=2))
   train = evaluate.make_networks_trainer(
@@ -176,7 +179,7 @@ def test_neural_cleanse_finds_a_planted_trigger():
   )
   norms, mask = result["norms"][0], result["masks"][0, 0, ..., 0]
   assert int(np.argmin(norms)) == 0, norms
-  assert mask[:3, :3].sum() > 0.5 * mask.sum(), mask.round(2)
+  assert mask[:2, :2].sum() > 0.5 * mask.sum(), mask.round(2)
   assert result["anomaly_index"][0] > data_threats.ANOMALY_THRESHOLD, norms
   masks = np.zeros((1, 2, 8, 8, 1))
   masks[0, 0, :3, :3] = 1.0  # All on the corner ...
