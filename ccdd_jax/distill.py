@@ -19,6 +19,9 @@ Issue 10 levers (config fields of `distill`, all off by default = the above):
                         numerator over ||th*_t - th^Idx_{t+M}||^2.
   clean_expert_fraction an iteration matches a clean expert with this
                         probability (its beta term off): the paper's pool.
+  split_roles           with the pool, the trigger slots are updated only on
+                        watermarked iterations, the other images only on clean
+                        ones (and gamma_wm applies on watermarked ones only).
   carriers_per_pattern  k stamped carriers per pattern beyond the IPC images
                         (carrier_source: training images, or the set's own).
   freeze_trigger, trigger_safe_dsa  the stamped corner of trigger slots is
@@ -52,6 +55,7 @@ WATERMARK_ONLY = {
   "triggers_per_pattern": 0,
   "carriers_per_pattern": 0,
   "clean_expert_fraction": 0.0,
+  "split_roles": False,
   "gamma_wm": 0.0,
   "gamma_clean": 0.0,
   "freeze_trigger": False,
@@ -211,6 +215,8 @@ def aux_inputs(
     aux["trigger_mask"] = trigger_mask
   if set_config.freeze_trigger and from_trigger.any():
     aux["grad_mask"] = 1.0 - trigger_mask
+  if set_config.split_roles:
+    aux["trigger_slots"] = from_trigger[:, None, None, None].astype(np.float32)
   if set_config.gamma_wm:
     aux["wm_images"], aux["wm_labels"] = inputs["wm_images"], inputs["wm_labels"]
   if set_config.gamma_clean:
@@ -300,7 +306,9 @@ def make_meta_loss(
     direct = jnp.zeros_like(expert_term)
     rng_wm, rng_clean = jax.random.split(jax.random.fold_in(rng, 7))
     if gamma_wm:  # Beyond the paper: the watermark asked of th_N directly.
-      direct += gamma_wm * pool_ce(final, rng_wm, aux["wm_images"], aux["wm_labels"])
+      # With split_roles only on watermarked iterations: the class images learn no trigger.
+      weight = aux.get("beta_weight", 1.0) if distill_config.get("split_roles") else 1.0
+      direct += gamma_wm * weight * pool_ce(final, rng_wm, aux["wm_images"], aux["wm_labels"])
     if gamma_clean:
       direct += gamma_clean * pool_ce(final, rng_clean, aux["clean_images"], aux["clean_labels"])
     loss = expert_term + beta * aux.get("beta_weight", 1.0) * twin_term + direct
@@ -370,7 +378,10 @@ def make_pair_update(
   "beta_weight"]}: the only part of the trajectories an iteration reads.
   `state` = {"images", "lr", "opt_state", "labels"} (see init_state). `aux` is
   make_meta_loss's, plus optionally `grad_mask` [S, H, W, 1] (0 = a pixel never
-  updated: the frozen stamped corner). The terms are (expert, twin, direct).
+  updated: the frozen stamped corner) and `trigger_slots` [S, 1, 1, 1]
+  (distill.split_roles: 1 = a slot updated only when `pair` is a watermarked
+  expert's, 0 = only when it is a clean one's, "beta_weight" 0). The terms
+  are (expert, twin, direct).
   `mesh`: make_meta_loss's (data parallel over the synthetic minibatch).
   """
   meta_loss = make_meta_loss(
@@ -391,6 +402,7 @@ def make_pair_update(
       aux["beta_weight"] = pair["beta_weight"]
     rng_loss = jax.random.split(rng, 3)[2]  # [0] and [1] drew the expert and the epoch.
     grad_mask = aux.pop("grad_mask", None)
+    trigger_slots = aux.pop("trigger_slots", None)
     (loss, terms), grads = jax.value_and_grad(meta_loss, argnums=(0, 1), has_aux=True)(
       state["images"],
       state["lr"],
@@ -403,6 +415,9 @@ def make_pair_update(
       aux,
     )
     image_grads = grads[0] if grad_mask is None else grads[0] * grad_mask
+    if trigger_slots is not None:  # split_roles: which slots this expert's kind updates.
+      watermarked = pair.get("beta_weight", 1.0)
+      image_grads *= watermarked * trigger_slots + (1.0 - watermarked) * (1.0 - trigger_slots)
     trainable = {"images": state["images"], "lr": state["lr"]}
     updates, opt_state = optimizer.update(
       {"images": image_grads, "lr": grads[1]}, state["opt_state"], trainable

@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Probability that an iteration matches a clean expert (beta term off) instead
   # of a watermarked one: the paper's pool of both kinds (0 = watermarked only).
   config.distill.clean_expert_fraction = 0.0
+  # Beyond the paper, with the pool: the trigger slots (carriers, seeded slots) learn
+  # only on watermarked iterations and the class images only on clean ones.
+  config.distill.split_roles = False
   # k stamped training images per pattern (label y_i) added BEYOND the IPC images.
   config.distill.carriers_per_pattern = 0
   # Where carriers come from: "train" (training images) or "set" (stamped copies of
@@ -313,6 +316,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(
     0.0 <= d.clean_expert_fraction <= 1.0,
     f"distill.clean_expert_fraction = {d.clean_expert_fraction} must be in [0, 1]",
+  )
+  require(
+    not d.split_roles
+    or (0.0 < d.clean_expert_fraction < 1.0 and d.carriers_per_pattern + d.triggers_per_pattern),
+    "distill.split_roles needs a pool of both kinds (0 < distill.clean_expert_fraction < 1) "
+    "and trigger slots (distill.carriers_per_pattern or triggers_per_pattern > 0)",
   )
   require(
     min(d.carriers_per_pattern, d.triggers_per_pattern, e.fp_normal_last_epochs) >= 0,

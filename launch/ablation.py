@@ -171,6 +171,18 @@ VARIANTS = (
     {**FORM_B_LEVERS, "distill.carriers_per_pattern": 8},
     2.0,
   ),
+  # Beyond the issue: the pool with split roles (the trigger slots learn from watermarked
+  # trajectories, the class images from clean ones).
+  Variant(
+    "split",
+    "default + 50% clean experts, split roles",
+    {**DEFAULT_LEVERS, "distill.clean_expert_fraction": 0.5, "distill.split_roles": True},
+  ),
+  Variant(
+    "split_wm70",
+    "default + 30% clean experts, split roles",
+    {**DEFAULT_LEVERS, "distill.clean_expert_fraction": 0.3, "distill.split_roles": True},
+  ),
   Variant(
     "levers_b_clean_experts",
     "levers_b's carriers over clean experts only (pool 100% clean)",

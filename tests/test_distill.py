@@ -1,6 +1,7 @@
 """Trajectory matching: the scan, the loss, and its gradient."""
 
 import chex
+import conftest
 from conftest import config_section
 import jax
 from jax.flatten_util import ravel_pytree
@@ -310,6 +311,50 @@ def test_clean_expert_pool_matches_the_clean_expert_when_always_drawn():
   np.testing.assert_allclose(always[0], on_clean[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(never[0], on_wm[0])
   assert np.abs(always[2][:, 1] - on_wm[2][:, 1]).max() > 1e-3
+
+
+def test_split_roles_update_trigger_slots_on_watermarked_iterations_only():
+  """distill.split_roles: a clean expert's iteration moves only the class images, a watermarked
+  one's only the trigger slots; with a pool of both, both move, each only on its own draws."""
+  apply_flat, w0, images, labels = tiny_problem()
+  wm = _chained_expert(apply_flat, w0, images, labels, 0.05)
+  clean = _chained_expert(apply_flat, w0 + 0.01, images, labels, 0.08)
+  from_trigger = np.array([False, True, False, False, True, False])
+  init = np.asarray(images)
+
+  def run(fraction):
+    cfg = distill_config(
+      iterations=4, lr_img=10.0, clean_expert_fraction=fraction, split_roles=True
+    )
+    aux = distill.aux_inputs(cfg, from_trigger, 2, {"train_images": init})
+    chex.assert_shape(aux["trigger_slots"], (6, 1, 1, 1))
+    run = distill.distill(
+      cfg,
+      apply_flat,
+      NO_AUG,
+      init,
+      np.asarray(labels),
+      (wm, wm, clean),
+      jax.random.PRNGKey(0),
+      aux=aux,
+    )
+    return run[0]
+
+  moved = lambda out: np.abs(out - init).max(axis=(1, 2, 3)) > 1e-5
+  np.testing.assert_array_equal(moved(run(1.0)), ~from_trigger)  # Clean draws only.
+  np.testing.assert_array_equal(moved(run(0.0)), from_trigger)  # Watermarked draws only.
+  assert moved(run(0.5)).all()
+  # The direct watermark term counts on watermarked iterations only ("beta_weight" 1).
+  cfg = distill_config(gamma_wm=1.0, objective_batch=4, split_roles=True)
+  meta = distill.make_meta_loss(cfg, apply_flat, NO_AUG, num_syn=6, with_terms=True)
+  pools = {"wm_images": images, "wm_labels": labels}
+  args = (images, jnp.float32(0.05), labels, w0, w0 + 0.02, w0, w0 + 0.02, jax.random.PRNGKey(3))
+  assert float(meta(*args, {**pools, "beta_weight": 0.0})[1][2]) == 0.0
+  assert float(meta(*args, {**pools, "beta_weight": 1.0})[1][2]) > 0.1
+  config = conftest.tiny_config()
+  config.distill.split_roles = True
+  with pytest.raises(CCDDError, match="split_roles needs a pool of both kinds"):
+    settings.validate(config)
 
 
 def test_frozen_trigger_corner_is_never_updated():
