@@ -171,6 +171,18 @@ VARIANTS = (
     {**FORM_B_LEVERS, "distill.carriers_per_pattern": 8},
     2.0,
   ),
+  # The default traded along its frontier (CIFAR-10 has Acc_W to spare, section 10).
+  Variant("default_2x", "default, 2x iterations", dict(DEFAULT_LEVERS), 2.0),
+  Variant(
+    "default_carriers2",
+    "default, 2 carriers/pattern",
+    {**DEFAULT_LEVERS, "distill.carriers_per_pattern": 2},
+  ),
+  Variant(
+    "default_lambda1_half",
+    "default over experts with λ1 0.5 (eq. 6)",
+    {**DEFAULT_LEVERS, "experts.lambda1": 0.5},
+  ),
   # Beyond the issue: the pool with split roles (the trigger slots learn from watermarked
   # trajectories, the class images from clean ones).
   Variant(
