@@ -28,6 +28,8 @@ Issue 10 levers (config fields of `distill`, all off by default = the above):
                         never updated / is kept out of DSA in eq. 9.
   gamma_wm, gamma_clean a direct objective after the N steps: gamma_wm *
                         CE(th_N(D_W batch), y_i) + gamma_clean * CE(th_N(clean batch)).
+  soft_labels           learned label logits (TESLA / DATM), from one-hot or from
+                        an expert's logits; the students train on their softmax.
 """
 
 from collections.abc import Callable
@@ -224,6 +226,35 @@ def aux_inputs(
   return aux
 
 
+def initial_label_logits(
+  distill_config: ml_collections.ConfigDict,
+  labels: np.ndarray,
+  num_classes: int,
+  expert_logits: Callable[[], np.ndarray],
+) -> np.ndarray | None:
+  """The learned labels' starting logits [N, K] (distill.soft_labels), or None for hard labels.
+
+  "one_hot": label_logit_scale * one_hot(labels); "expert": `expert_logits()`,
+  an expert's logits on the initial images (DATM's initialisation).
+  """
+  if not distill_config.soft_labels:
+    return None
+  if distill_config.soft_labels == "one_hot":
+    return distill_config.label_logit_scale * np.eye(num_classes, dtype=np.float32)[labels]
+  if distill_config.soft_labels == "expert":
+    return np.asarray(expert_logits(), np.float32)
+  raise ValueError(f"unknown soft_labels {distill_config.soft_labels!r}")
+
+
+def soft_label_summary(label_logits: np.ndarray, labels: np.ndarray) -> dict:
+  """Mean top probability of learned labels, and the fraction whose top class is the slot's."""
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(label_logits)))
+  return {
+    "mean_top_probability": float(probs.max(axis=1).mean()),
+    "agree_with_slot_label": float((probs.argmax(axis=1) == np.asarray(labels)).mean()),
+  }
+
+
 def make_meta_loss(
   distill_config: ml_collections.ConfigDict,
   apply_flat: Callable,
@@ -376,7 +407,9 @@ def make_pair_update(
 
   `pair` = select_pair's {"start", "target", "twin_start", "twin_target"[,
   "beta_weight"]}: the only part of the trajectories an iteration reads.
-  `state` = {"images", "lr", "opt_state", "labels"} (see init_state). `aux` is
+  `state` = {"images", "lr", "opt_state", "labels"[, "label_logits"]} (see
+  init_state; with "label_logits" the students train on their softmax and
+  the logits are learned too). `aux` is
   make_meta_loss's, plus optionally `grad_mask` [S, H, W, 1] (0 = a pixel never
   updated: the frozen stamped corner) and `trigger_slots` [S, 1, 1, 1]
   (distill.split_roles: 1 = a slot updated only when `pair` is a watermarked
@@ -394,7 +427,8 @@ def make_pair_update(
     with_terms=True,
     mesh=mesh,
   )
-  optimizer = make_optimizer(distill_config)
+  soft = bool(distill_config.get("soft_labels"))
+  optimizer = make_optimizer(distill_config, soft)
 
   def update(state, pair, rng, aux=None):
     aux = dict(aux or {})
@@ -403,10 +437,17 @@ def make_pair_update(
     rng_loss = jax.random.split(rng, 3)[2]  # [0] and [1] drew the expert and the epoch.
     grad_mask = aux.pop("grad_mask", None)
     trigger_slots = aux.pop("trigger_slots", None)
-    (loss, terms), grads = jax.value_and_grad(meta_loss, argnums=(0, 1), has_aux=True)(
+    loss_fn = (
+      (lambda images, lr, logits, *rest: meta_loss(images, lr, jax.nn.softmax(logits), *rest))
+      if soft
+      else meta_loss
+    )
+    (loss, terms), grads = jax.value_and_grad(
+      loss_fn, argnums=(0, 1, 2) if soft else (0, 1), has_aux=True
+    )(
       state["images"],
       state["lr"],
-      state["labels"],
+      state["label_logits"] if soft else state["labels"],
       pair["start"],
       pair["target"],
       pair["twin_start"],
@@ -419,13 +460,17 @@ def make_pair_update(
       watermarked = pair.get("beta_weight", 1.0)
       image_grads *= watermarked * trigger_slots + (1.0 - watermarked) * (1.0 - trigger_slots)
     trainable = {"images": state["images"], "lr": state["lr"]}
-    updates, opt_state = optimizer.update(
-      {"images": image_grads, "lr": grads[1]}, state["opt_state"], trainable
-    )
+    grad_tree = {"images": image_grads, "lr": grads[1]}
+    if soft:
+      trainable["label_logits"] = state["label_logits"]
+      # freeze_trigger keeps the trigger slots' labels too (rows whose corner is frozen).
+      keep_rows = 1.0 if grad_mask is None else jnp.min(grad_mask, axis=(1, 2, 3))[:, None]
+      grad_tree["label_logits"] = grads[2] * keep_rows
+    updates, opt_state = optimizer.update(grad_tree, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     # A negative step size would make the student climb the loss.
     new_state = {
-      "images": trainable["images"],
+      **trainable,
       "lr": jnp.maximum(trainable["lr"], 1e-6),
       "opt_state": opt_state,
       "labels": state["labels"],
@@ -476,28 +521,38 @@ def make_distill_step(
 
 
 def init_state(
-  distill_config: ml_collections.ConfigDict, init_images: np.ndarray, labels: np.ndarray
+  distill_config: ml_collections.ConfigDict,
+  init_images: np.ndarray,
+  labels: np.ndarray,
+  label_logits: np.ndarray | None = None,
 ) -> dict:
-  """The distillation state on the default device: images, alpha = lr_teacher, optimiser."""
-  images = jax.device_put(np.asarray(init_images, np.float32))
-  lr = jax.device_put(np.float32(distill_config.lr_teacher))
+  """The distillation state on the default device: images, alpha = lr_teacher, optimiser
+  (and learned label logits [N, K] where `label_logits` gives their start)."""
+  trainable = {
+    "images": jax.device_put(np.asarray(init_images, np.float32)),
+    "lr": jax.device_put(np.float32(distill_config.lr_teacher)),
+  }
+  if label_logits is not None:
+    trainable["label_logits"] = jax.device_put(np.asarray(label_logits, np.float32))
   return {
-    "images": images,
-    "lr": lr,
-    "opt_state": make_optimizer(distill_config).init({"images": images, "lr": lr}),
+    **trainable,
+    "opt_state": make_optimizer(distill_config, label_logits is not None).init(trainable),
     "labels": jax.device_put(np.asarray(labels, np.int32)),
   }
 
 
-def make_optimizer(distill_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """SGD with momentum 0.5 on the images (lr_img) and on the step size (lr_lr), as MTT."""
-  return optax.multi_transform(
-    {
-      "images": optax.sgd(distill_config.lr_img, momentum=0.5),
-      "lr": optax.sgd(distill_config.lr_lr, momentum=0.5),
-    },
-    {"images": "images", "lr": "lr"},
-  )
+def make_optimizer(
+  distill_config: ml_collections.ConfigDict, soft_labels: bool = False
+) -> optax.GradientTransformation:
+  """SGD with momentum 0.5 on the images (lr_img) and on the step size (lr_lr), as MTT, and
+  with `soft_labels` on the label logits (lr_label)."""
+  transforms = {
+    "images": optax.sgd(distill_config.lr_img, momentum=0.5),
+    "lr": optax.sgd(distill_config.lr_lr, momentum=0.5),
+  }
+  if soft_labels:
+    transforms["label_logits"] = optax.sgd(distill_config.lr_label, momentum=0.5)
+  return optax.multi_transform(transforms, {name: name for name in transforms})
 
 
 def distill(
@@ -512,11 +567,14 @@ def distill(
   aux: dict | None = None,
   store: Any = None,
   mesh: Any = None,
-) -> tuple[np.ndarray, float, np.ndarray]:
-  """Runs all distillation iterations; returns images, learned lr, history [it, 4].
+  label_logits: np.ndarray | None = None,
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
+  """Runs all distillation iterations; returns images, learned lr, history [it, 4], label logits.
 
   The history holds the total loss and its terms (eq. 10's expert and twin
   terms, the direct objective) per iteration. `aux`: see make_distill_update.
+  With distill.soft_labels, `label_logits` [N, K] (initial_label_logits) are
+  learned too and returned; with hard labels they are None.
   With a `store` (resume.DistillStore) the state is saved every
   `distill.checkpoint_every` iterations and at the end, and a saved state is
   resumed from; iteration i's key is the i-th split of `rng` whatever the start,
@@ -537,11 +595,14 @@ def distill(
       f"distill.max_start_epoch + distill.expert_epochs = {needed} exceeds the "
       f"{available} expert epochs stored"
     )
+  if bool(distill_config.get("soft_labels")) != (label_logits is not None):
+    raise ValueError("label_logits go with distill.soft_labels (initial_label_logits)")
   num_syn = init_images.shape[0]
   batch = min(distill_config.batch_syn or num_syn, num_syn)
   sharding.check_batch(batch, mesh, "the synthetic minibatch (distill.batch_syn, or all images)")
   step = make_distill_step(distill_config, apply_flat, dsa_config, num_syn, mesh)
-  state = sharding.put_replicated(init_state(distill_config, init_images, labels), mesh)
+  state = init_state(distill_config, init_images, labels, label_logits)
+  state = sharding.put_replicated(state, mesh)
   start, losses = 0, []
   if store is not None and (saved := store.restore(_saved(state, [], rng))) is not None:
     if not np.array_equal(saved["rng"], _key_bits(rng)):
@@ -578,7 +639,9 @@ def distill(
       checked = it + 1
   _check_finite(losses, checked, store)
   losses = np.asarray(sharding.to_host(losses), np.float64)
-  return sharding.to_host(state["images"]), float(sharding.to_host(state["lr"])), losses
+  learned_labels = sharding.to_host(state["label_logits"]) if label_logits is not None else None
+  images, lr = sharding.to_host(state["images"]), float(sharding.to_host(state["lr"]))
+  return images, lr, losses, learned_labels
 
 
 def _saved(state: dict, losses: list, rng: jax.Array) -> dict:

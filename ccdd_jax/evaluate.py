@@ -77,6 +77,12 @@ def make_set_trainer(
   return train
 
 
+def as_targets(labels: Any) -> jax.Array:
+  """Training targets: integer labels [N] as int32, soft labels [N, K] (probabilities) as float."""
+  labels = jnp.asarray(labels)
+  return labels.astype(jnp.float32 if labels.ndim == 2 else jnp.int32)
+
+
 def make_networks_trainer(
   apply_fn: Callable,
   dsa_config: ml_collections.ConfigDict,
@@ -117,7 +123,7 @@ def make_networks_trainer(
     num_seeds = jax.tree_util.tree_leaves(init_params)[0].shape[0]
     rng, family_rng = jax.random.split(rng)
     seeds = (init_params, jax.random.split(rng, num_seeds))
-    shared = (jnp.asarray(images), jnp.asarray(labels, jnp.int32), jnp.float32(lr), family_rng)
+    shared = (jnp.asarray(images), as_targets(labels), jnp.float32(lr), family_rng)
     if sharding.size(mesh) == 1:
       return run(seeds[0], *shared[:3], seeds[1], shared[3])
     seeds = sharding.put_leading(sharding.pad_leading(seeds, mesh), mesh)
@@ -140,7 +146,8 @@ def train_on_sets(
 ):
   """Yields (name, stacked params, entry) for each set, trained from `init_params` (seeds).
 
-  `sets` maps a name to {"images", "labels", "lr"}; the set named "real" is
+  `sets` maps a name to {"images", "labels", "lr"[, "label_logits"]} (learned
+  soft labels: the networks train on their softmax); the set named "real" is
   trained with `eval.real_*` (no "lr" needed), the others for `eval.epochs`
   with the lr they carry. Sets of one epochs and batch size share one
   compiled trainer. `entry` holds lr, epochs, num_images and seconds. `mesh`:
@@ -172,8 +179,9 @@ def train_on_sets(
         weight_decay=eval_config.weight_decay,
         mesh=mesh,
       )
+    targets = jax.nn.softmax(s["label_logits"]) if "label_logits" in s else s["labels"]
     params = jax.device_get(
-      trainers[epochs, batch_size](init_params, s["images"], s["labels"], lr, rng)
+      trainers[epochs, batch_size](init_params, s["images"], targets, lr, rng)
     )
     yield (
       name,

@@ -14,7 +14,11 @@ Params = Any
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-  """Mean cross entropy for integer labels (eq. 5); against `smooth_targets` if smoothing > 0."""
+  """Mean cross entropy for integer labels (eq. 5), or for soft targets (rows of probabilities
+  [..., K], learned soft labels); against `smooth_targets` if smoothing > 0."""
+  if labels.ndim == logits.ndim:  # Soft targets.
+    targets = optax.smooth_labels(labels, smoothing) if smoothing else labels
+    return optax.softmax_cross_entropy(logits, targets).mean()
   if smoothing:
     targets = smooth_targets(labels, logits.shape[-1], smoothing)
     return optax.softmax_cross_entropy(logits, targets).mean()

@@ -13,9 +13,12 @@ outputs it changes (`OWNER`); a rerun with another value is
             each stage's resume state is tied to `fingerprint(config, stage)`.
 
 `--fresh` clears the outputs (workdir.clear_outputs) and so the manifest.
-Fields that never change a result (`IGNORED`) are not compared.
+Fields that never change a result (`IGNORED`) are not compared, nor a field
+that a newer version added at its default (settings.base_config): absent
+from an older manifest, it is what that run did (new options start "off").
 """
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -24,6 +27,7 @@ import ml_collections
 
 from ccdd_jax import CCDDError
 from ccdd_jax import reporting
+from ccdd_jax import settings
 
 FILE = "manifest.json"
 ORDER = ("keygen", "queries", "experts", "distill", "evaluate", "verify", "attacks")
@@ -78,9 +82,19 @@ def fingerprint(fields: dict, stage: str) -> str:
   return hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.cache
+def _defaults() -> dict:
+  """Every config field's default (settings.base_config), as a manifest records it."""
+  return record(settings.base_config(), None, None)
+
+
 def differing(old: dict, new: dict) -> list[str]:
-  """The fields whose values differ (a field absent on one side differs)."""
-  return sorted(k for k in set(old) | set(new) if old.get(k, "absent") != new.get(k, "absent"))
+  """The fields whose values differ: a field absent on one side differs, unless it is absent
+  from `old` (an older manifest) and `new` holds its default."""
+  defaults = _defaults()
+  added = {k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k]}
+  keys = (set(old) | set(new)) - added
+  return sorted(k for k in keys if old.get(k, "absent") != new.get(k, "absent"))
 
 
 def check(workdir: pathlib.Path, fields: dict, stage: str) -> None:

@@ -116,11 +116,18 @@ def stage_distill(ctx: Context) -> dict:
       + (f", resuming at iteration {store.latest()}" if store.latest() else "")
     )
     progress = reporting.progress_printer(name, set_cfg.iterations)
-    images, lr, losses = distill_lib.distill(
+    init_images = ctx.preprocess.apply(init_u8)
+    init_logits = distill_lib.initial_label_logits(
+      set_cfg,
+      labels,
+      ds.num_classes,
+      lambda: ctx.net.apply_flat(expert[0, -1], init_images),  # Epoch t_max + M (DATM).
+    )
+    images, lr, losses, label_logits = distill_lib.distill(
       set_cfg,
       ctx.net.apply_flat,
       cfg.dsa,
-      ctx.preprocess.apply(init_u8),
+      init_images,
       labels,
       trajs,
       jax.random.fold_in(ctx.rng, 2),
@@ -128,9 +135,10 @@ def stage_distill(ctx: Context) -> dict:
       aux,
       store,
       ctx.mesh,
+      label_logits=init_logits,
     )
     workdir_lib.save_distilled(
-      ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess
+      ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess, label_logits
     )
     pixels = ctx.preprocess.to_pixels(images)
     title = f"{name} ({ds.name}, IPC {set_cfg.ipc}, {len(labels)} images)"
@@ -139,6 +147,8 @@ def stage_distill(ctx: Context) -> dict:
     )
     visibility = watermark.trigger_visibility(pixels, patterns)
     entry = reporting.distill_summary(losses, lr, visibility, from_trigger, time.time() - start)
+    if label_logits is not None:
+      entry["soft_labels"] = distill_lib.soft_label_summary(label_logits, labels)
     log(reporting.distill_line(name, entry))
     return entry
 

@@ -45,6 +45,8 @@ MTT_ZCA = {
 
 # The forms of eq. 10 (distill.eq10_form; issue 10): the paper's first.
 EQ10_FORMS = ("literal", "second_student", "student_normalised")
+# How the distilled set's labels start (distill.soft_labels): "" = hard labels, not learned.
+SOFT_LABELS = ("", "one_hot", "expert")
 
 # dataset -> (data.name, n_patterns, ConvNet depth)
 DATASETS = {
@@ -165,6 +167,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.distill.gamma_wm = 0.0
   config.distill.gamma_clean = 0.0
   config.distill.objective_batch = 64
+  # Learned soft labels (TESLA / DATM): "" = hard labels (the paper); "one_hot" =
+  # logits label_logit_scale * one_hot(y); "expert" = the logits of the set's first
+  # expert at epoch max_start_epoch + expert_epochs on the initial images (DATM).
+  # The logits are learned through eq. 10 with SGD (lr_label, momentum 0.5); the
+  # evaluation trains on their softmax. With freeze_trigger, trigger slots' stay.
+  config.distill.soft_labels = ""
+  config.distill.lr_label = 2.0
+  config.distill.label_logit_scale = 5.0
   # Speed and memory only; both give the same numbers up to float rounding.
   # Scan steps of eq. 9 per loop iteration: "auto" (per backend, see
   # inner_loop.resolve_unroll), "full", or a count ("1" = rolled).
@@ -336,6 +346,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f"distill.carrier_source = {d.carrier_source!r}: use train or set",
   )
   require(min(d.gamma_wm, d.gamma_clean) >= 0.0, "distill.gamma_wm and gamma_clean must be >= 0")
+  require(
+    d.soft_labels in SOFT_LABELS,
+    f"distill.soft_labels = {d.soft_labels!r}: use one of {', '.join(map(repr, SOFT_LABELS))}",
+  )
+  require(
+    min(d.lr_label, d.label_logit_scale) > 0.0,
+    "distill.lr_label and distill.label_logit_scale must be > 0",
+  )
   require(d.objective_batch >= 1, f"distill.objective_batch = {d.objective_batch} must be >= 1")
   require(
     0.0 <= config.data.attacker_fraction < 1.0,

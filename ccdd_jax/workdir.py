@@ -101,12 +101,15 @@ def save_distilled(
   from_trigger: np.ndarray,
   losses: np.ndarray,
   preprocessor: preprocess.Preprocessor,
+  label_logits: np.ndarray | None = None,
 ) -> pathlib.Path:
   """Writes `<name>.npz` atomically: a kill leaves the old file or the new one, never half.
 
   It holds the network inputs (`images`), their [0, 1] `pixels`, hard
   `labels`, the learned `lr`, the D_W-seeded slots (`from_trigger`), eq. 10's
-  history (`losses`) and the input transform (`Preprocessor.as_arrays`).
+  history (`losses`), the input transform (`Preprocessor.as_arrays`) and,
+  with distill.soft_labels, the learned `label_logits` [N, K] (train on their
+  softmax).
   """
   path = pathlib.Path(workdir) / f"{name}.npz"
   if not sharding.is_writer():  # Process 0 writes; the others computed the same set.
@@ -122,6 +125,7 @@ def save_distilled(
       losses=losses,
       pixels=preprocessor.to_pixels(images),
       **preprocessor.as_arrays(),
+      **({} if label_logits is None else {"label_logits": np.asarray(label_logits, np.float32)}),
     )
   os.replace(tmp, path)
   return path

@@ -183,6 +183,22 @@ VARIANTS = (
     "default over experts with λ1 0.5 (eq. 6)",
     {**DEFAULT_LEVERS, "experts.lambda1": 0.5},
   ),
+  # Learned soft labels (TESLA / DATM): from an expert's logits (DATM) or from one-hot.
+  Variant(
+    "default_soft_expert",
+    "default + soft labels from the expert's logits, lr 2",
+    {**DEFAULT_LEVERS, "distill.soft_labels": "expert"},
+  ),
+  Variant(
+    "default_soft_expert_lr20",
+    "default + soft labels from the expert's logits, lr 20",
+    {**DEFAULT_LEVERS, "distill.soft_labels": "expert", "distill.lr_label": 20.0},
+  ),
+  Variant(
+    "default_soft_one_hot",
+    "default + soft labels from 5 one-hot, lr 2",
+    {**DEFAULT_LEVERS, "distill.soft_labels": "one_hot"},
+  ),
   # Beyond the issue: the pool with split roles (the trigger slots learn from watermarked
   # trajectories, the class images from clean ones).
   Variant(

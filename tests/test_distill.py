@@ -11,6 +11,7 @@ import pytest
 
 from ccdd_jax import CCDDError
 from ccdd_jax import distill
+from ccdd_jax import evaluate
 from ccdd_jax import inner_loop
 from ccdd_jax import models
 from ccdd_jax import settings
@@ -144,7 +145,7 @@ def test_distill_reduces_matching_loss_and_checks_epochs():
   expert = np.stack([np.stack([w0, w1])])
   cfg = distill_config(iterations=30, lr_img=10.0, expert_epochs=1)
   noisy = images + 0.5 * jax.random.normal(jax.random.PRNGKey(9), images.shape)
-  out, lr, losses = distill.distill(
+  out, lr, losses, _ = distill.distill(
     cfg,
     apply_flat,
     NO_AUG,
@@ -290,6 +291,96 @@ def test_direct_objective_gradient_matches_finite_differences():
       np.testing.assert_allclose(grad[idx], fd, rtol=1e-4, atol=1e-9)
 
 
+def test_soft_labels_one_hot_targets_equal_hard_labels_and_their_gradient_is_exact():
+  """Soft targets that are one-hot give the hard-label loss; the meta-loss gradient with respect
+  to the learned label logits (through the softmax and the N student steps) matches finite
+  differences."""
+  logits = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  labels = jnp.array([0, 0, 1, 1, 2, 2])
+  for smoothing in (0.0, 0.1):
+    np.testing.assert_allclose(
+      inner_loop.cross_entropy(logits, jax.nn.one_hot(labels, 3), smoothing),
+      inner_loop.cross_entropy(logits, labels, smoothing),
+      rtol=1e-6,
+    )
+  with enable_x64():
+    apply_flat, w0, images, labels = tiny_problem(jnp.float64)
+    meta = distill.make_meta_loss(distill_config(syn_steps=3), apply_flat, NO_AUG, num_syn=6)
+    target = w0 + 0.05 * jax.random.normal(jax.random.PRNGKey(5), w0.shape, jnp.float64)
+    rng, lr = jax.random.PRNGKey(3), jnp.float64(0.1)
+    f = lambda lg: meta(images, lr, jax.nn.softmax(lg), w0, target, w0, target, rng)
+    start = 5.0 * jax.nn.one_hot(labels, 3, dtype=jnp.float64)
+    grad = jax.grad(f)(start)
+    assert float(jnp.abs(grad).max()) > 1e-6
+    eps = 1e-5
+    for idx in [(0, 0), (2, 1), (5, 2), (4, 0)]:
+      bump = jnp.zeros_like(start).at[idx].set(eps)
+      fd = (f(start + bump) - f(start - bump)) / (2 * eps)
+      np.testing.assert_allclose(grad[idx], fd, rtol=1e-4, atol=1e-10)
+
+
+def test_soft_labels_are_learned_and_frozen_on_trigger_slots():
+  apply_flat, w0, images, labels = tiny_problem()
+  expert = _chained_expert(apply_flat, w0, images, labels, 0.05)
+  from_trigger = np.array([False, True, False, False, True, False])
+  init = np.asarray(images)
+  cfg = distill_config(iterations=3, soft_labels="one_hot", lr_label=50.0, freeze_trigger=True)
+  logits = distill.initial_label_logits(cfg, np.asarray(labels), 3, lambda: None)
+  np.testing.assert_array_equal(logits.argmax(1), labels)
+  np.testing.assert_allclose(logits.max(1), cfg.label_logit_scale)
+  aux = distill.aux_inputs(cfg, from_trigger, 2, {"train_images": init})
+  run = lambda **kw: distill.distill(
+    cfg,
+    apply_flat,
+    NO_AUG,
+    init,
+    np.asarray(labels),
+    (expert, expert),
+    jax.random.PRNGKey(0),
+    aux=aux,
+    **kw,
+  )
+  out = run(label_logits=logits)
+  chex.assert_shape(out[3], (6, 3))
+  np.testing.assert_array_equal(out[3][from_trigger], logits[from_trigger])
+  assert np.abs(out[3][~from_trigger] - logits[~from_trigger]).max() > 1e-4
+  summary = distill.soft_label_summary(out[3], np.asarray(labels))
+  assert 0.3 < summary["mean_top_probability"] < 1.0
+  with pytest.raises(ValueError, match="label_logits go with distill.soft_labels"):
+    run()
+  expert_init = distill.initial_label_logits(
+    distill_config(soft_labels="expert"), labels, 3, lambda: apply_flat(expert[0, -1], init)
+  )
+  np.testing.assert_allclose(expert_init, apply_flat(expert[0, -1], init))
+
+
+def test_evaluation_trains_on_the_softmax_of_learned_label_logits():
+  net = models.ConvNet(num_classes=3, width=4, depth=1, conv_impl="lax")
+  apply = lambda p, x: net.apply({"params": p}, x)
+  init = jax.vmap(lambda r: models.init_params(net, (4, 4, 1), r))(
+    jax.random.split(jax.random.PRNGKey(0), 2)
+  )
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (6, 4, 4, 1)))
+  labels = np.array([0, 0, 1, 1, 2, 2])
+  ecfg = config_section("eval", epochs=3, batch_size=3, momentum=0.9, weight_decay=5e-4)
+  one_hot = 100.0 * np.eye(3, dtype=np.float32)[labels]  # Its softmax is one-hot in float32.
+  soft = np.where(np.eye(3, dtype=bool)[labels], 1.0, 0.5).astype(np.float32)
+  sets = {
+    "hard": {"images": images, "labels": labels, "lr": 0.05},
+    "one_hot": {"images": images, "labels": labels, "lr": 0.05, "label_logits": one_hot},
+    "soft": {"images": images, "labels": labels, "lr": 0.05, "label_logits": soft},
+  }
+  trained = {
+    name: params
+    for name, params, _ in evaluate.train_on_sets(
+      apply, NO_AUG, ecfg, init, sets, jax.random.PRNGKey(2)
+    )
+  }
+  chex.assert_trees_all_close(trained["one_hot"], trained["hard"], rtol=1e-5, atol=1e-6)
+  leaves = zip(*(jax.tree_util.tree_leaves(trained[n]) for n in ("soft", "hard")), strict=True)
+  assert max(float(np.abs(a - b).max()) for a, b in leaves) > 1e-4
+
+
 def _chained_expert(apply_flat, w0, images, labels, lr):
   loss_fn = lambda w, _: inner_loop.cross_entropy(apply_flat(w, images), labels)
   w1, _, _ = inner_loop.sgd_scan(loss_fn, w0, jnp.zeros(8), jnp.full(8, lr))
@@ -365,7 +456,7 @@ def test_frozen_trigger_corner_is_never_updated():
   cfg = distill_config(iterations=5, lr_img=10.0, freeze_trigger=True)
   aux = distill.aux_inputs(cfg, from_trigger, 2, {"train_images": noisy})
   chex.assert_shape(aux["grad_mask"], (6, 4, 4, 1))
-  out, _, _ = distill.distill(
+  out, *_ = distill.distill(
     cfg,
     apply_flat,
     NO_AUG,

@@ -23,6 +23,7 @@ from ccdd_jax import CCDDError
 from ccdd_jax import config_loader
 from ccdd_jax import distill
 from ccdd_jax import inner_loop
+from ccdd_jax import manifest
 from ccdd_jax import resume
 
 REPO = conftest.REPO
@@ -129,6 +130,18 @@ TINY = (
   "eval.real_lr=0.1",
   "watermark.queries_per_pattern=10",
 )
+
+
+def test_a_field_added_since_a_workdir_was_made_differs_only_off_its_default():
+  """An older manifest lacks the options added since; at their defaults they are what it ran."""
+  fields = manifest.record(conftest.tiny_config(), "k", 10)
+  older = {k: v for k, v in fields.items() if k != "distill.soft_labels"}
+  assert manifest.differing(older, fields) == []
+  assert manifest.differing(older, dict(fields, **{"distill.soft_labels": "expert"})) == [
+    "distill.soft_labels"
+  ]
+  assert manifest.differing(fields, older) == ["distill.soft_labels"]  # Dropped: it differs.
+  assert manifest.differing(older, dict(fields, **{"distill.nope": 1})) == ["distill.nope"]
 
 
 def test_cli_overrides_are_the_tiny_config():
