@@ -22,6 +22,7 @@ import numpy as np
 
 from ccdd_jax import config_loader
 from ccdd_jax import pipeline
+from ccdd_jax import reporting
 
 
 def row(name: str, value: float, report: dict) -> dict:
@@ -102,8 +103,8 @@ def write_outputs(root: pathlib.Path, rows: list) -> None:
       else "–"
     )
     lines.append(
-      f"| {r['sweep']} | {r['value']:g} | {pipeline.fmt_pct(r['acc'])} | "
-      f"{pipeline.fmt_pct(r['acc_w'])} | {r['verified']}/{r['seeds']} | "
+      f"| {r['sweep']} | {r['value']:g} | {reporting.fmt_pct(r['acc'])} | "
+      f"{reporting.fmt_pct(r['acc_w'])} | {r['verified']}/{r['seeds']} | "
       f"{r['median_p']:.2g} | {expert} | {100 * r['clean_acc']:.1f}% |"
     )
   (root / "tradeoff.md").write_text("\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
-"""launch/ablation.py: every variant's config validates, the results section, one tiny run."""
+"""launch/ablation.py: every variant's config validates, the results section, one tiny run;
+launch/tradeoff.py's table and plot."""
 
 import importlib.util
 import json
@@ -18,6 +19,9 @@ from ccdd_jax import watermark
 _spec = importlib.util.spec_from_file_location("ablation", REPO / "launch" / "ablation.py")
 ablation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ablation)
+_spec = importlib.util.spec_from_file_location("tradeoff", REPO / "launch" / "tradeoff.py")
+tradeoff = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tradeoff)
 
 
 @pytest.mark.parametrize("setting", sorted(ablation.SETTINGS))
@@ -157,3 +161,43 @@ def test_one_tiny_variant_end_to_end(tiny_run, tmp_path):
   meta.update(eval_seeds=seeds, iterations=2, default_iterations=2, iterations_scale=1.0)
   text = ablation.section_markdown("digits", [row], dict(meta, plot_name="a.png"))
   assert "| default | default: " in text and "| real | real data" in text
+
+
+def test_tradeoff_writes_its_table_and_plot(tmp_path):
+  stat = lambda mean: {"mean": mean, "std": 0.01, "runs": [mean]}
+  rows = [
+    dict(
+      sweep="lambda1",
+      value=v,
+      acc=stat(0.9 - v / 10),
+      acc_w=stat(v / 2),
+      verified=5,
+      seeds=5,
+      median_p=1e-10,
+      expert_acc=0.93,
+      expert_acc_w=0.9,
+      clean_acc=0.943,
+    )
+    for v in (0.5, 1.0)
+  ] + [
+    dict(
+      sweep="beta",
+      value=0.0,
+      acc=stat(0.85),
+      acc_w=stat(0.7),
+      verified=4,
+      seeds=5,
+      median_p=3e-7,
+      expert_acc=None,
+      expert_acc_w=None,
+      clean_acc=0.943,
+    )
+  ]
+  tradeoff.write_outputs(tmp_path, rows)
+  table = (tmp_path / "tradeoff.md").read_text().splitlines()
+  assert (
+    table[2] == "| lambda1 | 0.5 | 85.0 ± 1.0% | 25.0 ± 1.0% | 5/5 | 1e-10 | 93.0 / 90.0 | 94.3% |"
+  )
+  assert table[4].startswith("| beta | 0 | 85.0 ± 1.0% | 70.0 ± 1.0% | 4/5 | 3e-07 | – |")
+  assert json.loads((tmp_path / "tradeoff.json").read_text()) == rows
+  assert (tmp_path / "tradeoff.png").stat().st_size > 1000
