@@ -183,6 +183,14 @@ VARIANTS = (
     "default over experts with λ1 0.5 (eq. 6)",
     {**DEFAULT_LEVERS, "experts.lambda1": 0.5},
   ),
+  Variant(
+    "default_lambda1_2",
+    "default over experts with λ1 2 (eq. 6)",
+    {**DEFAULT_LEVERS, "experts.lambda1": 2.0},
+  ),
+  Variant(
+    "default_beta1", "default with β 1 (eq. 10, form b)", {**DEFAULT_LEVERS, "distill.beta": 1.0}
+  ),
   # Learned soft labels (TESLA / DATM): from an expert's logits (DATM) or from one-hot.
   Variant(
     "default_soft_expert",
