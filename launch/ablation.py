@@ -74,9 +74,12 @@ FORM_B_LEVERS = {
   "experts.fp_normal_last_epochs": 5,
 }
 DIRECT = {"distill.gamma_wm": 0.3, "distill.gamma_clean": 0.3}
-# The levers of the default (configs/digits.py) over the paper-literal config: levers_b
-# plus the direct objective (better Acc at equal Acc_W on three keys, results.md 1.1).
-DEFAULT_LEVERS = {**FORM_B_LEVERS, **DIRECT}
+# levers_b plus the direct objective (better Acc at equal Acc_W on three keys, results.md
+# 1.1): the default until section 9.4, and the base of the "default_*" variants.
+LEVERS_B_DIRECT = {**FORM_B_LEVERS, **DIRECT}
+# The levers of the default (configs/digits.py) over the paper-literal config:
+# LEVERS_B_DIRECT with beta 1 (paired over four keys, results.md 9.4).
+DEFAULT_LEVERS = {**LEVERS_B_DIRECT, "distill.beta": 1.0}
 # Where each setting's section sits in docs/results.md.
 SECTION_NUMBERS = {"digits": 9, "cifar10_cpu": 10}
 
@@ -90,7 +93,7 @@ class Variant:
 
 
 VARIANTS = (
-  Variant("default", "default: levers_b + 0.3 CE(D_W) + 0.3 CE(clean)", None),
+  Variant("default", "default: levers_b + 0.3 CE(D_W) + 0.3 CE(clean), β 1", None),
   Variant("paper", "paper: eq. 10 literal (a), β 0.5", {}),
   Variant("beta0", "β 0 (no twin term)", {"distill.beta": 0.0}),
   Variant(
@@ -147,7 +150,9 @@ VARIANTS = (
   ),
   # levers_b (the default before the direct objective) combined with the other levers.
   Variant("levers_b", "levers_safe + β 0.5 (b), fp experts normal last 5 epochs", FORM_B_LEVERS),
-  Variant("levers_b_direct", "levers_b + 0.3 CE(D_W) + 0.3 CE(clean) (= default)", DEFAULT_LEVERS),
+  Variant(
+    "levers_b_direct", "levers_b + 0.3 CE(D_W) + 0.3 CE(clean) (default until 9.4)", LEVERS_B_DIRECT
+  ),
   Variant("levers_b_2x", "levers_b, 2x iterations", dict(FORM_B_LEVERS), 2.0),
   Variant(
     "levers_b_carriers8",
@@ -157,12 +162,12 @@ VARIANTS = (
   Variant(
     "levers_b_direct_carriers8",
     "levers_b + direct, 8 carriers/pattern",
-    {**DEFAULT_LEVERS, "distill.carriers_per_pattern": 8},
+    {**LEVERS_B_DIRECT, "distill.carriers_per_pattern": 8},
   ),
   Variant(
     "levers_b_direct_carriers8_1_5x",
     "levers_b + direct, 8 carriers/pattern, 1.5x iterations",
-    {**DEFAULT_LEVERS, "distill.carriers_per_pattern": 8},
+    {**LEVERS_B_DIRECT, "distill.carriers_per_pattern": 8},
     1.5,
   ),
   Variant(
@@ -171,53 +176,56 @@ VARIANTS = (
     {**FORM_B_LEVERS, "distill.carriers_per_pattern": 8},
     2.0,
   ),
-  # The default traded along its frontier (CIFAR-10 has Acc_W to spare, section 10).
-  Variant("default_2x", "default, 2x iterations", dict(DEFAULT_LEVERS), 2.0),
+  # levers_b_direct (the default until 9.4) traded along its frontier; "default_beta1" is
+  # today's default (kept under this name for the paired table of 9.4).
+  Variant("default_2x", "levers_b_direct, 2x iterations", dict(LEVERS_B_DIRECT), 2.0),
   Variant(
     "default_carriers2",
-    "default, 2 carriers/pattern",
-    {**DEFAULT_LEVERS, "distill.carriers_per_pattern": 2},
+    "levers_b_direct, 2 carriers/pattern",
+    {**LEVERS_B_DIRECT, "distill.carriers_per_pattern": 2},
   ),
   Variant(
     "default_lambda1_half",
-    "default over experts with λ1 0.5 (eq. 6)",
-    {**DEFAULT_LEVERS, "experts.lambda1": 0.5},
+    "levers_b_direct over experts with λ1 0.5 (eq. 6)",
+    {**LEVERS_B_DIRECT, "experts.lambda1": 0.5},
   ),
   Variant(
     "default_lambda1_2",
-    "default over experts with λ1 2 (eq. 6)",
-    {**DEFAULT_LEVERS, "experts.lambda1": 2.0},
+    "levers_b_direct over experts with λ1 2 (eq. 6)",
+    {**LEVERS_B_DIRECT, "experts.lambda1": 2.0},
   ),
   Variant(
-    "default_beta1", "default with β 1 (eq. 10, form b)", {**DEFAULT_LEVERS, "distill.beta": 1.0}
+    "default_beta1",
+    "levers_b_direct with β 1 (= default)",
+    {**LEVERS_B_DIRECT, "distill.beta": 1.0},
   ),
   # Learned soft labels (TESLA / DATM): from an expert's logits (DATM) or from one-hot.
   Variant(
     "default_soft_expert",
-    "default + soft labels from the expert's logits, lr 2",
-    {**DEFAULT_LEVERS, "distill.soft_labels": "expert"},
+    "levers_b_direct + soft labels from the expert's logits, lr 2",
+    {**LEVERS_B_DIRECT, "distill.soft_labels": "expert"},
   ),
   Variant(
     "default_soft_expert_lr20",
-    "default + soft labels from the expert's logits, lr 20",
-    {**DEFAULT_LEVERS, "distill.soft_labels": "expert", "distill.lr_label": 20.0},
+    "levers_b_direct + soft labels from the expert's logits, lr 20",
+    {**LEVERS_B_DIRECT, "distill.soft_labels": "expert", "distill.lr_label": 20.0},
   ),
   Variant(
     "default_soft_one_hot",
-    "default + soft labels from 5 one-hot, lr 2",
-    {**DEFAULT_LEVERS, "distill.soft_labels": "one_hot"},
+    "levers_b_direct + soft labels from 5 one-hot, lr 2",
+    {**LEVERS_B_DIRECT, "distill.soft_labels": "one_hot"},
   ),
   # Beyond the issue: the pool with split roles (the trigger slots learn from watermarked
   # trajectories, the class images from clean ones).
   Variant(
     "split",
-    "default + 50% clean experts, split roles",
-    {**DEFAULT_LEVERS, "distill.clean_expert_fraction": 0.5, "distill.split_roles": True},
+    "levers_b_direct + 50% clean experts, split roles",
+    {**LEVERS_B_DIRECT, "distill.clean_expert_fraction": 0.5, "distill.split_roles": True},
   ),
   Variant(
     "split_wm70",
-    "default + 30% clean experts, split roles",
-    {**DEFAULT_LEVERS, "distill.clean_expert_fraction": 0.3, "distill.split_roles": True},
+    "levers_b_direct + 30% clean experts, split roles",
+    {**LEVERS_B_DIRECT, "distill.clean_expert_fraction": 0.3, "distill.split_roles": True},
   ),
   Variant(
     "levers_b_clean_experts",
