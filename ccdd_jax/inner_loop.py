@@ -16,13 +16,13 @@ Params = Any
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
   """Mean cross entropy for integer labels (eq. 5), or for soft targets (rows of probabilities
   [..., K], learned soft labels); against `smooth_targets` if smoothing > 0."""
-  if labels.ndim == logits.ndim:  # Soft targets.
-    targets = optax.smooth_labels(labels, smoothing) if smoothing else labels
-    return optax.softmax_cross_entropy(logits, targets).mean()
+  soft = labels.ndim == logits.ndim
+  if not soft and not smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = labels if soft else jax.nn.one_hot(labels, logits.shape[-1])
   if smoothing:
-    targets = smooth_targets(labels, logits.shape[-1], smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(targets, smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def smooth_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:

@@ -289,11 +289,11 @@ def check_distilled(workdir: pathlib.Path, names, image_shape: tuple, num_classe
   sets = {}
   for name in names:
     s = sets[name] = workdir_lib.load_distilled(workdir, name)
-    soft_shape = s["label_logits"].shape if "label_logits" in s else (len(s["labels"]), num_classes)
+    logits = s.get("label_logits")  # Learned soft labels: one row per image, one per class.
     if (
       tuple(s["images"].shape[1:]) != tuple(image_shape)
       or s["labels"].max() >= num_classes
-      or tuple(soft_shape) != (len(s["labels"]), num_classes)
+      or (logits is not None and logits.shape != (len(s["labels"]), num_classes))
     ):
       raise CCDDError(
         f"{name}.npz in {workdir} holds {list(s['images'].shape[1:])} images of labels up to "
