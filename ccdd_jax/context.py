@@ -17,6 +17,7 @@ import numpy as np
 from ccdd_jax import CCDDError
 from ccdd_jax import checkpoints
 from ccdd_jax import data
+from ccdd_jax import distill as distill_lib
 from ccdd_jax import evaluate as evaluate_lib
 from ccdd_jax import manifest
 from ccdd_jax import models
@@ -100,9 +101,7 @@ class Context:
     cfg, root = self.config, workdir_lib.trajectories_dir(self.workdir)
     if stage == "distill":
       epochs = cfg.distill.max_start_epoch + cfg.distill.expert_epochs + 1
-      kinds = (
-        ("watermarked", "fp_enhanced", "clean") if cfg.distill.beta else ("watermarked", "clean")
-      )
+      kinds = distill_lib.expert_kinds(cfg.distill, matched=True)
       like = self.net.like_params()
       resume.check_experts(root, kinds, like, epochs, cfg.experts.num_experts)
     elif stage == "evaluate":

@@ -24,6 +24,9 @@ owner then verifies the networks trained on what is left with the key
     corner       what the pirate can see of a corner trigger without the key:
                  how far an image's top-left patch differs from the set's
                  typical (median) corner, over the set's RMS of that distance.
+    disagreement label noise as a backdoor's tell: 1 - the pirate's clean
+                 model's probability of the image's own label (a stamped
+                 carrier of another class's image scores high).
   Robust training: the same trainer with label smoothing (Szegedy et al.
   2016), or with strong augmentation on every batch (cutout of a patch-sized
   square that lands on the top-left corner with probability `corner_prob`,
@@ -63,7 +66,7 @@ from ccdd_jax import threats
 from ccdd_jax import watermark
 from ccdd_jax.reporting import log
 
-CLEANSERS = ("spectral", "clustering", "corner")
+CLEANSERS = ("spectral", "clustering", "corner", "disagreement")
 MAD_CONSTANT = 1.4826  # MAD -> standard deviation of a normal (Neural Cleanse).
 ANOMALY_THRESHOLD = 2.0  # Neural Cleanse flags an anomaly index above 2.
 
@@ -168,6 +171,14 @@ def corner_scores(pixels: np.ndarray, patch: int) -> np.ndarray:
   corners = pixels[:, :patch, :patch, :].reshape(len(pixels), -1)
   distance = np.linalg.norm(corners - np.median(corners, axis=0), axis=1)
   return distance / max(np.sqrt(np.mean(distance**2)), 1e-12)
+
+
+def disagreement_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """1 - softmax(logits)[label] per image: how little a clean model believes the label."""
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  return 1.0 - probs[np.arange(len(labels)), np.asarray(labels)]
 
 
 def cleanse(scores: np.ndarray, fraction: float) -> np.ndarray:
@@ -437,12 +448,14 @@ def cleansers(acfg) -> tuple:
   return threats.parse_list(acfg.data_cleansers)
 
 
-def image_scores(acfg, feats, labels, pixels, patch) -> dict:
-  """Every cleansing score of one set's images: {name: [N]}."""
+def image_scores(acfg, feats, logits, labels, pixels, patch) -> dict:
+  """Every cleansing score of one set's images: {name: [N]} (`feats`, `logits`: the
+  pirate's clean model's features and logits of the images)."""
   scorers = {
     "spectral": lambda: spectral_scores(feats, labels),
     "clustering": lambda: clustering_scores(feats, labels, acfg.data_cluster_dims),
     "corner": lambda: corner_scores(pixels, patch),
+    "disagreement": lambda: disagreement_scores(logits, labels),
   }
   return {name: scorers[name]() for name in cleansers(acfg)}
 
@@ -688,8 +701,9 @@ def run(
   scores = {}  # scores[cleanser][set name]: [N]
   for name, s in sets.items():
     feats = features(network.apply, pirate, s["images"])
+    logits = np.asarray(network.apply(pirate, jnp.asarray(s["images"])))
     for cleanser, values in image_scores(
-      acfg, feats, s["labels"], s["pixels"], verifier.patch_size
+      acfg, feats, logits, s["labels"], s["pixels"], verifier.patch_size
     ).items():
       scores.setdefault(cleanser, {})[name] = values
   distilled_scores = {c: by_set["distilled"] for c, by_set in scores.items()}

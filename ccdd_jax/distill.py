@@ -30,6 +30,11 @@ Issue 10 levers (config fields of `distill`, all off by default = the above):
                         CE(th_N(D_W batch), y_i) + gamma_clean * CE(th_N(clean batch)).
   soft_labels           learned label logits (TESLA / DATM), from one-hot or from
                         an expert's logits; the students train on their softmax.
+
+`distill.watermark_embedding = "appended"` (beyond the paper) replaces all of
+the above: the watermarked set is the clean distilled set (MTT over clean
+experts) plus k stamped carriers per pattern that are never distilled
+(`appended_set`), so only clean experts are needed (`expert_kinds`).
 """
 
 from collections.abc import Callable
@@ -43,6 +48,7 @@ import optax
 
 from ccdd_jax import CCDDError
 from ccdd_jax import augment
+from ccdd_jax import experts
 from ccdd_jax import inner_loop
 from ccdd_jax import sharding
 from ccdd_jax import watermark
@@ -63,6 +69,19 @@ WATERMARK_ONLY = {
   "freeze_trigger": False,
   "trigger_safe_dsa": False,
 }
+
+
+def expert_kinds(distill_config: ml_collections.ConfigDict, matched: bool = False) -> tuple:
+  """The expert kinds the experts stage trains, or with `matched` those distillation reads.
+
+  "appended" needs clean experts only; "matching" trains every kind and
+  reads the fine-pruning-enhanced twins only where beta > 0.
+  """
+  if distill_config.get("watermark_embedding") == "appended":
+    return ("clean",)
+  if not matched:
+    return experts.KINDS
+  return ("clean", "watermarked") + ("fp_enhanced",) * bool(distill_config.beta)
 
 
 def normalized_distance(params, start, target) -> jax.Array:
@@ -191,6 +210,39 @@ def initial_set(
     set_config.carriers_per_pattern,
     carrier_rng,
   )
+
+
+def appended_set(
+  set_config: ml_collections.ConfigDict,
+  clean: dict,
+  train_images: np.ndarray,
+  train_labels: np.ndarray,
+  patterns: np.ndarray,
+  pattern_labels: np.ndarray,
+  to_inputs: Callable[[np.ndarray], np.ndarray],
+  rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The "appended" embedding: the clean distilled set plus its stamped carriers (issue 10).
+
+  `clean` holds the clean distilled set's network inputs `images`, their [0, 1]
+  `pixels` and `labels`. Carrier j of pattern i (`add_carriers`) is a training
+  image or, with carrier_source "set", a clean distilled image (its pixels
+  rounded to uint8) of another class, stamped with pattern i, labelled y_i and
+  mapped to inputs by `to_inputs`; the carriers are never distilled. Returns
+  images, labels and the carrier mask (`from_trigger`).
+  """
+  if set_config.carrier_source == "set":
+    pool = (np.round(np.clip(clean["pixels"], 0, 1) * 255).astype(np.uint8), clean["labels"])
+  else:
+    pool = (train_images, train_labels)
+  none = (np.zeros((0, *pool[0].shape[1:]), np.uint8), np.zeros(0, np.int64), np.zeros(0, bool))
+  carriers, carrier_labels, _ = add_carriers(
+    *none, *pool, patterns, pattern_labels, set_config.carriers_per_pattern, rng
+  )
+  images = np.concatenate([clean["images"], to_inputs(carriers).astype(clean["images"].dtype)])
+  labels = np.concatenate([np.asarray(clean["labels"], np.int64), carrier_labels])
+  from_trigger = np.r_[np.zeros(len(clean["labels"]), bool), np.ones(len(carrier_labels), bool)]
+  return images, labels, from_trigger
 
 
 def set_config(distill_config: ml_collections.ConfigDict, watermarked: bool):

@@ -329,14 +329,21 @@ def train_kinds_resumable(
   concurrency: int = 0,
   on_group_done: Callable[[str, int, int], None] | None = None,
   mesh: Any = None,
+  kinds: tuple = KINDS,
 ) -> None:
-  """Trains each of KINDS in turn into `store`; theta0 of eq. 4 = `store.final_params("clean")`.
+  """Trains each of `kinds` (default KINDS) in turn into `store`; theta0 of eq. 4 =
+  `store.final_params("clean")`.
 
   Expert i of every kind starts from `init_params[i]`; theta0 for the watermarked and
-  fp-enhanced expert i is the final state of clean expert i.
+  fp-enhanced expert i is the final state of clean expert i. A kind's PRNG stream is
+  its place in KINDS, whichever `kinds` are trained.
   """
+  if kinds[0] != "clean" or not set(kinds) <= set(KINDS):
+    raise ValueError(f"kinds {kinds} must start with 'clean' and be some of {KINDS}")
   anchors = init_params  # Unused by clean experts.
   for i, kind in enumerate(KINDS):
+    if kind not in kinds:
+      continue
     progress = None if on_group_done is None else functools.partial(on_group_done, kind)
     train_experts_resumable(
       kind,

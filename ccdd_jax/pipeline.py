@@ -77,13 +77,15 @@ def stage_experts(ctx: Context) -> dict:
     log(f"[experts] resuming: {done}")
   log(
     f"[experts] {e.num_experts} experts per kind x {e.epochs} epochs "
+    f"({', '.join(distill_lib.expert_kinds(cfg.distill))}) "
     f"(|D_C| = {num}, |D_W| = {num_wm}) ..."
   )
   start, progress = time.time(), reporting.group_progress("experts")
   args = (init, rng_train, inputs, store, cfg.concurrency, progress, ctx.mesh)
-  experts_lib.train_kinds_resumable(e, ctx.net.apply, cfg.dsa, *args)
+  kinds = distill_lib.expert_kinds(cfg.distill)  # Clean only for the "appended" embedding.
+  experts_lib.train_kinds_resumable(e, ctx.net.apply, cfg.dsa, *args, kinds=kinds)
   summary = {"d_w_size": num_wm, "d_c_size": num, "seconds": time.time() - start}
-  for kind in experts_lib.KINDS:
+  for kind in kinds:
     acc, acc_w = store.metrics(kind)
     summary[kind] = {"acc": evaluate_lib.summarize(acc), "acc_w": evaluate_lib.summarize(acc_w)}
     log(f"[experts] {kind}: Acc {100 * np.mean(acc):.1f}% Acc_W {100 * np.mean(acc_w):.1f}%")
@@ -92,7 +94,8 @@ def stage_experts(ctx: Context) -> dict:
 
 
 def stage_distill(ctx: Context) -> dict:
-  """Distils the watermarked set (eq. 9, 10) and, for comparison, a clean one."""
+  """Distils the watermarked set (eq. 9, 10) and, for comparison, a clean one; with the
+  "appended" embedding the watermarked set is the clean one plus stamped carriers."""
   cfg, ds = ctx.config, ctx.dataset
   epochs = cfg.distill.max_start_epoch + cfg.distill.expert_epochs + 1
   root, like = workdir_lib.trajectories_dir(ctx.workdir), ctx.net.like_params()
@@ -137,8 +140,11 @@ def stage_distill(ctx: Context) -> dict:
       ctx.mesh,
       label_logits=init_logits,
     )
+    return save_set(name, set_cfg, images, labels, lr, from_trigger, losses, start, label_logits)
+
+  def save_set(name, set_cfg, images, labels, lr, from_trigger, losses, start, logits=None):
     workdir_lib.save_distilled(
-      ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess, label_logits
+      ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess, logits
     )
     pixels = ctx.preprocess.to_pixels(images)
     title = f"{name} ({ds.name}, IPC {set_cfg.ipc}, {len(labels)} images)"
@@ -147,18 +153,31 @@ def stage_distill(ctx: Context) -> dict:
     )
     visibility = watermark.trigger_visibility(pixels, patterns)
     entry = reporting.distill_summary(losses, lr, visibility, from_trigger, time.time() - start)
-    if label_logits is not None:
-      entry["soft_labels"] = distill_lib.soft_label_summary(label_logits, labels)
+    if logits is not None:
+      entry["soft_labels"] = distill_lib.soft_label_summary(logits, labels)
     log(reporting.distill_line(name, entry))
     return entry
 
+  def append_carriers():  # The "appended" embedding: the clean set plus its carriers.
+    start, set_cfg = time.time(), distill_lib.set_config(cfg.distill, True)
+    clean = workdir_lib.load_distilled(ctx.workdir, "clean_distilled")
+    pool = (ds.train_images, ds.train_labels, patterns, pattern_labels, ctx.preprocess.apply)
+    images, labels, carriers = distill_lib.appended_set(set_cfg, clean, *pool, ctx.np_rng(6))
+    log(f"[distill] distilled: the clean distilled set + {carriers.sum()} stamped carriers")
+    args = (images, labels, float(clean["lr"]), carriers, clean["losses"], start)
+    return {**save_set("distilled", set_cfg, *args), "embedding": "appended"}
+
   # The two sets are independent: on CPU they run at once (`concurrency`).
-  jobs = [("distilled", "watermarked", "fp_enhanced"), ("clean_distilled", "clean", "clean")]
+  appended = cfg.distill.watermark_embedding == "appended"
+  jobs = [("distilled", "watermarked", "fp_enhanced")] * (not appended)
+  jobs += [("clean_distilled", "clean", "clean")]
   load = lambda kind: checkpoints.load_flat_trajectories(root, kind, like, epochs)
-  kinds = ("clean", "watermarked") + ("fp_enhanced",) * bool(cfg.distill.beta)
+  kinds = distill_lib.expert_kinds(cfg.distill, matched=True)
   loaded = {kind: load(kind) for kind in kinds}  # Up front: a bad checkpoint fails both.
   workers = parallel.resolve_concurrency(cfg.concurrency)
   summary = dict(zip([j[0] for j in jobs], parallel.run_concurrently(distill_set, jobs, workers)))
+  if appended:
+    summary = {"distilled": append_carriers(), **summary}
   reporting.write_json(ctx.workdir / "distill.json", summary)
   resume.drop_stale(ctx.workdir, before)  # Evaluations of other sets, if they changed.
   return summary

@@ -45,6 +45,8 @@ MTT_ZCA = {
 
 # The forms of eq. 10 (distill.eq10_form; issue 10): the paper's first.
 EQ10_FORMS = ("literal", "second_student", "student_normalised")
+# How the watermark enters the distilled set (distill.watermark_embedding; issue 10).
+WATERMARK_EMBEDDINGS = ("matching", "appended")
 # How the distilled set's labels start (distill.soft_labels): "" = hard labels, not learned.
 SOFT_LABELS = ("", "one_hot", "expert")
 
@@ -141,6 +143,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.distill.beta = 0.5  # eq. 10: weight of the fine-pruning-enhanced twin.
   # Beyond the paper: k slots of class y_i start as D_W images (0 = the paper).
   config.distill.triggers_per_pattern = 0
+  # How the watermark enters the set: "matching" (the paper: the set is distilled
+  # against watermarked experts, eq. 10, with the levers below) or "appended"
+  # (beyond the paper, issue 10): the clean distilled set (MTT over clean experts
+  # only) plus carriers_per_pattern stamped carriers per pattern (labels y_i) that
+  # are never distilled; only clean experts are trained, and the fields of the
+  # watermarked distillation (beta, eq10_form, gamma_*, clean_expert_fraction,
+  # split_roles, freeze_trigger, trigger_safe_dsa, experts.lambda*) do not apply.
+  config.distill.watermark_embedding = "matching"
   # Issue 10 levers (the defaults are the paper's eq. 10 as before):
   # eq. 10's form: "literal" (the paper), "second_student" (a second student from
   # th^Idx_t on the same minibatches, measured against its own expert), or
@@ -155,7 +165,8 @@ def base_config() -> ml_collections.ConfigDict:
   # k stamped training images per pattern (label y_i) added BEYOND the IPC images.
   config.distill.carriers_per_pattern = 0
   # Where carriers come from: "train" (training images) or "set" (stamped copies of
-  # the set's own real slots, i.e. image/carrier pairs).
+  # the set's own real slots, i.e. image/carrier pairs; with "appended": of its
+  # distilled class images).
   config.distill.carrier_source = "train"
   # Stamped corner of trigger slots and carriers: never updated (freeze_trigger) /
   # kept out of DSA in eq. 9 (trigger_safe_dsa).
@@ -240,9 +251,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the pirate keeps use the evaluation's recipe (eval.*, the set's learned lr).
   config.attacks.data_threats = True
   # Outlier scores of each image, from the pirate's own clean model (trained for
-  # data_clean_model_epochs on its held-out data, eval.real_* recipe) or, for
-  # "corner", its top-left patch against the set's typical corner (no key).
-  config.attacks.data_cleansers = "spectral,clustering,corner"
+  # data_clean_model_epochs on its held-out data, eval.real_* recipe: its features,
+  # or for "disagreement" its disbelief in the image's label) or, for "corner",
+  # its top-left patch against the set's typical corner (no key).
+  config.attacks.data_cleansers = "spectral,clustering,corner,disagreement"
   config.attacks.data_drop_fractions = "0.1,0.3"  # Each cleanser drops its top k% ...
   config.attacks.data_clean_model_epochs = 100
   config.attacks.data_cluster_dims = 10  # Activation clustering: PCA dimensions (<= class - 1).
@@ -344,6 +356,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(
     d.carrier_source in ("train", "set"),
     f"distill.carrier_source = {d.carrier_source!r}: use train or set",
+  )
+  require(
+    d.watermark_embedding in WATERMARK_EMBEDDINGS,
+    f"distill.watermark_embedding = {d.watermark_embedding!r}: use one of "
+    f"{', '.join(WATERMARK_EMBEDDINGS)}",
+  )
+  require(
+    d.watermark_embedding != "appended"
+    or (d.carriers_per_pattern >= 1 and not d.triggers_per_pattern and not d.soft_labels),
+    "distill.watermark_embedding = 'appended' needs distill.carriers_per_pattern >= 1 (the "
+    "carriers are the watermark), distill.triggers_per_pattern = 0 (the clean set has no "
+    "seeded slots) and hard labels (distill.soft_labels = '')",
   )
   require(min(d.gamma_wm, d.gamma_clean) >= 0.0, "distill.gamma_wm and gamma_clean must be >= 0")
   require(

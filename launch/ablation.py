@@ -20,11 +20,16 @@ distilled" and "real data" rows are the paper variant's.
 Every variant derives from the setting's paper-literal config (digits:
 configs/digits_paper.py; cifar10_cpu: configs/cifar10_cpu.py) by the fields
 `VARIANTS` lists; "default" is the setting's default config (digits:
-configs/digits.py; cifar10_cpu: its config plus `DEFAULT_LEVERS`). All
-variants run the default config's `distill.iterations` times
-`--iterations_scale` (and a variant's own factor), so they compare at equal
-length. Writes <root>/ablation.json, the section between this setting's markers
-in docs/results.md (`--results`) and docs/ablation_<setting>.png (`--plot`).
+configs/digits.py; cifar10_cpu: its config plus `DEFAULT_LEVERS`). The
+default runs its own `distill.iterations`; the other variants run their
+embedding's base length (`VARIANT_ITERATIONS`: the matching default's, at
+which the earlier rows were measured, or the appended default's) times their
+own factor; all times `--iterations_scale`. A variant whose expert kinds
+(an appended one needs clean experts only) are not all in its shared expert
+workdir runs the experts stage there first (it resumes: only the missing
+kinds train). Writes <root>/ablation.json, the section between this setting's
+markers (and `--tag`'s) in docs/results.md (`--results`) and
+docs/ablation_<setting>[_<tag>].png (`--plot`).
 """
 
 import argparse
@@ -44,6 +49,7 @@ import numpy as np
 
 from ccdd_jax import CCDDError
 from ccdd_jax import config_loader
+from ccdd_jax import distill as distill_lib
 from ccdd_jax import manifest
 from ccdd_jax import pipeline
 from ccdd_jax import reporting
@@ -77,11 +83,40 @@ DIRECT = {"distill.gamma_wm": 0.3, "distill.gamma_clean": 0.3}
 # levers_b plus the direct objective (better Acc at equal Acc_W on three keys, results.md
 # 1.1): the default until section 9.4, and the base of the "default_*" variants.
 LEVERS_B_DIRECT = {**FORM_B_LEVERS, **DIRECT}
-# The levers of the default (configs/digits.py) over the paper-literal config:
-# LEVERS_B_DIRECT with beta 1 (paired over four keys, results.md 9.4).
-DEFAULT_LEVERS = {**LEVERS_B_DIRECT, "distill.beta": 1.0}
-# Where each setting's section sits in docs/results.md.
-SECTION_NUMBERS = {"digits": 9, "cifar10_cpu": 10}
+# The best matching levers over the paper-literal config (configs/digits_matching.py;
+# the default until the appended embedding): LEVERS_B_DIRECT with beta 1 (results.md 9.4).
+MATCHING_LEVERS = {**LEVERS_B_DIRECT, "distill.beta": 1.0}
+# The "appended" embedding (beyond the paper): the clean distilled set plus k stamped
+# copies of its own images per pattern, never distilled (no seeded slots).
+APPENDED = {
+  "distill.watermark_embedding": "appended",
+  "distill.triggers_per_pattern": 0,
+  "distill.carrier_source": "set",
+}
+# Each setting's default over its paper-literal config (configs/digits.py on digits, with
+# its own iterations): the appended embedding, with the carriers measured per setting
+# (results.md 1 and 10.1: 9 per pattern on digits, 5 on the CIFAR-10 scale-down).
+DEFAULT_LEVERS = {
+  "digits": {**APPENDED, "distill.carriers_per_pattern": 9},
+  "cifar10_cpu": {**APPENDED, "distill.carriers_per_pattern": 5},
+}
+# The length of the variants of each embedding (x their iterations_factor): its default's.
+# Matching: 300 on digits (every row of results.md 9 and 9.1-9.4 ran there), the config's
+# 200 on CIFAR-10; appended: the default's 600 on digits (the watermarked distillation it
+# skips pays for them), 200 on CIFAR-10.
+VARIANT_ITERATIONS = {
+  ("digits", "matching"): 300,
+  ("digits", "appended"): 600,
+  ("cifar10_cpu", "matching"): 200,
+  ("cifar10_cpu", "appended"): 200,
+}
+# Where each setting's section sits in docs/results.md ((setting, tag) for tagged ones).
+SECTION_NUMBERS = {
+  "digits": 9,
+  "cifar10_cpu": 10,
+  ("digits", "appended"): "9.5",
+  ("cifar10_cpu", "appended"): "10.1",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +128,7 @@ class Variant:
 
 
 VARIANTS = (
-  Variant("default", "default: levers_b + 0.3 CE(D_W) + 0.3 CE(clean), β 1", None),
+  Variant("default", "default: the clean distilled set + stamped carriers (appended)", None),
   Variant("paper", "paper: eq. 10 literal (a), β 0.5", {}),
   Variant("beta0", "β 0 (no twin term)", {"distill.beta": 0.0}),
   Variant(
@@ -196,8 +231,8 @@ VARIANTS = (
   ),
   Variant(
     "default_beta1",
-    "levers_b_direct with β 1 (= default)",
-    {**LEVERS_B_DIRECT, "distill.beta": 1.0},
+    "levers_b_direct with β 1 (= configs/digits_matching.py)",
+    dict(MATCHING_LEVERS),
   ),
   # Learned soft labels (TESLA / DATM): from an expert's logits (DATM) or from one-hot.
   Variant(
@@ -232,6 +267,26 @@ VARIANTS = (
     "levers_b's carriers over clean experts only (pool 100% clean)",
     {**FORM_B_LEVERS, "distill.clean_expert_fraction": 1.0},
   ),
+  # The appended embedding: how many carriers, from where, and the clean set's length.
+  *(
+    Variant(
+      f"appended_set{k}",
+      f"appended: clean distilled set + {k} stamped copies of its images per pattern",
+      {**APPENDED, "distill.carriers_per_pattern": k},
+    )
+    for k in (3, 5, 7, 9)
+  ),
+  Variant(
+    "appended_train9",
+    "appended: clean distilled set + 9 stamped training images per pattern",
+    {**APPENDED, "distill.carrier_source": "train", "distill.carriers_per_pattern": 9},
+  ),
+  Variant(
+    "appended_set9_half",
+    "appended_set9 with half the iterations",
+    {**APPENDED, "distill.carriers_per_pattern": 9},
+    0.5,
+  ),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -250,11 +305,18 @@ def _set(config: ml_collections.ConfigDict, fields: dict) -> ml_collections.Conf
 
 
 def default_config(setting: str, overrides=()) -> ml_collections.ConfigDict:
-  """The setting's default: its default config file, or the paper config plus DEFAULT_LEVERS."""
+  """The setting's default: its default config file, or the paper config plus its
+  DEFAULT_LEVERS."""
   paper, default = SETTINGS[setting]
   if default:
     return config_loader.load(_path(default), list(overrides))
-  return _set(config_loader.load(_path(paper), list(overrides)), DEFAULT_LEVERS)
+  return _set(config_loader.load(_path(paper), list(overrides)), DEFAULT_LEVERS[setting])
+
+
+def variant_iterations(setting: str, variant: Variant) -> int:
+  """A field variant's length before --iterations_scale (VARIANT_ITERATIONS)."""
+  embedding = (variant.fields or {}).get("distill.watermark_embedding", "matching")
+  return round(VARIANT_ITERATIONS[setting, embedding] * variant.iterations_factor)
 
 
 def variant_config(
@@ -265,13 +327,13 @@ def variant_config(
   overrides=(),
 ) -> ml_collections.ConfigDict:
   """One variant's validated config (`overrides`: field=value strings applied to every variant)."""
-  base = default_config(setting, overrides)
   if variant.fields is None:
-    config = base
+    config = default_config(setting, overrides)
+    iterations = config.distill.iterations
   else:
     config = _set(config_loader.load(_path(SETTINGS[setting][0]), list(overrides)), variant.fields)
-  scale = iterations_scale * variant.iterations_factor
-  config.distill.iterations = max(1, round(base.distill.iterations * scale))
+    iterations = variant_iterations(setting, variant)
+  config.distill.iterations = max(1, round(iterations * iterations_scale))
   config.eval.num_seeds = eval_seeds
   if config.attacks.num_seeds > eval_seeds:
     config.attacks.num_seeds = 0
@@ -300,8 +362,9 @@ def run_variant(
     reporting.log(f"== {name}: finished earlier ({workdir / 'ablation.json'})")
     return dict(done, variant=name)
   base = root / f"experts_{experts_group(config)}"
-  if not (base / "experts.json").is_file():
-    reporting.log(f"== {name}: training experts in {base}")
+  trained = reporting.read_json(base / "experts.json")
+  if not all(kind in trained for kind in distill_lib.expert_kinds(config.distill)):
+    reporting.log(f"== {name}: training experts in {base}")  # Kinds already there resume.
     pipeline.run(config, str(base), "keygen", str(key_file))
     pipeline.run(config, str(base), "experts", str(key_file))
   workdir.mkdir(parents=True, exist_ok=True)
@@ -359,23 +422,28 @@ def _terms(r: dict, term: str) -> str:
   return f"{r[f'{term}_first']:.2f} → {r[f'{term}_last']:.2f}"
 
 
-def section_markdown(setting: str, rows: list, meta: dict) -> str:
-  """The results section of one setting: how it was made, then the table."""
+def section_markdown(setting: str, rows: list, meta: dict, tag: str = "") -> str:
+  """The results section of one setting (and tag): how it was made, then the table."""
+  number = SECTION_NUMBERS.get((setting, tag) if tag else setting, "")
   lines = [
-    f"## {SECTION_NUMBERS.get(setting, '')}. Ablation of issue 10's levers: {setting}",
+    f"## {number}. Ablation of issue 10's levers: {setting}" + (f" ({tag})" if tag else ""),
     "",
     f"    {meta['command']}        # commit {meta['commit']}, {meta['date']}",
     "",
     f"Made by `launch/ablation.py` on {meta['machine']}, Python {meta['python']}, "
     f"jax {meta['jax']}. One key (fingerprint {meta['key']}) for every variant, "
-    f"{meta['eval_seeds']} evaluation seeds, {meta['iterations']} distillation iterations "
-    f"(the default config's {meta['default_iterations']} × {meta['iterations_scale']:g}) "
-    "unless a row says otherwise. Variants are the paper-literal config "
+    f"{meta['eval_seeds']} evaluation seeds; the iterations column gives each row's length "
+    f"(the default: its config's {meta['default_iterations']}; the other variants: their "
+    f"embedding's base, {meta['variant_iterations']}, × their own factor; all "
+    f"× {meta['iterations_scale']:g}). Variants are the paper-literal config "
     f"(`{SETTINGS[setting][0]}`) plus the fields named in `launch/ablation.py`; "
     '"levers" = experts.trigger_safe_dsa, β 0, 4 carriers per pattern beyond IPC; '
     '"levers_safe" adds distill.trigger_safe_dsa and distill.freeze_trigger; "levers_b" '
-    "adds eq. 10 form (b) with β 0.5 and experts.fp_normal_last_epochs = 5; the default adds "
-    "the direct objective 0.3 CE(D_W) + 0.3 CE(clean). "
+    "adds eq. 10 form (b) with β 0.5 and experts.fp_normal_last_epochs = 5; "
+    '"levers_b_direct" adds the direct objective 0.3 CE(D_W) + 0.3 CE(clean); '
+    '"appended" = distill.watermark_embedding "appended": the clean distilled set plus k '
+    "stamped carriers per pattern that are never distilled (the eq. 10 columns are then the "
+    "clean set's). "
     "Acc / Acc_W: mean ± std over seeds (%); verified: seeds with p ≤ α = 1e-6; p: median "
     "conditional-test p; vis.: trigger visibility of the distilled images (mean); eq. 10 "
     "terms: mean of the first / last 20 iterations (expert term, twin term, direct "
@@ -409,13 +477,15 @@ def section_markdown(setting: str, rows: list, meta: dict) -> str:
   return "\n".join(lines)
 
 
-def markers(setting: str) -> tuple[str, str]:
-  return f"<!-- ablation:{setting}:begin -->", f"<!-- ablation:{setting}:end -->"
+def markers(setting: str, tag: str = "") -> tuple[str, str]:
+  name = f"{setting}:{tag}" if tag else setting
+  return f"<!-- ablation:{name}:begin -->", f"<!-- ablation:{name}:end -->"
 
 
-def replace_section(text: str, setting: str, body: str) -> str:
-  """`text` with the setting's marked section replaced by `body` (appended when absent)."""
-  begin, end = markers(setting)
+def replace_section(text: str, setting: str, body: str, tag: str = "") -> str:
+  """`text` with the setting's (and tag's) marked section replaced by `body` (appended
+  when absent)."""
+  begin, end = markers(setting, tag)
   block = f"{begin}\n{body.rstrip()}\n{end}"
   if begin in text and end in text:
     head, rest = text.split(begin, 1)
@@ -476,7 +546,10 @@ def main(argv=None):
   parser.add_argument("--iterations_scale", type=float, default=1.0)
   parser.add_argument("--eval_seeds", type=int, default=5)
   parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
-  parser.add_argument("--plot", default="", help="default docs/ablation_<setting>.png")
+  parser.add_argument("--plot", default="", help="default docs/ablation_<setting>[_<tag>].png")
+  parser.add_argument(
+    "--tag", default="", help="write a section of its own (markers ablation:<setting>:<tag>)"
+  )
   parser.add_argument("--set", action="append", default=[], help="field=value for every variant")
   parser.add_argument("--list", action="store_true", help="print the variants and exit")
   args = parser.parse_args(argv)
@@ -496,7 +569,8 @@ def main(argv=None):
   root = pathlib.Path(args.root or REPO / "runs" / f"ablation_{args.setting}")
   root.mkdir(parents=True, exist_ok=True)
   key_file = root / "owner.key"
-  plot = pathlib.Path(args.plot or REPO / "docs" / f"ablation_{args.setting}.png")
+  suffix = f"_{args.tag}" if args.tag else ""
+  plot = pathlib.Path(args.plot or REPO / "docs" / f"ablation_{args.setting}{suffix}.png")
   default_iterations = default_config(args.setting, args.set).distill.iterations
   rows = []
   for n in names:
@@ -514,16 +588,17 @@ def main(argv=None):
       "jax": jax.__version__,
       "key": watermark.key_fingerprint(watermark.read_key_file(key_file)),
       "eval_seeds": args.eval_seeds,
-      "iterations": max(1, round(default_iterations * args.iterations_scale)),
       "default_iterations": default_iterations,
+      "variant_iterations": ", ".join(
+        f"{e} {n}" for (s, e), n in VARIANT_ITERATIONS.items() if s == args.setting
+      ),
       "iterations_scale": args.iterations_scale,
       "plot_name": plot.name,
     }
     results = pathlib.Path(args.results)
     text = results.read_text() if results.is_file() else "# Results\n"
-    reporting.write_text(
-      results, replace_section(text, args.setting, section_markdown(args.setting, rows, meta))
-    )
+    body = section_markdown(args.setting, rows, meta, args.tag)
+    reporting.write_text(results, replace_section(text, args.setting, body, args.tag))
     save_plot(rows, plot, args.setting)
   print(json.dumps([{k: r[k] for k in ("variant", "acc", "acc_w", "verified")} for r in rows]))
 

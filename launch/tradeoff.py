@@ -1,13 +1,17 @@
-r"""Sweeps the watermark's weight (lambda1 of eq. 6, beta of eq. 10) and tabulates
-Acc against Acc_W, as a markdown table and a plot.
+r"""Sweeps the watermark's weight (lambda1 of eq. 6, beta of eq. 10, or the carriers
+per pattern of the "appended" embedding) and tabulates Acc against Acc_W, as a
+markdown table and a plot.
 
-  python launch/tradeoff.py --config configs/digits.py --root runs/tradeoff \
+  python launch/tradeoff.py --config configs/digits_matching.py --root runs/tradeoff \
       --lambda1 0,0.25,0.5,1,2,4 --beta 0,0.25,0.5,1,2 [--set distill.iterations=200]
+  python launch/tradeoff.py --config configs/digits.py --root runs/tradeoff_carriers \
+      --lambda1 "" --beta "" --carriers 1,3,5,7,9
 
 Every run uses one key (<root>/owner.key). The lambda1 sweep trains experts
-for each value (everything else from the config); the beta sweep reuses the
-experts of the config's own lambda1 (trained once under <root>/experts_base)
-and reruns distillation, evaluation and verification for each beta.
+for each value (everything else from the config); the beta and carriers
+sweeps reuse the experts of the config's own lambda1 (trained once under
+<root>/experts_base) and rerun distillation, evaluation and verification
+for each value.
 Writes <root>/tradeoff.md, <root>/tradeoff.json and <root>/tradeoff.png.
 """
 
@@ -24,6 +28,11 @@ from ccdd_jax import config_loader
 from ccdd_jax import pipeline
 from ccdd_jax import reporting
 
+# The sweeps over one set of experts: sweep name -> its distill field.
+SHARED_EXPERT_FIELDS = {"beta": "beta", "carriers": "carriers_per_pattern"}
+# Legend labels of the sweeps in the plot.
+SWEEP_LABELS = {"lambda1": "λ1 (eq. 6)", "beta": "β (eq. 10)", "carriers": "carriers per pattern"}
+
 
 def row(name: str, value: float, report: dict) -> dict:
   """One table row from a run's report."""
@@ -39,6 +48,7 @@ def row(name: str, value: float, report: dict) -> dict:
     "expert_acc": report["experts"].get("watermarked", {}).get("acc", {}).get("mean"),
     "expert_acc_w": report["experts"].get("watermarked", {}).get("acc_w", {}).get("mean"),
     "clean_acc": report["clean_distilled"]["acc"]["mean"],
+    "num_images": report.get("distill", {}).get("distilled", {}).get("num_images"),
   }
 
 
@@ -48,6 +58,7 @@ def main():
   parser.add_argument("--root", required=True)
   parser.add_argument("--lambda1", default="0,0.25,0.5,1,2,4")
   parser.add_argument("--beta", default="0,0.25,0.5,1,2")
+  parser.add_argument("--carriers", default="", help="distill.carriers_per_pattern values")
   parser.add_argument(
     "--set",
     action="append",
@@ -73,18 +84,20 @@ def main():
   if not (base / "experts.json").is_file():
     pipeline.run(config, str(base), "keygen", key_file)
     pipeline.run(config, str(base), "experts", key_file)
-  for value in [float(v) for v in args.beta.split(",") if v]:
+  shared = [("beta", float(v)) for v in args.beta.split(",") if v]
+  shared += [("carriers", int(v)) for v in args.carriers.split(",") if v]
+  for sweep, value in shared:
     config = config_loader.load(args.config, args.set)
-    config.distill.beta = value
-    workdir = root / f"beta_{value:g}"
-    print(f"== beta = {value:g} -> {workdir}", file=sys.stderr, flush=True)
+    config.distill[SHARED_EXPERT_FIELDS[sweep]] = value
+    workdir = root / f"{sweep}_{value:g}"
+    print(f"== {sweep} = {value:g} -> {workdir}", file=sys.stderr, flush=True)
     workdir.mkdir(exist_ok=True)
     if not (workdir / "trajectories").exists():
       os.symlink((base / "trajectories").resolve(), workdir / "trajectories")
     shutil.copy(base / "experts.json", workdir / "experts.json")
     for stage in ("distill", "evaluate"):
       pipeline.run(config, str(workdir), stage, key_file)
-    rows.append(row("beta", value, pipeline.run(config, str(workdir), "verify", key_file)))
+    rows.append(row(sweep, value, pipeline.run(config, str(workdir), "verify", key_file)))
     write_outputs(root, rows)
 
 
@@ -92,9 +105,9 @@ def write_outputs(root: pathlib.Path, rows: list) -> None:
   """tradeoff.json, tradeoff.md (table) and tradeoff.png (Acc vs Acc_W)."""
   (root / "tradeoff.json").write_text(json.dumps(rows, indent=2) + "\n")
   lines = [
-    "| sweep | value | Acc | Acc_W | verified | median p | wm expert Acc / Acc_W | "
+    "| sweep | value | images | Acc | Acc_W | verified | median p | wm expert Acc / Acc_W | "
     "clean distilled Acc |",
-    "|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     expert = (
@@ -103,7 +116,8 @@ def write_outputs(root: pathlib.Path, rows: list) -> None:
       else "–"
     )
     lines.append(
-      f"| {r['sweep']} | {r['value']:g} | {reporting.fmt_pct(r['acc'])} | "
+      f"| {r['sweep']} | {r['value']:g} | {r.get('num_images', '–')} | "
+      f"{reporting.fmt_pct(r['acc'])} | "
       f"{reporting.fmt_pct(r['acc_w'])} | {r['verified']}/{r['seeds']} | "
       f"{r['median_p']:.2g} | {expert} | {100 * r['clean_acc']:.1f}% |"
     )
@@ -114,7 +128,7 @@ def write_outputs(root: pathlib.Path, rows: list) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for sweep, marker in (("lambda1", "o"), ("beta", "s")):
+  for sweep, marker in (("lambda1", "o"), ("beta", "s"), ("carriers", "D")):
     pts = [r for r in rows if r["sweep"] == sweep]
     if not pts:
       continue
@@ -127,7 +141,7 @@ def write_outputs(root: pathlib.Path, rows: list) -> None:
       yerr=[100 * r["acc"]["std"] for r in pts],
       marker=marker,
       capsize=2,
-      label={"lambda1": "λ1 (eq. 6)", "beta": "β (eq. 10)"}[sweep],
+      label=SWEEP_LABELS[sweep],
     )
     for r, xi, yi in zip(pts, x, y):
       ax.annotate(

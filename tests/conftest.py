@@ -37,9 +37,14 @@ _share_compiled_programs()
 config_section = settings.section  # Tests build configs from the real schema.
 
 
+# The tiny run's config: the matching embedding exercises every expert kind and both
+# distillations (the default's "appended" embedding has its own tiny run in test_appended.py).
+TINY_BASE = "digits_matching"
+
+
 def tiny_config():
-  """The digits config scaled down to seconds."""
-  config = config_loader.load("digits")
+  """The digits_matching config scaled down to seconds."""
+  config = config_loader.load(TINY_BASE)
   config.model.width = 8
   config.experts.num_experts = 2
   config.experts.epochs = 3

@@ -30,7 +30,12 @@ def test_every_variant_builds_a_valid_config(setting):
   for variant in ablation.VARIANTS:
     config = ablation.variant_config(setting, variant, iterations_scale=0.5, eval_seeds=5)
     settings.validate(config)
-    expected = max(1, round(default.distill.iterations * 0.5 * variant.iterations_factor))
+    if variant.fields is None:
+      expected = max(1, round(default.distill.iterations * 0.5))
+    else:
+      embedding = config.distill.watermark_embedding
+      base = ablation.VARIANT_ITERATIONS[setting, embedding] * variant.iterations_factor
+      expected = max(1, round(round(base) * 0.5))
     assert config.distill.iterations == expected, variant.name
     assert config.eval.num_seeds == 5
     for field, value in (variant.fields or {}).items():
@@ -43,23 +48,31 @@ def test_digits_variants_are_the_shipped_configs():
   default = config_loader.load(str(REPO / "configs" / "digits.py"))
   assert paper.distill.eq10_form == "literal" and paper.distill.beta == 0.5
   assert not paper.experts.trigger_safe_dsa and not paper.distill.carriers_per_pattern
-  # The default is the paper-literal config plus DEFAULT_LEVERS (and its own iterations).
+  # The default is the paper-literal config plus its DEFAULT_LEVERS (and its own iterations).
   levers = ablation._set(config_loader.load(str(REPO / "configs" / "digits_paper.py")), {})
-  levers = ablation._set(levers, ablation.DEFAULT_LEVERS)
+  levers = ablation._set(levers, ablation.DEFAULT_LEVERS["digits"])
   levers.distill.iterations = default.distill.iterations
   assert levers.to_dict() == default.to_dict()
   by_variant = ablation.variant_config("digits", ablation.BY_NAME["default"])
   assert by_variant.to_dict() == default.to_dict()
+  # The set of 9 stamped copies per pattern at the appended length is the default itself.
+  assert ablation.variant_config("digits", ablation.BY_NAME["appended_set9"]).to_dict() == (
+    default.to_dict()
+  )
+  # configs/digits_matching.py is the paper plus MATCHING_LEVERS, at the matching length.
+  matching = config_loader.load(str(REPO / "configs" / "digits_matching.py"))
+  as_variant = ablation.variant_config("digits", ablation.BY_NAME["default_beta1"])
+  assert as_variant.to_dict() == matching.to_dict()
   paper_variant = ablation.variant_config("digits", ablation.BY_NAME["paper"])
-  paper.distill.iterations = default.distill.iterations  # All variants at equal length.
+  paper.distill.iterations = matching.distill.iterations  # Matching variants at equal length.
   assert paper_variant.to_dict() == paper.to_dict()
-  # Variants that only change distillation share the paper's or the default's experts.
+  # Variants that only change distillation share the paper's or the matching default's experts.
   group = ablation.experts_group
   assert group(ablation.variant_config("digits", ablation.BY_NAME["beta0"])) == group(paper)
-  assert group(by_variant) == group(
+  assert group(as_variant) == group(
     ablation.variant_config("digits", ablation.BY_NAME["levers_fp_normal"])
   )
-  assert group(by_variant) != group(paper)
+  assert group(by_variant) == group(paper) != group(as_variant)
   with pytest.raises(KeyError, match="distill.nope"):
     ablation._set(paper, {"distill.nope": 1})
 
@@ -107,9 +120,10 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
     if stage == "keygen" and not pathlib.Path(key_file).exists():
       watermark.write_key_file(pathlib.Path(key_file), watermark.generate_key())
     if stage == "experts":
-      (workdir / "trajectories").mkdir(parents=True)
-      for name in ("experts.json", "manifest.json"):
-        (workdir / name).write_text("{}")
+      (workdir / "trajectories").mkdir(parents=True, exist_ok=True)
+      (workdir / "manifest.json").write_text("{}")
+      kinds = ablation.distill_lib.expert_kinds(config.distill)
+      reporting.write_json(workdir / "experts.json", {kind: {} for kind in kinds})
     if stage != "keygen":  # As pipeline.run: the manifest of the config the stage ran with.
       reporting.write_json(workdir / "manifest.json", {"fields": manifest.record(config, "k", 10)})
     return _fake_report(config.eval.num_seeds) if stage == "verify" else {}
@@ -120,8 +134,9 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
   ablation.main(argv)
   runs = tmp_path / "runs"
   groups = sorted(p.name for p in runs.glob("experts_*"))
-  assert len(groups) == 2  # The paper's experts, and the trigger-safe ones of the default.
-  assert sorted(n for n, s in calls if s == "experts") == groups  # Each trained once.
+  assert len(groups) == 2  # The paper's (and the default's) experts, and the trigger-safe ones.
+  # Each group's experts train once: the paper's first, so the (appended) default needs none.
+  assert sorted(n for n, s in calls if s == "experts") == groups
   for name in ("paper", "beta0", "default", "levers_fp_normal"):
     assert (runs / name / "trajectories").is_symlink()
     assert [s for n, s in calls if n == name] == ["distill", "evaluate", "verify"]
@@ -158,7 +173,8 @@ def test_one_tiny_variant_end_to_end(tiny_run, tmp_path):
   assert 0.0 <= row["acc"]["mean"] <= 1.0 and row["twin_term_first"] > 0.0  # Form (b), β 0.5.
   assert row["real"]["seeds"] == seeds and row["num_images"] >= 10 * config.distill.ipc
   meta = dict.fromkeys(("command", "commit", "date", "machine", "python", "jax", "key"), "x")
-  meta.update(eval_seeds=seeds, iterations=2, default_iterations=2, iterations_scale=1.0)
+  meta.update(eval_seeds=seeds, default_iterations=2, variant_iterations="matching 2")
+  meta.update(iterations_scale=1.0)
   text = ablation.section_markdown("digits", [row], dict(meta, plot_name="a.png"))
   assert "| default | default: " in text and "| real | real data" in text
 
@@ -191,13 +207,28 @@ def test_tradeoff_writes_its_table_and_plot(tmp_path):
       expert_acc=None,
       expert_acc_w=None,
       clean_acc=0.943,
-    )
+    ),
+    dict(
+      sweep="carriers",
+      value=9,
+      acc=stat(0.91),
+      acc_w=stat(0.95),
+      verified=5,
+      seeds=5,
+      median_p=1e-10,
+      expert_acc=None,
+      expert_acc_w=None,
+      clean_acc=0.943,
+      num_images=190,
+    ),
   ]
   tradeoff.write_outputs(tmp_path, rows)
   table = (tmp_path / "tradeoff.md").read_text().splitlines()
   assert (
-    table[2] == "| lambda1 | 0.5 | 85.0 ± 1.0% | 25.0 ± 1.0% | 5/5 | 1e-10 | 93.0 / 90.0 | 94.3% |"
+    table[2]
+    == "| lambda1 | 0.5 | – | 85.0 ± 1.0% | 25.0 ± 1.0% | 5/5 | 1e-10 | 93.0 / 90.0 | 94.3% |"
   )
-  assert table[4].startswith("| beta | 0 | 85.0 ± 1.0% | 70.0 ± 1.0% | 4/5 | 3e-07 | – |")
+  assert table[4].startswith("| beta | 0 | – | 85.0 ± 1.0% | 70.0 ± 1.0% | 4/5 | 3e-07 | – |")
+  assert table[5] == "| carriers | 9 | 190 | 91.0 ± 1.0% | 95.0 ± 1.0% | 5/5 | 1e-10 | – | 94.3% |"
   assert json.loads((tmp_path / "tradeoff.json").read_text()) == rows
   assert (tmp_path / "tradeoff.png").stat().st_size > 1000

@@ -62,6 +62,13 @@ def test_corner_score_ranks_stamped_images_highest():
   assert set(np.argsort(-scores)[:3]) == set(stamped)
 
 
+def test_disagreement_score_is_one_minus_the_label_probability():
+  logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]))
+  scores = data_threats.disagreement_scores(logits + 5.0, np.array([0, 0, 2]))  # Shift-free.
+  np.testing.assert_allclose(scores, [0.3, 0.9, 2 / 3])
+  assert np.argmax(scores) == 1  # The image whose label the model disbelieves most.
+
+
 @pytest.mark.parametrize("fraction,kept", [(0.1, 45), (0.3, 35), (0.0, 50)])
 def test_cleansing_drops_exactly_k_percent_and_keeps_labels_aligned(fraction, kept):
   rng = np.random.default_rng(0)
@@ -230,7 +237,8 @@ def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_pa
       assert e["verdict"] in ("removed", "survived", "destroyed", "n/a")
   assert data["points"]["cleanse_corner"][0]["dropped"] == round(0.3 * data["num_images"])
   detection = data["detection"]
-  assert set(detection["data"]) == {"spectral", "clustering", "corner", "trigger_visibility"}
+  assert set(detection["data"]) == {*data_threats.CLEANSERS, "trigger_visibility"}
+  assert data["points"]["cleanse_disagreement"][0]["dropped"] == round(0.3 * data["num_images"])
   for name in ("auc", "auc_median_norm", "auc_corner_mass"):
     assert 0.0 <= detection["neural_cleanse"][name] <= 1.0
   assert 0.0 <= detection["parameters"]["auc"] <= 1.0

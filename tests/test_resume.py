@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_names_the_iteration_and_keeps_the_last_good_state
     assert np.all(np.isfinite(saved["losses"])) and len(saved["losses"]) == kept
 
 
-# conftest.tiny_config() as command-line overrides of the digits config (the
+# conftest.tiny_config() as command-line overrides of its config file (the
 # uninterrupted reference is the shared `tiny_run`); checkpoint_every changes no result.
 TINY = (
   "model.width=8",
@@ -145,7 +145,8 @@ def test_a_field_added_since_a_workdir_was_made_differs_only_off_its_default():
 
 
 def test_cli_overrides_are_the_tiny_config():
-  assert config_loader.load("digits", list(TINY)).to_dict() == conftest.tiny_config().to_dict()
+  tiny = config_loader.load(conftest.TINY_BASE, list(TINY)).to_dict()
+  assert tiny == conftest.tiny_config().to_dict()
 
 
 def cli(workdir, key, *extra):
@@ -156,6 +157,7 @@ def cli(workdir, key, *extra):
   """
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   argv = [sys.executable, "-m", "ccdd_jax.main", f"--workdir={workdir}", "--key_file", str(key)]
+  argv += [f"--config={conftest.TINY_BASE}"]
   argv += [f"--config.{o}" for o in (*TINY, "distill.checkpoint_every=1")] + list(extra)
   log = open(pathlib.Path(workdir).with_suffix(f".{time.monotonic_ns()}.log"), "w+")
   return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log
