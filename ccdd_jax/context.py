@@ -49,6 +49,14 @@ class Context:
         f"invalid config: watermark.patch_size = {self.patch_size} is larger than the "
         f"{ds.image_shape[0]}x{ds.image_shape[1]} images of {ds.name}"
       )
+    n, alpha = config.watermark.n_patterns, config.watermark.alpha
+    if float(ds.num_classes) ** -n > alpha:  # p_floor: docs/watermark-spec.md 6.4.
+      fewest = next(k for k in range(1, 1000) if float(ds.num_classes) ** -k <= alpha)
+      raise CCDDError(
+        f"invalid config: watermark.n_patterns = {n} with {ds.num_classes} classes can never "
+        f"be verified: no p-value falls below {ds.num_classes}^-{n} > alpha = {alpha:g}; "
+        f"use n_patterns >= {fewest} (more leaves a margin) or a larger alpha"
+      )
     self.preprocess = preprocess.fit_preprocessor(
       ds.train_images,
       zca=config.data.zca,

@@ -40,46 +40,26 @@ labels, split roles, lambda1 0.5 or 2 trade Acc for Acc_W or lose both
 Every field and its MTT default: ccdd_jax/settings.py.
 """
 
+import pathlib
+
 import ml_collections
 
-from ccdd_jax import settings
+from ccdd_jax import config_loader
 
 
 def get_config() -> ml_collections.ConfigDict:
   """The digits pipeline with the watermark matched into the images (eq. 10 form (b))."""
-  config = settings.base_config()
-  config.data.name = "digits"
-
-  config.model.width = 16
-  config.model.depth = 2
-
-  config.watermark.queries_per_pattern = 30
-
-  config.experts.num_experts = 8
-  # On 2 CPU cores: one expert per program, two programs at once (fastest).
-  config.experts.group_size = 1
-  config.experts.epochs = 20
-  # MTT uses 0.01 on CIFAR; 8x8 digits need 0.05 to reach ~95% in 20 epochs.
-  config.experts.lr = 0.05
-  config.experts.batch_size = 64
-  config.experts.wm_batch_size = 16
-  config.experts.prune_examples = 256
+  config = config_loader.load(str(pathlib.Path(__file__).with_name("digits_paper.py")))
+  config.unlock()
   config.experts.trigger_safe_dsa = True  # Issue 10: the trigger corner keeps out of DSA.
   config.experts.fp_normal_last_epochs = 5  # Issue 10: the paper's last epochs trained normally.
 
   config.distill.iterations = 300  # The run's length on 2 CPU cores (docs/results.md 1.1).
-  config.distill.max_start_epoch = 10
-  config.distill.lr_teacher = 0.05  # Initial alpha of eq. 9 = the experts' lr.
   config.distill.beta = 1.0  # Form (b) at beta 1: +1.0 Acc, +1.3 Acc_W over 0.5 (4 keys, 9.4).
   config.distill.eq10_form = "second_student"  # Issue 10: form (b), each student its own expert.
-  config.distill.triggers_per_pattern = 1
   config.distill.carriers_per_pattern = 4  # Issue 10: 40 carriers beyond the 100 IPC images.
   config.distill.trigger_safe_dsa = True  # Issue 10: the carriers' corner keeps out of DSA ...
   config.distill.freeze_trigger = True  # ... and out of the image updates.
   config.distill.gamma_wm = 0.3  # Issue 10: the direct watermark objective ...
   config.distill.gamma_clean = 0.3  # ... with a clean term that protects Acc.
-
-  config.eval.epochs = 300
-  config.eval.real_epochs = 30
-  config.eval.real_batch_size = 64
   return config

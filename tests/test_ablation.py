@@ -77,6 +77,17 @@ def test_digits_variants_are_the_shipped_configs():
     ablation._set(paper, {"distill.nope": 1})
 
 
+def test_cifar_default_is_the_scale_down_plus_its_levers():
+  paper = config_loader.load(str(REPO / "configs" / "cifar10_cpu.py"))
+  default = config_loader.load(str(REPO / "configs" / "cifar10_cpu_appended.py"))
+  assert paper.watermark.n_patterns == 10 and paper.distill.watermark_embedding == "matching"
+  assert default.watermark.n_patterns == 7 and default.distill.carriers_per_pattern == 5
+  levers = ablation._set(paper, ablation.DEFAULT_LEVERS["cifar10_cpu"])
+  assert levers.to_dict() == default.to_dict()
+  by_variant = ablation.variant_config("cifar10_cpu", ablation.BY_NAME["default"])
+  assert by_variant.to_dict() == default.to_dict()
+
+
 def test_replace_section_touches_only_its_own_section():
   begin, end = ablation.markers("digits")
   other_begin, other_end = ablation.markers("cifar10_cpu")

@@ -94,6 +94,13 @@ CASES = {
     {},
     "patch_size = 9 is larger than the 8x8 images",
   ),
+  "too few patterns to verify": (
+    None,
+    {"watermark.n_patterns": 5},
+    "verify",
+    {},
+    r"n_patterns = 5 with 10 classes can never be verified.*n_patterns >= 6",
+  ),
   "D_W ratio 1": (None, {"watermark.ratio": 1.0}, "distill", {}, r"watermark\.ratio = 1\.0"),
   "D_W ratio 0": (None, {"watermark.ratio": 0.0}, "distill", {}, r"must be in \(0, 1\)"),
   "syn_steps 0": (None, {"distill.syn_steps": 0}, "distill", {}, r"distill\.syn_steps = 0"),
