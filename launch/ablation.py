@@ -2,7 +2,7 @@ r"""Issue 10's ablation: the watermarked distillation's levers, alone and togeth
 
   python launch/ablation.py                                  # digits, every variant
   python launch/ablation.py --variants default,paper --iterations_scale 0.5
-  python launch/ablation.py --setting cifar10_cpu            # configs/cifar10_cpu.py
+  python launch/ablation.py --setting cifar10_cpu            # configs/cifar10_cpu_paper.py
   python launch/ablation.py --list                           # the variants and their fields
 
 Every variant runs the pipeline's own stages (`pipeline.run`) in
@@ -18,9 +18,9 @@ the real-data baseline (the pipeline always does); the table's "clean
 distilled" and "real data" rows are the paper variant's.
 
 Every variant derives from the setting's paper-literal config (digits:
-configs/digits_paper.py; cifar10_cpu: configs/cifar10_cpu.py) by the fields
+configs/digits_paper.py; cifar10_cpu: configs/cifar10_cpu_paper.py) by the fields
 `VARIANTS` lists; "default" is the setting's default config (digits:
-configs/digits.py; cifar10_cpu: configs/cifar10_cpu_appended.py; each is its
+configs/digits.py; cifar10_cpu: configs/cifar10_cpu.py; each is its
 paper-literal config plus `DEFAULT_LEVERS`). The
 default runs its own `distill.iterations`; the other variants run their
 embedding's base length (`VARIANT_ITERATIONS`: the matching default's, at
@@ -61,7 +61,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # setting -> (paper-literal config, default config or None = paper + DEFAULT_LEVERS).
 SETTINGS = {
   "digits": ("configs/digits_paper.py", "configs/digits.py"),
-  "cifar10_cpu": ("configs/cifar10_cpu.py", "configs/cifar10_cpu_appended.py"),
+  "cifar10_cpu": ("configs/cifar10_cpu_paper.py", "configs/cifar10_cpu.py"),
 }
 
 # "levers": the first combination that helped (trigger-safe experts, beta 0, 4 carriers).

@@ -78,8 +78,8 @@ def test_digits_variants_are_the_shipped_configs():
 
 
 def test_cifar_default_is_the_scale_down_plus_its_levers():
-  paper = config_loader.load(str(REPO / "configs" / "cifar10_cpu.py"))
-  default = config_loader.load(str(REPO / "configs" / "cifar10_cpu_appended.py"))
+  paper = config_loader.load(str(REPO / "configs" / "cifar10_cpu_paper.py"))
+  default = config_loader.load(str(REPO / "configs" / "cifar10_cpu.py"))
   assert paper.watermark.n_patterns == 10 and paper.distill.watermark_embedding == "matching"
   assert default.watermark.n_patterns == 7 and default.distill.carriers_per_pattern == 5
   levers = ablation._set(paper, ablation.DEFAULT_LEVERS["cifar10_cpu"])

@@ -74,12 +74,16 @@ def test_paper_values():
 
 
 def test_cpu_config_is_the_paper_setting_scaled_down():
-  c = config_loader.load("cifar10_cpu")
+  c = config_loader.load("cifar10_cpu_paper")
   paper = settings.paper_config("cifar10", 10)
   assert c.distill.ipc == paper.distill.ipc == 10
   assert (c.watermark.n_patterns, c.watermark.ratio) == (10, 0.1)
   assert c.data.name == "folder" and c.data.root.endswith("cifar10-jpeg.tar.gz")
   assert pathlib.Path(c.data.root).is_absolute()
+  # The CIFAR-10 default: the same scale-down, appended, with 7 patterns (results.md 10.3).
+  default = config_loader.load("cifar10_cpu")
+  assert (default.watermark.n_patterns, default.distill.watermark_embedding) == (7, "appended")
+  assert default.data.root == c.data.root and default.experts.to_dict() == c.experts.to_dict()
 
 
 def test_invalid_config_is_a_one_line_error():
