@@ -50,8 +50,8 @@ class Context:
         f"{ds.image_shape[0]}x{ds.image_shape[1]} images of {ds.name}"
       )
     n, alpha = config.watermark.n_patterns, config.watermark.alpha
-    if float(ds.num_classes) ** -n > alpha:  # p_floor: docs/watermark-spec.md 6.4.
-      fewest = next(k for k in range(1, 1000) if float(ds.num_classes) ** -k <= alpha)
+    if watermark.p_floor(ds.num_classes, n) > alpha:
+      fewest = next(k for k in range(1, 1000) if watermark.p_floor(ds.num_classes, k) <= alpha)
       raise CCDDError(
         f"invalid config: watermark.n_patterns = {n} with {ds.num_classes} classes can never "
         f"be verified: no p-value falls below {ds.num_classes}^-{n} > alpha = {alpha:g}; "

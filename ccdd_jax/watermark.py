@@ -420,6 +420,14 @@ def plurality_matches(counts: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return unique_top & (counts[np.arange(len(labels)), labels] == top)
 
 
+def p_floor(num_classes: int, n_patterns: int) -> float:
+  """The smallest p-value any model can reach, C^-n (docs/watermark-spec.md 6.4).
+
+  With p_floor > alpha even a perfectly watermarked model is not verified.
+  """
+  return float(num_classes) ** -n_patterns
+
+
 def majority_binomial_pvalue(k: int, n: int, num_classes: int) -> float:
   """Returns P[Bin(n, 1/C) >= k], exact, for k plurality matches of n."""
   k = _check_int("k", k, 0)
@@ -545,9 +553,7 @@ def decide(
     "t_conditional": int(label_hits.sum()),
     "p_conditional": p_conditional,
     "alpha": float(alpha),
-    # No model can reach a p-value below C^-n: with p_floor > alpha even a
-    # perfectly watermarked model is not verified (too few patterns).
-    "p_floor": float(num_classes) ** -n_patterns,
+    "p_floor": p_floor(num_classes, n_patterns),
     "verified": bool(p_conditional <= alpha),
     "acc_w": (float(label_hits.sum() / eligible.sum()) if eligible.any() else 0.0),
     "pattern_eligible_queries": [int(c) for c in eligible_per_pattern],
