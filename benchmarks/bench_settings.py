@@ -15,11 +15,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from ccdd_jax import config_loader
-from ccdd_jax import data as data_lib
-from ccdd_jax import models
-from ccdd_jax import preprocess
-from ccdd_jax import settings as settings_lib
+from ccdd_jax.config import loader as config_loader
+from ccdd_jax.config import paper as paper_lib
+from ccdd_jax.config import schema as settings_lib
+from ccdd_jax.data import datasets as data_lib
+from ccdd_jax.data import preprocess
+from ccdd_jax.method import models
 
 TARGET_OFFSET = 0.01  # w* = w_0 + TARGET_OFFSET * N(0, 1): a stand-in expert target.
 
@@ -110,7 +111,7 @@ def all_settings() -> dict[str, Setting]:
     data="digits",
   )
   for ipc in (1, 10):
-    paper = settings_lib.paper_config("cifar10", ipc)
+    paper = paper_lib.paper_config("cifar10", ipc)
     cifar_net = dict(
       image_size=32, channels=3, num_classes=10, width=paper.model.width, depth=paper.model.depth
     )
@@ -119,7 +120,7 @@ def all_settings() -> dict[str, Setting]:
       found[name] = Setting(
         name, "distill", **cifar_net, lr=paper.distill.lr_teacher, ipc=ipc, syn_steps=steps
       )
-  paper = settings_lib.paper_config("cifar10", 10)
+  paper = paper_lib.paper_config("cifar10", 10)
   found["cifar10_expert"] = Setting(
     "cifar10_expert",
     "expert",

@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccdd_jax import config_loader
-from ccdd_jax import data as data_lib
-from ccdd_jax import experts
-from ccdd_jax import models
-from ccdd_jax import parallel
-from ccdd_jax import watermark
+from ccdd_jax.config import loader as config_loader
+from ccdd_jax.data import datasets as data_lib
+from ccdd_jax.devices import parallel
+from ccdd_jax.method import experts
+from ccdd_jax.method import models
+from ccdd_jax.method import watermark
 
 
 def expert_inputs(config) -> tuple[dict, int, tuple]:

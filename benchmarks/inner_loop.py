@@ -23,10 +23,10 @@ import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 
-from ccdd_jax import distill
-from ccdd_jax import inner_loop
-from ccdd_jax import models
-from ccdd_jax import settings
+from ccdd_jax.config import schema
+from ccdd_jax.method import distill
+from ccdd_jax.method import inner_loop
+from ccdd_jax.method import models
 
 
 def machine() -> str:
@@ -54,8 +54,8 @@ def time_meta_gradient(conv_impl: str, unroll: int, remat: str, args) -> tuple[f
   params = models.init_params(net, shape, jax.random.PRNGKey(0))
   flat, unravel = ravel_pytree(params)
   apply_flat = lambda w, x: net.apply({"params": unravel(w)}, x)
-  cfg = settings.section("distill", syn_steps=args.steps, batch_syn=0, beta=0.0)
-  dsa = settings.section("dsa", strategy=args.dsa)
+  cfg = schema.section("distill", syn_steps=args.steps, batch_syn=0, beta=0.0)
+  dsa = schema.section("dsa", strategy=args.dsa)
   images = jax.random.normal(jax.random.PRNGKey(1), (args.num,) + shape)
   labels = jnp.arange(args.num) % 10
   meta = distill.make_meta_loss(cfg, apply_flat, dsa, args.num, unroll=unroll, remat=remat)
@@ -94,7 +94,7 @@ def main():
   )
   parser.add_argument(
     "--remat",
-    default=settings.base_config().distill.remat,
+    default=schema.base_config().distill.remat,
     help="comma-separated distill.remat values (inner_loop.REMAT_POLICIES)",
   )
   parser.add_argument("--repeats", type=int, default=5)

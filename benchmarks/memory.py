@@ -19,10 +19,10 @@ import platform
 import jax
 import jax.numpy as jnp
 
-from ccdd_jax import distill
-from ccdd_jax import inner_loop
-from ccdd_jax import models
-from ccdd_jax import settings as settings_lib
+from ccdd_jax.config import schema as settings_lib
+from ccdd_jax.method import distill
+from ccdd_jax.method import inner_loop
+from ccdd_jax.method import models
 
 # name -> (images per class, side, channels, ConvNet width, depth); 10 classes.
 SETTINGS = {

@@ -19,10 +19,10 @@ import numpy as np
 
 from benchmarks.bench_settings import Problem
 from benchmarks.bench_settings import Setting
-from ccdd_jax import distill
-from ccdd_jax import experts
-from ccdd_jax import inner_loop
-from ccdd_jax import settings as settings_lib
+from ccdd_jax.config import schema as settings_lib
+from ccdd_jax.method import distill
+from ccdd_jax.method import experts
+from ccdd_jax.method import inner_loop
 
 FRAMEWORKS = ("jax", "torch")
 

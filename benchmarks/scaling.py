@@ -85,12 +85,13 @@ def _peak(compiled, memory_probe) -> dict:
 def worker(args) -> dict:
   """One device count: the figures of this process's devices."""
   from benchmarks import memory_probe  # pylint: disable=g-import-not-at-top
-  from ccdd_jax import config_loader  # pylint: disable=g-import-not-at-top
-  from ccdd_jax import context
-  from ccdd_jax import distill
-  from ccdd_jax import experts
-  from ccdd_jax import sharding
-  from ccdd_jax import watermark
+  from ccdd_jax.config import loader as config_loader  # pylint: disable=g-import-not-at-top
+  from ccdd_jax.devices import sharding
+  from ccdd_jax.method import distill
+  from ccdd_jax.method import embedding
+  from ccdd_jax.method import experts
+  from ccdd_jax.method import watermark
+  from ccdd_jax.run import context
 
   n = len(jax.devices())
   mesh = sharding.make_mesh()
@@ -125,12 +126,12 @@ def worker(args) -> dict:
   out["expert_epoch_s"] = float(np.mean(epochs[1:]))
 
   # Distillation: random trajectories around the initial parameters (timing only).
-  cfg = distill.set_config(config.distill, watermarked=False)
+  cfg = embedding.set_config(config.distill, watermarked=False)
   cfg.iterations, cfg.batch_syn = args.iterations + 1, args.batch_syn
   if args.syn_steps:
     cfg.syn_steps = args.syn_steps
   ds = ctx.dataset
-  images, labels, _ = distill.init_synthetic(
+  images, labels, _ = embedding.init_synthetic(
     ds.train_images, ds.train_labels, ds.num_classes, cfg.ipc, ctx.np_rng(3)
   )
   images = ctx.preprocess.apply(images)

@@ -68,7 +68,7 @@ from benchmarks.bench_settings import Setting
 from benchmarks.bench_settings import all_settings
 from benchmarks.bench_settings import resolve_settings
 from benchmarks.runners import FRAMEWORKS
-from ccdd_jax import settings as settings_lib
+from ccdd_jax.config import schema as settings_lib
 
 
 def chosen_settings(spec: str) -> list[Setting]:

@@ -22,7 +22,7 @@ from benchmarks import parity
 from benchmarks import runners
 from benchmarks.bench_settings import Setting
 from benchmarks.bench_settings import make_problem
-from ccdd_jax import models
+from ccdd_jax.method import models
 
 
 def log(message: str):

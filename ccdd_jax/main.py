@@ -26,7 +26,7 @@ from absl import app
 from absl import flags
 
 from ccdd_jax import CCDDError
-from ccdd_jax import config_loader
+from ccdd_jax.config import loader as config_loader
 
 
 def one_line_exit(error: Exception) -> None:
@@ -104,15 +104,16 @@ _COMMITMENT = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from ccdd_jax import sharding  # Imported late: flags first, then jax.
+  from ccdd_jax.devices import sharding  # Imported late: flags first, then jax.
 
   try:  # Before any other JAX work.
     sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
   except CCDDError as e:
     one_line_exit(e)
-  from ccdd_jax import blackbox
-  from ccdd_jax import pipeline
-  from ccdd_jax import reporting
+  from ccdd_jax.method import verify
+  from ccdd_jax.run import blackbox
+  from ccdd_jax.run import pipeline
+  from ccdd_jax.run import reporting
 
   if _PREDICTIONS.value and _STAGE.value != "verify":
     one_line_exit(CCDDError("--predictions goes with --stage=verify"))
@@ -132,7 +133,7 @@ def main(argv):
   except CCDDError as e:
     one_line_exit(e)
   if _PREDICTIONS.value:
-    print(blackbox.verdict_line(report))
+    print(verify.verdict_line(report))
     print(f"wrote {os.path.join(_WORKDIR.value, blackbox.RESULT_FILE)}")
   elif _STAGE.value == "queries":
     print(f"wrote {report['path']} ({report['n_queries']} queries)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One host, several GPUs: one process sees every GPU and the stages spread
 # over them (experts' expert axis, the distillation minibatch, evaluation's
-# seeds; ccdd_jax/sharding.py). See launch/README.md.
+# seeds; ccdd_jax/devices/sharding.py). See launch/README.md.
 #
 #   bash launch/multi_gpu.sh                        # digits, every GPU of this host
 #   CONFIG=cifar10_ipc10 DATA=/data/cifar10-jpeg.tar.gz NUM_DEVICES=4 bash launch/multi_gpu.sh

@@ -9,8 +9,8 @@ import tempfile
 import jax
 import pytest
 
-from ccdd_jax import config_loader
-from ccdd_jax import settings
+from ccdd_jax.config import loader as config_loader
+from ccdd_jax.config import schema
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def _share_compiled_programs():
 _share_compiled_programs()
 
 
-config_section = settings.section  # Tests build configs from the real schema.
+config_section = schema.section  # Tests build configs from the real schema.
 
 
 # The tiny run's config: the matching embedding exercises every expert kind and both
@@ -65,7 +65,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """One whole tiny pipeline run, shared by the tests that inspect its outputs."""
-  from ccdd_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from ccdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path_factory.mktemp("tiny_run")
   config = tiny_config()

@@ -16,15 +16,15 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
-from ccdd_jax import distill
-from ccdd_jax import evaluate
-from ccdd_jax import experts
-from ccdd_jax import models
-from ccdd_jax import settings
-from ccdd_jax import sharding
+from ccdd_jax.config import schema
+from ccdd_jax.devices import sharding
+from ccdd_jax.method import distill
+from ccdd_jax.method import evaluate
+from ccdd_jax.method import experts
+from ccdd_jax.method import models
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-DSA = settings.section("dsa", strategy="flip")  # Random per image: inside the sharded steps.
+DSA = schema.section("dsa", strategy="flip")  # Random per image: inside the sharded steps.
 
 
 class MemoryStore:
@@ -71,7 +71,7 @@ def run_experts(mesh):
     "wm_labels": jnp.array([1, 1, 2, 2]),
     "prune_images": jax.random.normal(jax.random.PRNGKey(7), (4, 8, 8, 1)),
   }
-  cfg = settings.section(
+  cfg = schema.section(
     "experts", epochs=2, lr=0.05, batch_size=6, wm_batch_size=2, lambda3=1.0, group_size=0
   )
   store = MemoryStore()
@@ -90,7 +90,7 @@ def run_distill(mesh):
   noise = lambda seed, shape: np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape))
   expert = flat + 0.01 * noise(1, (2, 3, flat.size))  # [experts, epochs, P]
   twin, clean = expert + 0.02 * noise(2, expert.shape), expert + 0.03 * noise(3, expert.shape)
-  cfg = settings.section(
+  cfg = schema.section(
     "distill",
     iterations=3,
     syn_steps=3,

@@ -1,7 +1,7 @@
-"""launch/ablation.py: every variant's config validates, the results section, one tiny run;
-launch/tradeoff.py's table and plot."""
+"""experiments/variants.py: every variant's config validates; experiments/ablation.py: the
+orchestration and one tiny run, its table and plot under the root; experiments/tradeoff.py's
+table and plot."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -10,31 +10,29 @@ import ml_collections
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import config_loader
-from ccdd_jax import manifest
-from ccdd_jax import reporting
-from ccdd_jax import settings
-from ccdd_jax import watermark
-
-_spec = importlib.util.spec_from_file_location("ablation", REPO / "launch" / "ablation.py")
-ablation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablation)
-_spec = importlib.util.spec_from_file_location("tradeoff", REPO / "launch" / "tradeoff.py")
-tradeoff = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tradeoff)
+from ccdd_jax.config import loader as config_loader
+from ccdd_jax.config import validation
+from ccdd_jax.method import embedding
+from ccdd_jax.method import watermark
+from ccdd_jax.run import manifest
+from ccdd_jax.run import reporting
+from experiments import ablation
+from experiments import ablation_report
+from experiments import tradeoff
+from experiments import variants
 
 
-@pytest.mark.parametrize("setting", sorted(ablation.SETTINGS))
+@pytest.mark.parametrize("setting", sorted(variants.SETTINGS))
 def test_every_variant_builds_a_valid_config(setting):
-  default = ablation.default_config(setting)
-  for variant in ablation.VARIANTS:
-    config = ablation.variant_config(setting, variant, iterations_scale=0.5, eval_seeds=5)
-    settings.validate(config)
+  default = variants.default_config(setting)
+  for variant in variants.VARIANTS:
+    config = variants.variant_config(setting, variant, iterations_scale=0.5, eval_seeds=5)
+    validation.validate(config)
     if variant.fields is None:
       expected = max(1, round(default.distill.iterations * 0.5))
     else:
       embedding = config.distill.watermark_embedding
-      base = ablation.VARIANT_ITERATIONS[setting, embedding] * variant.iterations_factor
+      base = variants.VARIANT_ITERATIONS[setting, embedding] * variant.iterations_factor
       expected = max(1, round(round(base) * 0.5))
     assert config.distill.iterations == expected, variant.name
     assert config.eval.num_seeds == 5
@@ -49,32 +47,32 @@ def test_digits_variants_are_the_shipped_configs():
   assert paper.distill.eq10_form == "literal" and paper.distill.beta == 0.5
   assert not paper.experts.trigger_safe_dsa and not paper.distill.carriers_per_pattern
   # The default is the paper-literal config plus its DEFAULT_LEVERS (and its own iterations).
-  levers = ablation._set(config_loader.load(str(REPO / "configs" / "digits_paper.py")), {})
-  levers = ablation._set(levers, ablation.DEFAULT_LEVERS["digits"])
+  levers = variants.with_fields(config_loader.load(str(REPO / "configs" / "digits_paper.py")), {})
+  levers = variants.with_fields(levers, variants.DEFAULT_LEVERS["digits"])
   levers.distill.iterations = default.distill.iterations
   assert levers.to_dict() == default.to_dict()
-  by_variant = ablation.variant_config("digits", ablation.BY_NAME["default"])
+  by_variant = variants.variant_config("digits", variants.BY_NAME["default"])
   assert by_variant.to_dict() == default.to_dict()
   # The set of 9 stamped copies per pattern at the appended length is the default itself.
-  assert ablation.variant_config("digits", ablation.BY_NAME["appended_set9"]).to_dict() == (
+  assert variants.variant_config("digits", variants.BY_NAME["appended_set9"]).to_dict() == (
     default.to_dict()
   )
   # configs/digits_matching.py is the paper plus MATCHING_LEVERS, at the matching length.
   matching = config_loader.load(str(REPO / "configs" / "digits_matching.py"))
-  as_variant = ablation.variant_config("digits", ablation.BY_NAME["default_beta1"])
+  as_variant = variants.variant_config("digits", variants.BY_NAME["matching"])
   assert as_variant.to_dict() == matching.to_dict()
-  paper_variant = ablation.variant_config("digits", ablation.BY_NAME["paper"])
+  paper_variant = variants.variant_config("digits", variants.BY_NAME["paper"])
   paper.distill.iterations = matching.distill.iterations  # Matching variants at equal length.
   assert paper_variant.to_dict() == paper.to_dict()
   # Variants that only change distillation share the paper's or the matching default's experts.
   group = ablation.experts_group
-  assert group(ablation.variant_config("digits", ablation.BY_NAME["beta0"])) == group(paper)
+  assert group(variants.variant_config("digits", variants.BY_NAME["beta0"])) == group(paper)
   assert group(as_variant) == group(
-    ablation.variant_config("digits", ablation.BY_NAME["levers_fp_normal"])
+    variants.variant_config("digits", variants.BY_NAME["levers_fp_normal"])
   )
   assert group(by_variant) == group(paper) != group(as_variant)
   with pytest.raises(KeyError, match="distill.nope"):
-    ablation._set(paper, {"distill.nope": 1})
+    variants.with_fields(paper, {"distill.nope": 1})
 
 
 def test_cifar_default_is_the_scale_down_plus_its_levers():
@@ -82,30 +80,14 @@ def test_cifar_default_is_the_scale_down_plus_its_levers():
   default = config_loader.load(str(REPO / "configs" / "cifar10_cpu.py"))
   assert paper.watermark.n_patterns == 10 and paper.distill.watermark_embedding == "matching"
   assert default.watermark.n_patterns == 7 and default.distill.carriers_per_pattern == 5
-  levers = ablation._set(paper, ablation.DEFAULT_LEVERS["cifar10_cpu"])
+  levers = variants.with_fields(paper, variants.DEFAULT_LEVERS["cifar10_cpu"])
   assert levers.to_dict() == default.to_dict()
-  by_variant = ablation.variant_config("cifar10_cpu", ablation.BY_NAME["default"])
+  by_variant = variants.variant_config("cifar10_cpu", variants.BY_NAME["default"])
   assert by_variant.to_dict() == default.to_dict()
 
 
-def test_replace_section_touches_only_its_own_section():
-  begin, end = ablation.markers("digits")
-  other_begin, other_end = ablation.markers("cifar10_cpu")
-  text = (
-    f"# Results\n\nintro\n\n{begin}\nold table\n{end}\n\n{other_begin}\nkeep\n{other_end}\ntail\n"
-  )
-  new = ablation.replace_section(text, "digits", "new table\n")
-  assert new == text.replace("old table", "new table")
-  assert ablation.replace_section(new, "digits", "new table") == new  # Idempotent.
-  appended = ablation.replace_section("# Results\n", "tinyimagenet", "rows")
-  assert appended.startswith("# Results\n\n<!-- ablation:tinyimagenet:begin -->\nrows\n")
-  assert appended.endswith("<!-- ablation:tinyimagenet:end -->\n")
-
-
 def _argv(tmp_path, variants):
-  argv = ["--root", str(tmp_path / "runs"), "--variants", variants, "--eval_seeds", "1"]
-  argv += ["--results", str(tmp_path / "results.md"), "--plot", str(tmp_path / "ablation.png")]
-  return argv
+  return ["--root", str(tmp_path / "runs"), "--variants", variants, "--eval_seeds", "1"]
 
 
 def _fake_report(seeds):
@@ -133,15 +115,14 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
     if stage == "experts":
       (workdir / "trajectories").mkdir(parents=True, exist_ok=True)
       (workdir / "manifest.json").write_text("{}")
-      kinds = ablation.distill_lib.expert_kinds(config.distill)
+      kinds = embedding.expert_kinds(config.distill)
       reporting.write_json(workdir / "experts.json", {kind: {} for kind in kinds})
     if stage != "keygen":  # As pipeline.run: the manifest of the config the stage ran with.
       reporting.write_json(workdir / "manifest.json", {"fields": manifest.record(config, "k", 10)})
     return _fake_report(config.eval.num_seeds) if stage == "verify" else {}
 
   monkeypatch.setattr(ablation.pipeline, "run", fake_run)
-  (tmp_path / "results.md").write_text("# Results\n\nkept\n")
-  argv = _argv(tmp_path, "paper,beta0,default,levers_fp_normal")
+  argv = _argv(tmp_path, "paper,beta0,default,levers_fp_normal") + ["--tag", "t"]
   ablation.main(argv)
   runs = tmp_path / "runs"
   groups = sorted(p.name for p in runs.glob("experts_*"))
@@ -153,15 +134,19 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
     assert [s for n, s in calls if n == name] == ["distill", "evaluate", "verify"]
   rows = json.loads((runs / "ablation.json").read_text())
   assert [r["variant"] for r in rows] == ["paper", "beta0", "default", "levers_fp_normal"]
-  text = (tmp_path / "results.md").read_text()
-  assert text.startswith("# Results\n\nkept\n") and "| beta0 | β 0 (no twin term) |" in text
-  assert text.count("<!-- ablation:digits:begin -->") == 1
-  assert (tmp_path / "ablation.png").stat().st_size > 0
+  # Every output lies under the root; nothing beside it (nor in docs/).
+  assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+  text = (runs / "ablation.md").read_text()
+  assert text.startswith("## Ablation of the watermarked distillation's levers: digits (t)\n")
+  assert "| beta0 | β 0 (no twin term) |" in text
+  assert "| real | real data (from the paper run) |" in text
+  assert text.rstrip().endswith("(ablation_digits_t.png)")
+  assert (runs / "ablation_digits_t.png").stat().st_size > 0
   calls.clear()
   capsys.readouterr()
   ablation.main(argv)  # Finished variants are read back, not rerun.
   assert calls == [] and capsys.readouterr().err.count("finished earlier") == 4
-  assert (tmp_path / "results.md").read_text().count("<!-- ablation:digits:end -->") == 1
+  assert (runs / "ablation.md").read_text().count("## Ablation") == 1  # Rewritten, not appended.
   with pytest.raises(CCDDError, match="beta0 was made with other values of distill.lr_img"):
     ablation.main(_argv(tmp_path, "beta0") + ["--set", "distill.lr_img=50"])
 
@@ -186,8 +171,9 @@ def test_one_tiny_variant_end_to_end(tiny_run, tmp_path):
   meta = dict.fromkeys(("command", "commit", "date", "machine", "python", "jax", "key"), "x")
   meta.update(eval_seeds=seeds, default_iterations=2, variant_iterations="matching 2")
   meta.update(iterations_scale=1.0)
-  text = ablation.section_markdown("digits", [row], dict(meta, plot_name="a.png"))
+  text = ablation_report.markdown("digits", [row], meta)
   assert "| default | default: " in text and "| real | real data" in text
+  assert "(ablation_digits.png)" in text
 
 
 def test_tradeoff_writes_its_table_and_plot(tmp_path):
@@ -243,3 +229,21 @@ def test_tradeoff_writes_its_table_and_plot(tmp_path):
   assert table[5] == "| carriers | 9 | 190 | 91.0 ± 1.0% | 95.0 ± 1.0% | 5/5 | 1e-10 | – | 94.3% |"
   assert json.loads((tmp_path / "tradeoff.json").read_text()) == rows
   assert (tmp_path / "tradeoff.png").stat().st_size > 1000
+
+
+def test_renamed_variants_exist_under_their_new_names_only():
+  """docs/notebook/variant-names.md maps the notebook's old names onto the variants' names."""
+  table = (REPO / "docs" / "notebook" / "variant-names.md").read_text()
+  pairs = [
+    [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+    for line in table.splitlines()
+    if line.startswith("| `")
+  ]
+  assert len(pairs) == 8
+  for old, new in pairs:
+    assert old not in variants.BY_NAME and new in variants.BY_NAME, (old, new)
+  assert not [v.name for v in variants.VARIANTS if v.name.startswith("default_")]
+  for variant in variants.VARIANTS:  # Each levers_b_direct_* variant keeps levers_b_direct's.
+    if variant.name.startswith("levers_b_direct_"):
+      changed = {k for k, v in variants.LEVERS_B_DIRECT.items() if variant.fields[k] != v}
+      assert changed <= {"distill.carriers_per_pattern"}, variant.name

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import checkpoints
-from ccdd_jax import config_loader
-from ccdd_jax import distill
-from ccdd_jax import experts
-from ccdd_jax import models
-from ccdd_jax import pipeline
-from ccdd_jax import reporting
-from ccdd_jax import settings
-from ccdd_jax import watermark
-from ccdd_jax import workdir as workdir_lib
+from ccdd_jax.config import loader as config_loader
+from ccdd_jax.config import validation
+from ccdd_jax.method import embedding
+from ccdd_jax.method import experts
+from ccdd_jax.method import models
+from ccdd_jax.method import watermark
+from ccdd_jax.run import checkpoints
+from ccdd_jax.run import pipeline
+from ccdd_jax.run import reporting
+from ccdd_jax.run import workdir as workdir_lib
 
 # conftest.tiny_config()'s sizes over the default (appended) config; 4 carriers per
 # pattern make the set as large as the tiny run's, so evaluation reuses its programs.
@@ -52,7 +52,7 @@ def test_appended_set_is_the_clean_set_plus_stamped_carriers(source):
     "distill", watermark_embedding="appended", carriers_per_pattern=2, carrier_source=source
   )
   to_inputs = lambda u8: 2 * (u8.astype(np.float32) / 255) - 1
-  images, labels, carriers = distill.appended_set(
+  images, labels, carriers = embedding.appended_set(
     cfg, clean, train, train_labels, patterns, pattern_labels, to_inputs, rng
   )
   assert images.shape == (6 + 2 * 2, 8, 8, 1) and images.dtype == np.float32
@@ -72,12 +72,12 @@ def test_appended_set_is_the_clean_set_plus_stamped_carriers(source):
 
 def test_expert_kinds_follow_the_embedding():
   appended = config_section("distill", watermark_embedding="appended", beta=0.5)
-  assert distill.expert_kinds(appended) == distill.expert_kinds(appended, True) == ("clean",)
+  assert embedding.expert_kinds(appended) == embedding.expert_kinds(appended, True) == ("clean",)
   matching = config_section("distill", beta=0.5)
-  assert distill.expert_kinds(matching) == experts.KINDS
-  assert distill.expert_kinds(matching, True) == experts.KINDS
+  assert embedding.expert_kinds(matching) == experts.KINDS
+  assert embedding.expert_kinds(matching, True) == experts.KINDS
   matching.beta = 0.0  # The twins are trained but not read.
-  assert distill.expert_kinds(matching, True) == ("clean", "watermarked")
+  assert embedding.expert_kinds(matching, True) == ("clean", "watermarked")
   with pytest.raises(ValueError, match="start with 'clean'"):
     experts.train_kinds_resumable(None, None, None, None, None, {}, None, kinds=("watermarked",))
 
@@ -94,7 +94,7 @@ def test_expert_kinds_follow_the_embedding():
 def test_appended_needs_carriers_and_hard_labels(overrides):
   config = config_loader.load("digits", overrides)
   with pytest.raises(CCDDError, match="distill.watermark_embedding"):
-    settings.validate(config)
+    validation.validate(config)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,18 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import attacks
-from ccdd_jax import data as data_lib
-from ccdd_jax import evaluate
-from ccdd_jax import models
-from ccdd_jax import pipeline
-from ccdd_jax import preprocess
-from ccdd_jax import settings
-from ccdd_jax import threats
-from ccdd_jax import watermark
+from ccdd_jax.config import schema
+from ccdd_jax.config import validation
+from ccdd_jax.data import datasets as data_lib
+from ccdd_jax.data import preprocess
+from ccdd_jax.method import evaluate
+from ccdd_jax.method import models
+from ccdd_jax.method import pruning
+from ccdd_jax.method import verify
+from ccdd_jax.method import watermark
+from ccdd_jax.run import pipeline
+from ccdd_jax.threats import model_attacks
+from ccdd_jax.threats import suite
 
 NO_AUG = config_section("dsa", strategy="none")
 KEY1, KEY2 = bytes(range(32)), bytes(range(100, 132))
@@ -48,11 +51,11 @@ def test_pruned_channels_are_zero_and_the_rest_untouched(arch, conv_impl):
   net = tiny_network(arch, conv_impl)
   params = jax.device_get(net.init_params(jax.random.PRNGKey(0), 2))
   data = random_data()
-  pruned = attacks.prune(net.apply, params, None, data, ratio=0.5)
-  activations = attacks.mean_channel_activations(net.apply, params, data["images"])
+  pruned = model_attacks.prune(net.apply, params, None, data, ratio=0.5)
+  activations = model_attacks.mean_channel_activations(net.apply, params, data["images"])
   for s in range(2):
     one = lambda tree, s=s: jax.tree_util.tree_map(lambda x: x[s], tree)
-    mask = np.asarray(attacks.prune_mask(activations[s], 0.5))
+    mask = np.asarray(pruning.prune_mask(activations[s], 0.5))
     assert mask.sum() == len(mask) // 2  # The least active half is cut.
     assert activations[s][mask == 0].max() <= activations[s][mask == 1].min()
     # The pruned network is the network with those channels zeroed.
@@ -72,7 +75,7 @@ def test_last_layer_fine_tuning_changes_only_the_last_layer():
   net = tiny_network()
   params = jax.device_get(net.init_params(jax.random.PRNGKey(0), 2))
   cfg = config_section("attacks", batch_size=16, lr=0.05)
-  tuned = attacks.fine_tune(
+  tuned = model_attacks.fine_tune(
     net.apply, params, cfg, random_data(), jax.random.PRNGKey(1), epochs=2, layers="head"
   )
   rest = lambda tree: {k: v for k, v in tree.items() if k != "head"}
@@ -80,7 +83,7 @@ def test_last_layer_fine_tuning_changes_only_the_last_layer():
   for name in ("kernel", "bias"):
     assert not np.allclose(tuned["head"][name], params["head"][name])
   # All layers: the convolutions move too.
-  tuned_all = attacks.fine_tune(
+  tuned_all = model_attacks.fine_tune(
     net.apply, params, cfg, random_data(), jax.random.PRNGKey(1), epochs=2
   )
   assert not np.allclose(tuned_all["conv_0"]["kernel"], params["conv_0"]["kernel"])
@@ -90,8 +93,8 @@ def test_fine_pruning_keeps_the_pruned_channels_pruned():
   net = tiny_network()
   params = jax.device_get(net.init_params(jax.random.PRNGKey(0), 2))
   data, cfg = random_data(), config_section("attacks", batch_size=16, lr=0.05)
-  pruned, keep = attacks.prune_with_mask(net.apply, params, data, ratio=0.5)
-  tuned = attacks.fine_prune(
+  pruned, keep = model_attacks.prune_with_mask(net.apply, params, data, ratio=0.5)
+  tuned = model_attacks.fine_prune(
     net.apply, params, cfg, data, jax.random.PRNGKey(1), ratio=0.5, epochs=2
   )
   cut = keep["head"]["kernel"] == 0
@@ -99,7 +102,7 @@ def test_fine_pruning_keeps_the_pruned_channels_pruned():
   assert not np.allclose(tuned["head"]["kernel"][~cut], pruned["head"]["kernel"][~cut])
   # Each point of a path continues the same run: the last equals the single call.
   path = dict(
-    attacks.fine_prune_path(
+    model_attacks.fine_prune_path(
       net.apply, params, cfg, data, jax.random.PRNGKey(1), ratio=0.5, epochs=(1, 2)
     )
   )
@@ -128,7 +131,7 @@ def digits():
   params = jax.device_get(
     train(net.init_params(jax.random.PRNGKey(0), 2), images, targets, 0.02, jax.random.PRNGKey(1))
   )
-  verifier = threats.Verifier(
+  verifier = verify.Verifier(
     predict=evaluate.make_predictor(net.apply),
     to_inputs=prep.apply,
     key=KEY1,
@@ -149,7 +152,7 @@ def test_overwriting_makes_the_second_key_verifiable(digits):
   second = verifier.with_key(KEY2)
   assert all(verifier.measure(params)["verified"])
   assert not any(second.measure(params)["verified"])
-  wm_images, wm_labels = attacks.overwriting_set(
+  wm_images, wm_labels = model_attacks.overwriting_set(
     ds.attacker_images,
     ds.attacker_labels,
     KEY2,
@@ -161,7 +164,7 @@ def test_overwriting_makes_the_second_key_verifiable(digits):
   )
   data = {**attacker, "wm_images": verifier.to_inputs(wm_images), "wm_labels": wm_labels}
   cfg = config_section("attacks")
-  overwritten = attacks.overwrite(
+  overwritten = model_attacks.overwrite(
     net.apply, params, cfg, data, jax.random.PRNGKey(2), epochs=50, layers="all"
   )
   after = second.measure(overwritten)
@@ -172,7 +175,7 @@ def test_extraction_reaches_the_teachers_accuracy(digits):
   _, net, params, verifier, attacker = digits
   cfg = config_section("attacks")
   init = net.init_params(jax.random.PRNGKey(5), 2)
-  student = attacks.extract(
+  student = model_attacks.extract(
     net.apply, params, cfg, attacker, jax.random.PRNGKey(3), epochs=100, init_params=init
   )
   teacher_acc = np.mean(verifier.measure(params)["acc"])
@@ -204,18 +207,18 @@ def high_frequency(images):
 def test_input_transformations_do_what_they_say(channels):
   images = smooth_images(channels)
   for name, strength in (("jpeg", 75), ("blur", 1.0), ("resize", 0.5)):
-    out = attacks.INPUT_TRANSFORMS[name](images, strength)
+    out = model_attacks.INPUT_TRANSFORMS[name](images, strength)
     assert out.shape == images.shape and out.dtype == np.uint8, name
-  change = np.abs(attacks.jpeg(images, 75).astype(int) - images).mean()
+  change = np.abs(model_attacks.jpeg(images, 75).astype(int) - images).mean()
   assert 0 < change < 12
-  assert np.abs(attacks.jpeg(images, 95).astype(int) - images).mean() < change
-  for blurred in (attacks.gaussian_blur(images, 1.0), attacks.resize(images, 0.5)):
+  assert np.abs(model_attacks.jpeg(images, 95).astype(int) - images).mean() < change
+  for blurred in (model_attacks.gaussian_blur(images, 1.0), model_attacks.resize(images, 0.5)):
     assert high_frequency(blurred) < 0.3 * high_frequency(images)
-  assert high_frequency(attacks.gaussian_blur(images, 2.0)) < high_frequency(
-    attacks.gaussian_blur(images, 1.0)
+  assert high_frequency(model_attacks.gaussian_blur(images, 2.0)) < high_frequency(
+    model_attacks.gaussian_blur(images, 1.0)
   )
   with pytest.raises(ValueError):
-    attacks.jpeg(images.astype(np.float32), 50)
+    model_attacks.jpeg(images.astype(np.float32), 50)
 
 
 # ----------------------------------------------------------------------------
@@ -235,17 +238,17 @@ def test_input_transformations_do_what_they_say(channels):
   ],
 )
 def test_bad_attack_settings_fail_in_one_line(field, value, message):
-  config = settings.base_config()
+  config = schema.base_config()
   config.attacks[field] = value
   with pytest.raises(CCDDError, match=message):
-    settings.validate(config)
+    validation.validate(config)
 
 
 def test_strength_lists_take_strings_and_tuples():
-  assert threats.parse_list("1, 10,50", int) == (1, 10, 50)
-  assert threats.parse_list((0.5, 0.9), float) == (0.5, 0.9)
-  assert threats.parse_list("", float) == ()
-  settings.validate(settings.base_config())  # The defaults are valid.
+  assert suite.parse_list("1, 10,50", int) == (1, 10, 50)
+  assert suite.parse_list((0.5, 0.9), float) == (0.5, 0.9)
+  assert suite.parse_list("", float) == ()
+  validation.validate(schema.base_config())  # The defaults are valid.
 
 
 def test_all_does_not_run_attacks(tiny_run):
@@ -272,8 +275,8 @@ def test_attacks_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_path, c
   assert set(result["sets"]) == {"distilled", "real"}
   points = result["sets"]["distilled"]
   assert [e["strength"] for e in points["fine_tune_all"]] == [1, 2]
-  assert set(points) == {"before", *threats.ATTACKS}
-  for name in threats.ATTACKS:
+  assert set(points) == {"before", *suite.ATTACKS}
+  for name in suite.ATTACKS:
     for e in points[name]:
       assert len(e["verified"]) == len(e["p_values"]) == 1  # attacks.num_seeds
       assert e["verdict"] in ("removed", "survived", "destroyed", "n/a")

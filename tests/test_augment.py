@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import augment as dsa
+from ccdd_jax.method import augment as dsa
 
 RANDOM_OPS = (
   "brightness",

@@ -11,11 +11,11 @@ import ml_collections
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import models
-from ccdd_jax import pipeline
-from ccdd_jax import resume
-from ccdd_jax import watermark
-from ccdd_jax import workdir as workdir_lib
+from ccdd_jax.method import models
+from ccdd_jax.method import watermark
+from ccdd_jax.run import pipeline
+from ccdd_jax.run import resume
+from ccdd_jax.run import workdir as workdir_lib
 
 REPO = conftest.REPO
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import blackbox
-from ccdd_jax import config_loader
-from ccdd_jax import data
-from ccdd_jax import pipeline
-from ccdd_jax import watermark
+from ccdd_jax.config import loader as config_loader
+from ccdd_jax.data import datasets
+from ccdd_jax.method import verify
+from ccdd_jax.method import watermark
+from ccdd_jax.run import blackbox
+from ccdd_jax.run import pipeline
 
 KEY = hashlib.sha256(b"ccdd_jax tests: black-box key").digest()
 SPEC_KEY = bytes(range(32))
@@ -60,7 +61,7 @@ def owner(tmp_path_factory):
   config = config_loader.load("digits")
   pipeline.run(config, str(workdir), "keygen")
   pipeline.run(config, str(workdir), "queries")
-  ds = data.load_dataset(config.data)
+  ds = datasets.load_dataset(config.data)
   patterns, pattern_labels = watermark.expand_key(KEY, 10, 4, 1, 10)
   images_w, labels_w, _ = watermark.make_watermark_set(
     ds.train_images, ds.train_labels, patterns, pattern_labels, 0.1, np.random.default_rng(0)
@@ -89,7 +90,7 @@ def test_queries_file_holds_only_stamped_images(owner):
   corner_ids = [int(np.flatnonzero((patterns == q[:4, :4]).all(axis=(1, 2, 3)))[0]) for q in images]
   assert np.bincount(corner_ids, minlength=10).tolist() == [m] * 10
   assert corner_ids != sorted(corner_ids)
-  carrier_ids, pattern_ids = blackbox.query_plan(KEY, len(ds.test_labels), 10, m)
+  carrier_ids, pattern_ids = verify.query_plan(KEY, len(ds.test_labels), 10, m)
   assert pattern_ids.tolist() == corner_ids
   np.testing.assert_array_equal(images[:, 4:], ds.test_images[carrier_ids][:, 4:])
   raw = (workdir / "queries.npz").read_bytes()
@@ -101,16 +102,16 @@ def test_queries_file_holds_only_stamped_images(owner):
 
 
 def test_query_plan_depends_on_the_key_only_through_its_own_hash():
-  a = blackbox.query_plan(KEY, 359, 10, 30)
-  np.testing.assert_array_equal(a[0], blackbox.query_plan(KEY, 359, 10, 30)[0])
-  assert not np.array_equal(a[0], blackbox.query_plan(SPEC_KEY, 359, 10, 30)[0])
+  a = verify.query_plan(KEY, 359, 10, 30)
+  np.testing.assert_array_equal(a[0], verify.query_plan(KEY, 359, 10, 30)[0])
+  assert not np.array_equal(a[0], verify.query_plan(SPEC_KEY, 359, 10, 30)[0])
   # docs/watermark-spec.md, section 8: the generator's seed for the spec's key.
   seed = hashlib.sha256(b"ccdd/queries\x00" + SPEC_KEY).hexdigest()
   assert seed == "45e3f0e63432895fd3347a05fd62e30f23df9bf062d95a9d05eb8047742da4ce"
   rng = np.random.default_rng(int(seed, 16))
-  carriers, ids = watermark.verification_queries(359, 10, 30, rng)
+  carriers, ids = verify.verification_queries(359, 10, 30, rng)
   order = rng.permutation(300)
-  plan = blackbox.query_plan(SPEC_KEY, 359, 10, 30)
+  plan = verify.query_plan(SPEC_KEY, 359, 10, 30)
   np.testing.assert_array_equal(plan[0], carriers[order])
   np.testing.assert_array_equal(plan[1], ids[order])
   assert plan[0][:8].tolist() == [174, 314, 133, 321, 102, 328, 50, 337]
@@ -121,15 +122,15 @@ def test_black_box_and_white_box_share_the_statistics(owner):
   """Answers regrouped by the key give `watermark.verify`'s result on the same queries."""
   _, config, ds, suspects = owner
   _, pattern_labels = watermark.expand_key(KEY, 10, 4, 1, 10)
-  queries, _, _ = blackbox.make_queries(
+  queries, _, _ = verify.make_queries(
     KEY, ds.test_images, watermark.expand_key(KEY, 10, 4, 1, 10)[0], 30
   )
   for suspect in suspects.values():
-    black = blackbox.verify_predictions(
+    black = verify.verify_predictions(
       suspect(queries), KEY, ds.test_labels, pattern_labels, num_classes=10, m=30, alpha=1e-6
     )
     # Same generator, so `verify` draws the same carriers (unshuffled).
-    white = watermark.verify(
+    white = verify.verify(
       suspect,
       KEY,
       ds.test_images,
@@ -138,7 +139,7 @@ def test_black_box_and_white_box_share_the_statistics(owner):
       patch_size=4,
       num_classes=10,
       m=30,
-      rng=blackbox.query_rng(KEY),
+      rng=verify.query_rng(KEY),
     )
     assert black["p_value"] == white["p_conditional"]
     assert black["p_value_majority"] == white["p_majority"]
@@ -171,9 +172,9 @@ def test_forged_keys_are_not_verified(owner):
   for trial in range(20):
     key = hashlib.sha256(b"forged %d" % trial).digest()
     patterns, pattern_labels = watermark.expand_key(key, 10, 4, 1, 10)
-    queries = blackbox.make_queries(key, ds.test_images, patterns, 30)[0]
+    queries = verify.make_queries(key, ds.test_images, patterns, 30)[0]
     for suspect in suspects.values():
-      r = blackbox.verify_predictions(
+      r = verify.verify_predictions(
         suspect(queries), key, ds.test_labels, pattern_labels, num_classes=10, m=30, alpha=1e-6
       )
       assert not r["verified"] and r["p_value_majority"] > 1e-6

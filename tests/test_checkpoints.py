@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import checkpoints
+from ccdd_jax.run import checkpoints
 
 
 def _tree(rng, lead=()):

@@ -11,9 +11,10 @@ import jax
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import config_loader
-from ccdd_jax import models
-from ccdd_jax import settings
+from ccdd_jax.config import loader as config_loader
+from ccdd_jax.config import paper as paper_lib
+from ccdd_jax.config import validation
+from ccdd_jax.method import models
 
 NAMES = config_loader.shipped_config_names()
 
@@ -21,7 +22,7 @@ NAMES = config_loader.shipped_config_names()
 def test_shipped_configs_are_the_repository_configs():
   assert config_loader.shipped_configs_dir().resolve() == (REPO / "configs").resolve()
   assert NAMES == sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
-  for dataset, ipc in settings.MTT_SETTINGS:
+  for dataset, ipc in paper_lib.MTT_SETTINGS:
     assert f"{dataset}_ipc{ipc}" in NAMES
   assert "digits" in NAMES and "cifar10_cpu" in NAMES
 
@@ -29,7 +30,7 @@ def test_shipped_configs_are_the_repository_configs():
 @pytest.mark.parametrize("name", NAMES)
 def test_config_validates_and_builds_its_model(name):
   config = config_loader.load(name)
-  settings.validate(config)
+  validation.validate(config)
   side = 8 if config.data.name == "digits" else (64 if "tinyimagenet" in name else 32)
   channels = 1 if config.data.name == "digits" else 3
   net = models.build_network(config.model.name, 10, (side, side, channels), config.model)
@@ -64,18 +65,18 @@ def test_paper_values():
   assert config_loader.load("cifar100_ipc50").distill.syn_steps == 80
   # ZCA: off as in the CCDD paper; MTT's choices recorded per setting.
   assert not c.data.zca and c.data.zca_eps == 0.1
-  assert [k for k, v in settings.MTT_ZCA.items() if v] == [
+  assert [k for k, v in paper_lib.MTT_ZCA.items() if v] == [
     ("cifar10", 1),
     ("cifar10", 10),
     ("cifar100", 1),
     ("cifar100", 50),
   ]
-  assert set(settings.MTT_ZCA) == set(settings.MTT_SETTINGS)
+  assert set(paper_lib.MTT_ZCA) == set(paper_lib.MTT_SETTINGS)
 
 
 def test_cpu_config_is_the_paper_setting_scaled_down():
   c = config_loader.load("cifar10_cpu_paper")
-  paper = settings.paper_config("cifar10", 10)
+  paper = paper_lib.paper_config("cifar10", 10)
   assert c.distill.ipc == paper.distill.ipc == 10
   assert (c.watermark.n_patterns, c.watermark.ratio) == (10, 0.1)
   assert c.data.name == "folder" and c.data.root.endswith("cifar10-jpeg.tar.gz")
@@ -90,30 +91,30 @@ def test_invalid_config_is_a_one_line_error():
   config = config_loader.load("digits")
   config.distill.max_start_epoch = 30
   with pytest.raises(CCDDError, match="exceeds experts.epochs"):
-    settings.validate(config)
+    validation.validate(config)
   config.distill.max_start_epoch = 10
   config.experts.group_size = -1
   with pytest.raises(CCDDError, match="experts.group_size"):
-    settings.validate(config)
+    validation.validate(config)
   config.experts.group_size = 1
   config.concurrency = -2
   with pytest.raises(CCDDError, match="concurrency"):
-    settings.validate(config)
+    validation.validate(config)
   config.concurrency = 0
   config.distill.syn_steps = 0
   with pytest.raises(CCDDError, match="distill.syn_steps = 0 must be >= 1"):
-    settings.validate(config)
+    validation.validate(config)
   config.distill.syn_steps = 20
   config.model.name = "lenet"
   with pytest.raises(CCDDError, match="invalid config: unknown architecture 'lenet'"):
-    settings.validate(config)
+    validation.validate(config)
   config.model.name = "convnet"
   config.eval.models = "convnet,alexnet:batch"
   with pytest.raises(CCDDError, match="eval.models entry 'alexnet:batch': .* no norm 'batch'"):
-    settings.validate(config)
+    validation.validate(config)
   config.eval.models = "resnet18,resnet18"
   with pytest.raises(CCDDError, match="lists an architecture twice"):
-    settings.validate(config)
+    validation.validate(config)
 
 
 def test_non_editable_install_finds_its_default_config(tmp_path):

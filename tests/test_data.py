@@ -12,10 +12,10 @@ from PIL import Image
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import data
-from ccdd_jax import image_files
-from ccdd_jax import preprocess
-from ccdd_jax import tfds_source
+from ccdd_jax.data import datasets
+from ccdd_jax.data import image_files
+from ccdd_jax.data import preprocess
+from ccdd_jax.data import tfds_source
 
 CIFAR_TARBALL = (
   pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -51,7 +51,7 @@ def _cache_files(cache_dir):
 
 
 def test_folder_loads_png(tmp_path):
-  ds = data.load_dataset(_config(_make_folder(tmp_path / "imgs"), tmp_path / "cache"))
+  ds = datasets.load_dataset(_config(_make_folder(tmp_path / "imgs"), tmp_path / "cache"))
   assert ds.class_names == CLASSES
   assert ds.train_images.shape == (9, 8, 8, 3) and ds.train_images.dtype == np.uint8
   assert ds.test_images.shape == (6, 8, 8, 3) and ds.test_images.dtype == np.uint8
@@ -69,7 +69,7 @@ def test_folder_loads_jpeg_any_case_and_grayscale(tmp_path):
   root = _make_folder(tmp_path / "imgs", suffix=".JPG")
   _write_image(root / "train" / "cat" / "zz.jpeg", 7, mode="L")
   (root / "train" / "cat" / "notes.txt").write_text("not an image")
-  ds = data.load_dataset(_config(root, tmp_path / "cache"))
+  ds = datasets.load_dataset(_config(root, tmp_path / "cache"))
   assert ds.train_images.shape == (10, 8, 8, 3)
   assert ds.test_images.shape == (6, 8, 8, 3)
   assert abs(int(ds.train_images[3, 0, 0, 0]) - 7) <= 3
@@ -78,14 +78,14 @@ def test_folder_loads_jpeg_any_case_and_grayscale(tmp_path):
 def test_folder_image_size_resizes_mixed_sizes(tmp_path):
   root = _make_folder(tmp_path / "imgs")
   _write_image(root / "train" / "cat" / "big.png", 9, size=(12, 10))
-  ds = data.load_dataset(_config(root, tmp_path / "cache", image_size=4))
+  ds = datasets.load_dataset(_config(root, tmp_path / "cache", image_size=4))
   assert ds.train_images.shape == (10, 4, 4, 3)
   assert ds.test_images.shape == (6, 4, 4, 3)
 
 
 def test_train_and_test_subset_per_class(tmp_path):
   root = _make_folder(tmp_path / "imgs", n_train=5, n_test=3)
-  ds = data.load_dataset(
+  ds = datasets.load_dataset(
     _config(root, tmp_path / "cache", train_subset_per_class=2, test_subset_per_class=1)
   )
   assert ds.train_images.shape[0] == 6 and ds.test_images.shape[0] == 3
@@ -99,7 +99,7 @@ def test_tar_gz_with_top_level_folder(tmp_path):
   tarball = tmp_path / "mydata.tar.gz"
   with tarfile.open(tarball, "w:gz") as tar:
     tar.add(root, arcname="mydata")
-  ds = data.load_dataset(_config(tarball, tmp_path / "cache", train_subset_per_class=2))
+  ds = datasets.load_dataset(_config(tarball, tmp_path / "cache", train_subset_per_class=2))
   assert ds.class_names == CLASSES
   assert ds.train_images.shape == (6, 8, 8, 3)
   assert ds.test_images.shape == (6, 8, 8, 3)
@@ -112,37 +112,37 @@ def test_tar_gz_without_top_level_folder(tmp_path):
   with tarfile.open(tarball, "w:gz") as tar:
     tar.add(root / "train", arcname="train")
     tar.add(root / "test", arcname="test")
-  ds = data.load_dataset(_config(tarball, tmp_path / "cache"))
+  ds = datasets.load_dataset(_config(tarball, tmp_path / "cache"))
   assert ds.train_images.shape == (9, 8, 8, 3)
 
 
 def test_cache_is_written_and_reused(tmp_path, monkeypatch):
   root = _make_folder(tmp_path / "imgs")
   cache = tmp_path / "cache"
-  first = data.load_dataset(_config(root, cache))
+  first = datasets.load_dataset(_config(root, cache))
   assert len(_cache_files(cache)) == 1
 
   def _fail(*args, **kwargs):
     raise AssertionError("decoded again instead of reading the cache")
 
   monkeypatch.setattr(image_files, "_decode", _fail)
-  second = data.load_dataset(_config(root, cache))
+  second = datasets.load_dataset(_config(root, cache))
   np.testing.assert_array_equal(first.train_images, second.train_images)
   np.testing.assert_array_equal(first.test_labels, second.test_labels)
   assert first.class_names == second.class_names
   # Other options or changed files use another cache entry.
   with pytest.raises(AssertionError):
-    data.load_dataset(_config(root, cache, image_size=4))
+    datasets.load_dataset(_config(root, cache, image_size=4))
   monkeypatch.undo()
   _write_image(root / "train" / "cat" / "99.png", 1)
-  assert data.load_dataset(_config(root, cache)).train_images.shape[0] == 10
+  assert datasets.load_dataset(_config(root, cache)).train_images.shape[0] == 10
 
 
 def test_unwritable_cache_dir_still_loads(tmp_path):
   root = _make_folder(tmp_path / "imgs")
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  ds = data.load_dataset(_config(root, blocker / "cache"))
+  ds = datasets.load_dataset(_config(root, blocker / "cache"))
   assert ds.train_images.shape[0] == 9
 
 
@@ -155,7 +155,7 @@ def test_image_files_returns_plain_arrays(tmp_path):
   assert type(loaded) is dict and set(loaded) == PLAIN_KEYS
   assert loaded["name"] == "folder:imgs" and loaded["class_names"] == CLASSES
   assert all(type(c) is str for c in loaded["class_names"])
-  ds = data.load_dataset(_config(root, tmp_path / "c"))  # From the cache just written.
+  ds = datasets.load_dataset(_config(root, tmp_path / "c"))  # From the cache just written.
   for key in PLAIN_KEYS - {"name", "class_names"}:
     np.testing.assert_array_equal(getattr(ds, key), loaded[key])
     assert getattr(ds, key).dtype == loaded[key].dtype
@@ -164,11 +164,11 @@ def test_image_files_returns_plain_arrays(tmp_path):
 
 
 def test_loaders_do_not_import_data():
-  """image_files, tfds_source and preprocess sit below data: no import cycle."""
+  """image_files, tfds_source and preprocess sit below datasets: no import cycle."""
   code = (
-    "import sys; import ccdd_jax.image_files, ccdd_jax.tfds_source, "
-    "ccdd_jax.preprocess, ccdd_jax.file_cache; "
-    "assert 'ccdd_jax.data' not in sys.modules, 'data imported'; "
+    "import sys; import ccdd_jax.data.image_files, ccdd_jax.data.tfds_source, "
+    "ccdd_jax.data.preprocess, ccdd_jax.data.file_cache; "
+    "assert 'ccdd_jax.data.datasets' not in sys.modules, 'datasets imported'; "
     "assert 'tensorflow' not in sys.modules, 'tensorflow imported eagerly'"
   )
   subprocess.run([sys.executable, "-c", code], check=True)
@@ -201,14 +201,14 @@ def test_tinyimagenet(tmp_path):
   cfg = config_section(
     "data", name="tinyimagenet", root=str(root), cache_dir=str(tmp_path / "cache")
   )
-  ds = data.load_dataset(cfg)
+  ds = datasets.load_dataset(cfg)
   assert ds.class_names == ("n01", "n02")
   assert ds.train_images.shape == (6, 8, 8, 3) and ds.train_images.dtype == np.uint8
   assert ds.test_images.shape == (4, 8, 8, 3)
   np.testing.assert_array_equal(ds.train_labels, [0, 0, 0, 1, 1, 1])
   np.testing.assert_array_equal(ds.test_labels, [0, 0, 1, 1])
   cfg.train_subset_per_class = 1
-  assert data.load_dataset(cfg).train_images.shape[0] == 2
+  assert datasets.load_dataset(cfg).train_images.shape[0] == 2
 
 
 def test_tinyimagenet_bad_annotation(tmp_path):
@@ -219,10 +219,10 @@ def test_tinyimagenet_bad_annotation(tmp_path):
     "data", name="tinyimagenet", root=str(root), cache_dir=str(tmp_path / "cache")
   )
   with pytest.raises(CCDDError, match="n99"):
-    data.load_dataset(cfg)
+    datasets.load_dataset(cfg)
   os.remove(root / "wnids.txt")
   with pytest.raises(CCDDError, match="wnids.txt"):
-    data.load_dataset(cfg)
+    datasets.load_dataset(cfg)
 
 
 def _tiny_config(root, cache):
@@ -259,7 +259,7 @@ def test_tinyimagenet_bad_layouts(tmp_path):
 
 def _raises(cfg, *fragments):
   with pytest.raises(CCDDError) as info:
-    data.load_dataset(cfg)
+    datasets.load_dataset(cfg)
   msg = str(info.value)
   assert "\n" not in msg
   for fragment in fragments:
@@ -360,8 +360,8 @@ def test_tfds_unknown_name(tmp_path):
 def test_tfds_mock_data(tmp_path):
   tfds = _tfds_with_tensorflow()
   with tfds.testing.mock_data(num_examples=6):
-    ds = data.load_dataset(_tfds_config("cifar10", tmp_path))
-    small = data.load_dataset(_tfds_config("mnist", tmp_path, image_size=10))
+    ds = datasets.load_dataset(_tfds_config("cifar10", tmp_path))
+    small = datasets.load_dataset(_tfds_config("mnist", tmp_path, image_size=10))
     loaded = tfds_source.load_tfds("cifar10", str(tmp_path))
   assert type(loaded) is dict and set(loaded) == PLAIN_KEYS
   assert loaded["name"] == "tfds:cifar10" and loaded["class_names"] == ds.class_names
@@ -412,7 +412,7 @@ def fixture_tfds_prepared(tmp_path_factory):
 
 
 def test_tfds_prepared_offline(tfds_prepared, tmp_path):
-  ds = data.load_dataset(_tfds_config("ccdd_tiny_shapes", tfds_prepared, image_size=4))
+  ds = datasets.load_dataset(_tfds_config("ccdd_tiny_shapes", tfds_prepared, image_size=4))
   assert ds.class_names == ("ant", "bee", "cow")
   assert ds.train_images.shape == (9, 4, 4, 3) and ds.test_images.shape == (6, 4, 4, 3)
   np.testing.assert_array_equal(np.bincount(ds.train_labels), [3, 3, 3])
@@ -430,7 +430,7 @@ def test_tfds_prepared_offline(tfds_prepared, tmp_path):
 
 @pytest.mark.skipif(not CIFAR_TARBALL.is_file(), reason=f"{CIFAR_TARBALL} is absent")
 def test_shared_cifar10_tarball(tmp_path):
-  ds = data.load_dataset(_config(CIFAR_TARBALL, tmp_path / "cache", train_subset_per_class=20))
+  ds = datasets.load_dataset(_config(CIFAR_TARBALL, tmp_path / "cache", train_subset_per_class=20))
   assert ds.class_names == (
     "airplane",
     "automobile",
@@ -593,8 +593,8 @@ def test_zca_cache_name_is_stable(tmp_path):
 
 
 def test_attacker_split_is_held_out_of_training_per_class():
-  full = data.load_dataset(config_section("data", name="digits", attacker_fraction=0.0))
-  ds = data.load_dataset(config_section("data", name="digits", attacker_fraction=0.2))
+  full = datasets.load_dataset(config_section("data", name="digits", attacker_fraction=0.0))
+  ds = datasets.load_dataset(config_section("data", name="digits", attacker_fraction=0.2))
   assert ds.attacker_images.dtype == np.uint8 and ds.attacker_images.shape[1:] == (8, 8, 1)
   assert len(ds.train_labels) + len(ds.attacker_labels) == len(full.train_labels)
   np.testing.assert_array_equal(ds.test_images, full.test_images)
@@ -607,4 +607,4 @@ def test_attacker_split_is_held_out_of_training_per_class():
   assert sum(h in owner for h in held) <= 3  # Digits has a few exact duplicate images.
   assert full.attacker_images is None
   with pytest.raises(CCDDError, match="data.attacker_fraction"):
-    data.load_dataset(config_section("data", name="digits", attacker_fraction=1.5))
+    datasets.load_dataset(config_section("data", name="digits", attacker_fraction=1.5))

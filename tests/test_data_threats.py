@@ -11,24 +11,27 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import data as data_lib
-from ccdd_jax import data_threats
-from ccdd_jax import evaluate
-from ccdd_jax import inner_loop
-from ccdd_jax import models
-from ccdd_jax import pipeline
-from ccdd_jax import preprocess
-from ccdd_jax import settings
-from ccdd_jax import watermark
+from ccdd_jax.config import schema
+from ccdd_jax.config import validation
+from ccdd_jax.data import datasets as data_lib
+from ccdd_jax.data import preprocess
+from ccdd_jax.method import evaluate
+from ccdd_jax.method import inner_loop
+from ccdd_jax.method import models
+from ccdd_jax.method import watermark
+from ccdd_jax.run import pipeline
+from ccdd_jax.threats import data_attacks
+from ccdd_jax.threats import data_suite
+from ccdd_jax.threats import detection as detection_lib
 
 
 def test_roc_auc_on_known_inputs():
-  assert data_threats.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # sklearn's example.
-  assert data_threats.roc_auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
-  assert data_threats.roc_auc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
-  assert data_threats.roc_auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5  # Ties count one half.
-  assert data_threats.roc_auc([1, 2, 2, 3], [0, 0, 1, 1]) == 0.875
-  assert np.isnan(data_threats.roc_auc([1, 2], [1, 1]))
+  assert detection_lib.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # sklearn's example.
+  assert detection_lib.roc_auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+  assert detection_lib.roc_auc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+  assert detection_lib.roc_auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5  # Ties count one half.
+  assert detection_lib.roc_auc([1, 2, 2, 3], [0, 0, 1, 1]) == 0.875
+  assert np.isnan(detection_lib.roc_auc([1, 2], [1, 1]))
 
 
 def planted_features(seed=0):
@@ -43,11 +46,11 @@ def planted_features(seed=0):
 
 def test_spectral_score_ranks_a_planted_outlier_cluster_highest():
   feats, labels, planted = planted_features()
-  scores = data_threats.spectral_scores(feats, labels)
+  scores = data_attacks.spectral_scores(feats, labels)
   assert set(np.argsort(-scores)[:4]) == set(planted)
   assert np.isclose(scores[labels == 1].mean(), 1.0)  # Over the class mean: ~z^2.
   # Activation clustering puts exactly them in the smaller cluster of class 0.
-  clusters = data_threats.clustering_scores(feats, labels, dims=5)
+  clusters = data_attacks.clustering_scores(feats, labels, dims=5)
   assert set(np.flatnonzero(clusters[:40] >= 1.0)) == set(planted)
 
 
@@ -58,13 +61,13 @@ def test_corner_score_ranks_stamped_images_highest():
   patterns, _ = watermark.expand_key(bytes(range(32)), 3, 4, 1, 10)
   stamped = np.array([5, 20, 41])
   images[stamped] = watermark.stamp(images[stamped], patterns, np.arange(3))
-  scores = data_threats.corner_scores(images.astype(np.float32) / 255.0, 4)
+  scores = data_attacks.corner_scores(images.astype(np.float32) / 255.0, 4)
   assert set(np.argsort(-scores)[:3]) == set(stamped)
 
 
 def test_disagreement_score_is_one_minus_the_label_probability():
   logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]))
-  scores = data_threats.disagreement_scores(logits + 5.0, np.array([0, 0, 2]))  # Shift-free.
+  scores = data_attacks.disagreement_scores(logits + 5.0, np.array([0, 0, 2]))  # Shift-free.
   np.testing.assert_allclose(scores, [0.3, 0.9, 2 / 3])
   assert np.argmax(scores) == 1  # The image whose label the model disbelieves most.
 
@@ -75,7 +78,7 @@ def test_cleansing_drops_exactly_k_percent_and_keeps_labels_aligned(fraction, ke
   labels = rng.integers(0, 10, 50)
   images = np.broadcast_to(labels[:, None, None, None], (50, 4, 4, 1)).astype(np.float32)
   scores = rng.normal(size=50)
-  keep = data_threats.cleanse(scores, fraction)
+  keep = data_attacks.cleanse(scores, fraction)
   assert len(keep) == kept and np.all(np.diff(keep) > 0)
   dropped = np.setdiff1d(np.arange(50), keep)
   assert len(dropped) == 50 - kept
@@ -83,24 +86,24 @@ def test_cleansing_drops_exactly_k_percent_and_keeps_labels_aligned(fraction, ke
     assert scores[dropped].min() > scores[keep].max()  # The highest scores go.
   assert np.array_equal(images[keep][:, 0, 0, 0], labels[keep])  # Each image keeps its label.
   with pytest.raises(ValueError):
-    data_threats.cleanse(scores, 1.0)
+    data_attacks.cleanse(scores, 1.0)
 
 
 def test_cutout_covers_the_corner():
   images = jnp.ones((16, 8, 8, 1))
   rng = jax.random.PRNGKey(0)
-  out = np.asarray(data_threats.corner_cutout(images, rng, 4, 1.0))
+  out = np.asarray(data_attacks.corner_cutout(images, rng, 4, 1.0))
   assert np.all(out[:, :4, :4] == 0) and np.all(out.sum(axis=(1, 2, 3)) == 64 - 16)
-  anywhere = np.asarray(data_threats.corner_cutout(images, rng, 4, 0.0))
+  anywhere = np.asarray(data_attacks.corner_cutout(images, rng, 4, 0.0))
   assert not np.all(anywhere[:, :4, :4] == 0)  # Elsewhere, at least sometimes.
   assert np.all(anywhere.sum(axis=(1, 2, 3)) >= 64 - 16)
-  strong = data_threats.strong_augment(
+  strong = data_attacks.strong_augment(
     images, rng, patch=4, corner_prob=1.0, max_shift=0, flip_prob=0.0
   )
   assert np.all(np.asarray(strong)[:, :4, :4] == 0)
   # With crop and flip the cut square moves, but it is always 16 pixels or fewer.
   moved = np.asarray(
-    data_threats.strong_augment(images, rng, patch=4, corner_prob=1.0, max_shift=1)
+    data_attacks.strong_augment(images, rng, patch=4, corner_prob=1.0, max_shift=1)
   )
   assert np.all(moved.sum(axis=(1, 2, 3)) <= 64 - 16 + 8)
 
@@ -130,22 +133,22 @@ def test_parameter_detection_tells_apart_what_differs():
     "conv": {"kernel": rng.normal(0, 1.0, (8, 50))},
     "head": {"kernel": rng.normal(size=(8, 30))},
   }
-  names, values = data_threats.parameter_statistics(wide)
+  names, values = detection_lib.parameter_statistics(wide)
   assert values.shape == (8, 8) and "conv/kernel:std" in names
-  result = data_threats.parameter_detection(wide, narrow)
+  result = detection_lib.parameter_detection(wide, narrow)
   assert result["auc"] == 1.0 and result["min_p_mannwhitney"] < 1e-3
   assert result["most_different_statistic"] in ("conv/kernel:std", "conv/kernel:l2")
   same = {
     "conv": {"kernel": rng.normal(0, 1.0, (8, 50))},
     "head": {"kernel": rng.normal(size=(8, 30))},
   }
-  assert data_threats.parameter_detection(same, narrow)["bonferroni_p_mannwhitney"] > 0.05
+  assert detection_lib.parameter_detection(same, narrow)["bonferroni_p_mannwhitney"] > 0.05
 
 
 def test_anomaly_index():
-  index, smallest = data_threats.anomaly_index([10, 11, 9, 10, 12, 2])
+  index, smallest = detection_lib.anomaly_index([10, 11, 9, 10, 12, 2])
   assert smallest == 5 and index > 2
-  assert data_threats.anomaly_index([10, 11, 9, 10, 12, 8])[0] < 2
+  assert detection_lib.anomaly_index([10, 11, 9, 10, 12, 8])[0] < 2
 
 
 def test_neural_cleanse_finds_a_planted_trigger():
@@ -175,11 +178,11 @@ def test_neural_cleanse_finds_a_planted_trigger():
     )
   )
   clean = ds.test_images[ds.test_labels != 0][:48].astype(np.float32) / 255.0
-  result = data_threats.neural_cleanse(
+  result = detection_lib.neural_cleanse(
     net.apply,
     params,
     clean,
-    data_threats.pixel_transform(prep),
+    data_suite.pixel_transform(prep),
     10,
     jax.random.PRNGKey(2),
     steps=100,
@@ -187,11 +190,11 @@ def test_neural_cleanse_finds_a_planted_trigger():
   norms, mask = result["norms"][0], result["masks"][0, 0, ..., 0]
   assert int(np.argmin(norms)) == 0, norms
   assert mask[:2, :2].sum() > 0.5 * mask.sum(), mask.round(2)
-  assert result["anomaly_index"][0] > data_threats.ANOMALY_THRESHOLD, norms
+  assert result["anomaly_index"][0] > detection_lib.ANOMALY_THRESHOLD, norms
   masks = np.zeros((1, 2, 8, 8, 1))
   masks[0, 0, :3, :3] = 1.0  # All on the corner ...
   masks[0, 1, 4:, 4:] = 1.0  # ... none on it.
-  assert np.allclose(data_threats.corner_mass(masks, 4), 0.5)
+  assert np.allclose(detection_lib.corner_mass(masks, 4), 0.5)
 
 
 @pytest.mark.parametrize(
@@ -206,10 +209,10 @@ def test_neural_cleanse_finds_a_planted_trigger():
   ],
 )
 def test_bad_data_threat_settings_fail_in_one_line(field, value, message):
-  config = settings.base_config()
+  config = schema.base_config()
   config.attacks[field] = value
   with pytest.raises(CCDDError, match=message):
-    settings.validate(config)
+    validation.validate(config)
 
 
 def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_path, capfd):
@@ -230,14 +233,14 @@ def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_pa
   out, err = capfd.readouterr()
   data = json.loads((run / "attacks.json").read_text())["data"]
   assert (run / "attacks_data.png").stat().st_size > 0
-  assert set(data["points"]) == set(data_threats.DATA_ATTACKS) - {"label_smoothing"}
+  assert set(data["points"]) == set(data_attacks.DATA_ATTACKS) - {"label_smoothing"}
   for entries in data["points"].values():
     for e in entries:
       assert len(e["verified"]) == config.eval.num_seeds
       assert e["verdict"] in ("removed", "survived", "destroyed", "n/a")
   assert data["points"]["cleanse_corner"][0]["dropped"] == round(0.3 * data["num_images"])
   detection = data["detection"]
-  assert set(detection["data"]) == {*data_threats.CLEANSERS, "trigger_visibility"}
+  assert set(detection["data"]) == {*data_attacks.CLEANSERS, "trigger_visibility"}
   assert data["points"]["cleanse_disagreement"][0]["dropped"] == round(0.3 * data["num_images"])
   for name in ("auc", "auc_median_norm", "auc_corner_mass"):
     assert 0.0 <= detection["neural_cleanse"][name] <= 1.0

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import distill
-from ccdd_jax import evaluate
-from ccdd_jax import inner_loop
-from ccdd_jax import models
-from ccdd_jax import settings
-from ccdd_jax import watermark
+from ccdd_jax.config import validation
+from ccdd_jax.method import distill
+from ccdd_jax.method import distill as distill_lib
+from ccdd_jax.method import embedding
+from ccdd_jax.method import evaluate
+from ccdd_jax.method import inner_loop
+from ccdd_jax.method import models
+from ccdd_jax.method import watermark
 
 NO_AUG = config_section("dsa", strategy="none")
 
@@ -175,7 +177,7 @@ def test_init_synthetic_real_images_and_trigger_slots():
   images = rng.integers(0, 256, size=(60, 8, 8, 1), dtype=np.uint8)
   labels = np.repeat(np.arange(3), 20)
   patterns = np.full((2, 4, 4, 1), 7, np.uint8)
-  imgs, labs, trig = distill.init_synthetic(
+  imgs, labs, trig = embedding.init_synthetic(
     images,
     labels,
     3,
@@ -189,7 +191,7 @@ def test_init_synthetic_real_images_and_trigger_slots():
   assert trig.sum() == 2 and set(labs[trig]) == {1}
   assert np.all(imgs[trig][:, :4, :4] == 7)
   with pytest.raises(CCDDError, match="ipc"):
-    distill.init_synthetic(
+    embedding.init_synthetic(
       images,
       labels,
       3,
@@ -209,7 +211,7 @@ def test_eq10_forms_equal_the_literal_form_at_beta_zero():
     distill.make_meta_loss(distill_config(eq10_form=f), apply_flat, dsa, 6, with_terms=True)(
       *args, jax.random.PRNGKey(3)
     )
-    for f in settings.EQ10_FORMS
+    for f in distill_lib.EQ10_FORMS
   ]
   assert float(values[0][0]) > 0
   for other in values[1:]:
@@ -325,10 +327,10 @@ def test_soft_labels_are_learned_and_frozen_on_trigger_slots():
   from_trigger = np.array([False, True, False, False, True, False])
   init = np.asarray(images)
   cfg = distill_config(iterations=3, soft_labels="one_hot", lr_label=50.0, freeze_trigger=True)
-  logits = distill.initial_label_logits(cfg, np.asarray(labels), 3, lambda: None)
+  logits = embedding.initial_label_logits(cfg, np.asarray(labels), 3, lambda: None)
   np.testing.assert_array_equal(logits.argmax(1), labels)
   np.testing.assert_allclose(logits.max(1), cfg.label_logit_scale)
-  aux = distill.aux_inputs(cfg, from_trigger, 2, {"train_images": init})
+  aux = embedding.aux_inputs(cfg, from_trigger, 2, {"train_images": init})
   run = lambda **kw: distill.distill(
     cfg,
     apply_flat,
@@ -344,11 +346,11 @@ def test_soft_labels_are_learned_and_frozen_on_trigger_slots():
   chex.assert_shape(out[3], (6, 3))
   np.testing.assert_array_equal(out[3][from_trigger], logits[from_trigger])
   assert np.abs(out[3][~from_trigger] - logits[~from_trigger]).max() > 1e-4
-  summary = distill.soft_label_summary(out[3], np.asarray(labels))
+  summary = embedding.soft_label_summary(out[3], np.asarray(labels))
   assert 0.3 < summary["mean_top_probability"] < 1.0
   with pytest.raises(ValueError, match="label_logits go with distill.soft_labels"):
     run()
-  expert_init = distill.initial_label_logits(
+  expert_init = embedding.initial_label_logits(
     distill_config(soft_labels="expert"), labels, 3, lambda: apply_flat(expert[0, -1], init)
   )
   np.testing.assert_allclose(expert_init, apply_flat(expert[0, -1], init))
@@ -417,7 +419,7 @@ def test_split_roles_update_trigger_slots_on_watermarked_iterations_only():
     cfg = distill_config(
       iterations=4, lr_img=10.0, clean_expert_fraction=fraction, split_roles=True
     )
-    aux = distill.aux_inputs(cfg, from_trigger, 2, {"train_images": init})
+    aux = embedding.aux_inputs(cfg, from_trigger, 2, {"train_images": init})
     chex.assert_shape(aux["trigger_slots"], (6, 1, 1, 1))
     run = distill.distill(
       cfg,
@@ -445,7 +447,7 @@ def test_split_roles_update_trigger_slots_on_watermarked_iterations_only():
   config = conftest.tiny_config()
   config.distill.split_roles = True
   with pytest.raises(CCDDError, match="split_roles needs a pool of both kinds"):
-    settings.validate(config)
+    validation.validate(config)
 
 
 def test_frozen_trigger_corner_is_never_updated():
@@ -454,7 +456,7 @@ def test_frozen_trigger_corner_is_never_updated():
   noisy = np.asarray(images + 0.5 * jax.random.normal(jax.random.PRNGKey(9), images.shape))
   from_trigger = np.array([False, True, False, False, True, False])
   cfg = distill_config(iterations=5, lr_img=10.0, freeze_trigger=True)
-  aux = distill.aux_inputs(cfg, from_trigger, 2, {"train_images": noisy})
+  aux = embedding.aux_inputs(cfg, from_trigger, 2, {"train_images": noisy})
   chex.assert_shape(aux["grad_mask"], (6, 4, 4, 1))
   out, *_ = distill.distill(
     cfg,
@@ -475,7 +477,7 @@ def test_trigger_safe_dsa_in_the_student_keeps_the_corner():
   apply_flat, w0, images, labels = tiny_problem()
   from_trigger = np.array([True] * 6)
   cfg = distill_config(trigger_safe_dsa=True)
-  aux = distill.aux_inputs(cfg, from_trigger, 4, {"train_images": np.asarray(images)})
+  aux = embedding.aux_inputs(cfg, from_trigger, 4, {"train_images": np.asarray(images)})
   args = (images, jnp.float32(0.05), labels, w0, w0 + 0.02, w0, w0 + 0.02, jax.random.PRNGKey(3))
   cutout = config_section("dsa", strategy="cutout")
   # The keep mask covers every pixel of the 4x4 images: DSA then changes nothing.
@@ -493,7 +495,7 @@ def test_carriers_are_added_beyond_ipc():
   patterns, pattern_labels = watermark.expand_key(bytes(32), 2, 4, 1, 3)
   for source in ("train", "set"):
     cfg = distill_config(ipc=2, carriers_per_pattern=3, carrier_source=source)
-    images, labels, trig = distill.initial_set(
+    images, labels, trig = embedding.initial_set(
       cfg,
       train,
       train_labels,
@@ -517,7 +519,7 @@ def test_carriers_are_added_beyond_ipc():
 
 def test_clean_set_config_switches_the_watermark_levers_off():
   cfg = distill_config(beta=0.5, carriers_per_pattern=2, gamma_wm=1.0, trigger_safe_dsa=True)
-  clean = distill.set_config(cfg, watermarked=False)
+  clean = embedding.set_config(cfg, watermarked=False)
   assert clean.beta == 0 and clean.carriers_per_pattern == 0 and clean.gamma_wm == 0
   assert not clean.trigger_safe_dsa and clean.ipc == cfg.ipc
-  assert distill.set_config(cfg, watermarked=True).to_dict() == cfg.to_dict()
+  assert embedding.set_config(cfg, watermarked=True).to_dict() == cfg.to_dict()

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccdd_jax import attacks
-from ccdd_jax import augment
-from ccdd_jax import checkpoints
-from ccdd_jax import experts
-from ccdd_jax import inner_loop
-from ccdd_jax import models
-from ccdd_jax import parallel
-from ccdd_jax import watermark
+from ccdd_jax.devices import parallel
+from ccdd_jax.method import augment
+from ccdd_jax.method import experts
+from ccdd_jax.method import inner_loop
+from ccdd_jax.method import models
+from ccdd_jax.method import pruning
+from ccdd_jax.method import watermark
+from ccdd_jax.run import checkpoints
 
 NO_AUG = config_section("dsa", strategy="none")
 
@@ -59,7 +59,7 @@ def test_losses_are_eq6_and_eq8():
 
 
 def test_prune_mask_removes_least_active_channels():
-  mask = attacks.prune_mask(jnp.array([0.5, 0.1, 0.9, 0.0, 0.3]), 0.4)
+  mask = pruning.prune_mask(jnp.array([0.5, 0.1, 0.9, 0.0, 0.3]), 0.4)
   np.testing.assert_array_equal(mask, [1, 0, 1, 0, 1])
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import distill
-from ccdd_jax import models
+from ccdd_jax.method import distill
+from ccdd_jax.method import models
 
 NO_AUG = config_section("dsa", strategy="none")
 IMAGE_SHAPE = (32, 32, 3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import models
+from ccdd_jax.method import models
 
 
 @pytest.mark.parametrize("conv_impl", ["im2col", "shift"])

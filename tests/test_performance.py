@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import distill
-from ccdd_jax import inner_loop
-from ccdd_jax import models
-from ccdd_jax import settings
+from ccdd_jax.config import validation
+from ccdd_jax.method import distill
+from ccdd_jax.method import inner_loop
+from ccdd_jax.method import models
 
 FLIP = config_section("dsa", strategy="flip")
 
@@ -111,10 +111,10 @@ def test_unknown_unroll_and_remat_are_one_line_errors():
   config = tiny_config()
   config.distill.unroll = "0"
   with pytest.raises(CCDDError, match="invalid config: distill.unroll = '0'"):
-    settings.validate(config)
+    validation.validate(config)
   config.distill.unroll, config.distill.remat = "auto", "sometimes"
   with pytest.raises(CCDDError, match="invalid config: distill.remat = 'sometimes'"):
-    settings.validate(config)
+    validation.validate(config)
   with pytest.raises(ValueError, match="unknown remat policy 'sometimes'"):
     inner_loop.sgd_scan(
       lambda w, _: jnp.sum(w), jnp.ones(2), jnp.zeros(2), jnp.ones(2), remat="sometimes"

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import checkpoints
-from ccdd_jax import pipeline
-from ccdd_jax import preprocess
-from ccdd_jax import watermark
-from ccdd_jax import workdir as workdir_lib
+from ccdd_jax.data import preprocess
+from ccdd_jax.method import verify
+from ccdd_jax.method import watermark
+from ccdd_jax.run import checkpoints
+from ccdd_jax.run import pipeline
+from ccdd_jax.run import workdir as workdir_lib
 
 REPO = conftest.REPO
 
@@ -138,7 +139,7 @@ def test_networks_that_never_saw_a_key_are_not_verified(tiny_run):
       ctx.net.apply(one, ctx.preprocess.apply(u8)).argmax(-1)
     ).astype(np.int64)
     for trial in range(20):
-      result = watermark.verify(
+      result = verify.verify(
         predict,
         watermark.generate_key(),
         ctx.dataset.test_images,

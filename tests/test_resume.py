@@ -20,11 +20,11 @@ from test_distill import distill_config
 from test_distill import tiny_problem
 
 from ccdd_jax import CCDDError
-from ccdd_jax import config_loader
-from ccdd_jax import distill
-from ccdd_jax import inner_loop
-from ccdd_jax import manifest
-from ccdd_jax import resume
+from ccdd_jax.config import loader as config_loader
+from ccdd_jax.method import distill
+from ccdd_jax.method import inner_loop
+from ccdd_jax.run import manifest
+from ccdd_jax.run import resume
 
 REPO = conftest.REPO
 

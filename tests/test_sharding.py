@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import sharding
+from ccdd_jax.devices import sharding
 
 REPO = conftest.REPO
 
@@ -68,7 +68,7 @@ def test_distributed_modes(monkeypatch):
 def test_distributed_on_without_a_cluster_fails_in_one_line():
   # A fresh process: jax.distributed.initialize() must come before any JAX work.
   code = (
-    "from ccdd_jax import sharding\n"
+    "from ccdd_jax.devices import sharding\n"
     "try:\n"
     "  sharding.maybe_initialize_distributed('on')\n"
     "except Exception as e:\n"

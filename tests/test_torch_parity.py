@@ -16,7 +16,7 @@ from benchmarks import vs_pytorch
 from benchmarks import workers
 from benchmarks.bench_settings import Setting
 from benchmarks.bench_settings import make_problem
-from ccdd_jax import models
+from ccdd_jax.method import models
 
 torch = pytest.importorskip("torch")
 

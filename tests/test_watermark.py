@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax import watermark
+from ccdd_jax.method import exact_tests
+from ccdd_jax.method import verify
+from ccdd_jax.method import watermark
 
 TEST_KEY = bytes(range(32))
 
@@ -375,18 +377,18 @@ def test_watermark_accuracy_and_pattern_counts():
   pattern_ids = np.array([0, 0, 0, 1, 1, 1, 1])
   pattern_labels = np.array([3, 2])
   carrier_labels = np.array([1, 3, 0, 2, 2, 1, 0])
-  assert watermark.watermark_accuracy(predictions, pattern_ids, pattern_labels) == 5 / 7
+  assert verify.watermark_accuracy(predictions, pattern_ids, pattern_labels) == 5 / 7
   # Queries 1, 3 and 4 carry an image of their target's own class: left out.
   assert (
-    watermark.watermark_accuracy(predictions, pattern_ids, pattern_labels, carrier_labels) == 3 / 4
+    verify.watermark_accuracy(predictions, pattern_ids, pattern_labels, carrier_labels) == 3 / 4
   )
-  counts = watermark.pattern_counts(predictions, pattern_ids, 2, 4)
+  counts = exact_tests.pattern_counts(predictions, pattern_ids, 2, 4)
   np.testing.assert_array_equal(counts, [[0, 1, 0, 2], [1, 0, 3, 0]])
   # Queries predicted as their own class never count.
-  counts = watermark.pattern_counts(predictions, pattern_ids, 2, 4, carrier_labels=carrier_labels)
+  counts = exact_tests.pattern_counts(predictions, pattern_ids, 2, 4, carrier_labels=carrier_labels)
   np.testing.assert_array_equal(counts, [[0, 1, 0, 1], [1, 0, 2, 0]])
   with pytest.raises(ValueError, match="predictions"):
-    watermark.pattern_counts(predictions + 1, pattern_ids, 2, 4)
+    exact_tests.pattern_counts(predictions + 1, pattern_ids, 2, 4)
 
 
 # ---------------------------------------------- statistics vs brute force
@@ -420,7 +422,7 @@ def test_majority_pvalue_matches_enumeration(n, num_classes, seed):
   counts = np.stack([rng.permutation(num_classes) * 3 + 1 for _ in range(n)])
   k_tail, _, _ = _brute_force_tails(counts, unique_plurality_only=True)
   for k in range(n + 2):
-    assert watermark.majority_binomial_pvalue(k, n, num_classes) == float(k_tail(k))
+    assert exact_tests.majority_binomial_pvalue(k, n, num_classes) == float(k_tail(k))
   # Rows with ties: never more false claims than Bin(n, 1/C) allows, whereas
   # counting a tie as a match would be anti-conservative.
   tied = counts.copy()
@@ -428,13 +430,13 @@ def test_majority_pvalue_matches_enumeration(n, num_classes, seed):
   k_tail, _, _ = _brute_force_tails(tied, unique_plurality_only=True)
   liberal_tail, _, _ = _brute_force_tails(tied, unique_plurality_only=False)
   for k in range(n + 1):
-    assert k_tail(k) <= watermark.majority_binomial_pvalue(k, n, num_classes)
-  assert liberal_tail(n) > watermark.majority_binomial_pvalue(n, n, num_classes)
+    assert k_tail(k) <= exact_tests.majority_binomial_pvalue(k, n, num_classes)
+  assert liberal_tail(n) > exact_tests.majority_binomial_pvalue(n, n, num_classes)
 
 
 def test_plurality_matches_ties_never_match():
   counts = np.array([[5, 5, 0], [1, 6, 2], [0, 0, 0], [3, 2, 3]])
-  matches = watermark.plurality_matches(counts, np.array([0, 1, 0, 2]))
+  matches = exact_tests.plurality_matches(counts, np.array([0, 1, 0, 2]))
   assert matches.tolist() == [False, True, False, False]
 
 
@@ -450,11 +452,11 @@ def test_majority_pvalue_reproduces_reference_thresholds():
   }
   for n, thresholds in table.items():
     for alpha, expected_k in zip((1e-2, 1e-3, 1e-6), thresholds):
-      k = next(k for k in range(n + 1) if watermark.majority_binomial_pvalue(k, n, 10) <= alpha)
+      k = next(k for k in range(n + 1) if exact_tests.majority_binomial_pvalue(k, n, 10) <= alpha)
       assert k == expected_k, (n, alpha)
   # The paper's rule (n = 10, tau = 1) accepts a random model this often.
-  assert watermark.majority_binomial_pvalue(1, 10, 10) == pytest.approx(1 - 0.9**10, rel=1e-15)
-  assert watermark.majority_binomial_pvalue(300, 300, 200) == 200.0**-300
+  assert exact_tests.majority_binomial_pvalue(1, 10, 10) == pytest.approx(1 - 0.9**10, rel=1e-15)
+  assert exact_tests.majority_binomial_pvalue(300, 300, 200) == 200.0**-300
 
 
 @pytest.mark.parametrize(
@@ -468,7 +470,7 @@ def test_conditional_pvalue_matches_enumeration(n, num_classes, m, seed):
   for labels in itertools.product(range(num_classes), repeat=n):
     t = int(counts[np.arange(n), labels].sum())
     exact = float(t_tail(t))
-    p = watermark.conditional_label_pvalue(counts, np.array(labels))
+    p = exact_tests.conditional_label_pvalue(counts, np.array(labels))
     assert p == pytest.approx(exact, rel=1e-12), (labels, t)
     tested += 1
   assert tested == num_classes**n and len(t_hist) > 1
@@ -504,20 +506,20 @@ def test_conditional_pvalue_matches_exact_integers_far_in_the_tail():
       drop -= take
     t = int(counts[np.arange(n), labels_now].sum())
     exact = _exact_label_sum_tail(counts, t)
-    p = watermark.conditional_label_pvalue(counts, labels_now)
+    p = exact_tests.conditional_label_pvalue(counts, labels_now)
     assert p == pytest.approx(float(exact), rel=1e-10), t
-  assert watermark.conditional_label_pvalue(counts, labels) < 1e-20
+  assert exact_tests.conditional_label_pvalue(counts, labels) < 1e-20
 
 
 def test_conditional_pvalue_edge_cases():
-  assert watermark.conditional_label_pvalue(np.zeros((3, 4), int), [0, 1, 2]) == 1.0
+  assert exact_tests.conditional_label_pvalue(np.zeros((3, 4), int), [0, 1, 2]) == 1.0
   counts = np.array([[9, 0, 0], [0, 0, 9]])
-  assert watermark.conditional_label_pvalue(counts, [0, 2]) == pytest.approx(1 / 9, rel=1e-15)
-  assert watermark.conditional_label_pvalue(counts, [1, 1]) == 1.0
+  assert exact_tests.conditional_label_pvalue(counts, [0, 2]) == pytest.approx(1 / 9, rel=1e-15)
+  assert exact_tests.conditional_label_pvalue(counts, [1, 1]) == 1.0
   with pytest.raises(ValueError, match="labels"):
-    watermark.conditional_label_pvalue(counts, [0, 3])
+    exact_tests.conditional_label_pvalue(counts, [0, 3])
   with pytest.raises(ValueError, match="counts"):
-    watermark.conditional_label_pvalue(-counts, [0, 2])
+    exact_tests.conditional_label_pvalue(-counts, [0, 2])
 
 
 def test_conditional_pvalue_is_fast_at_full_scale():
@@ -527,9 +529,11 @@ def test_conditional_pvalue_is_fast_at_full_scale():
   counts = rng.multinomial(m - 600, np.ones(num_classes) / num_classes, size=n)
   counts[np.arange(n), labels] += 600
   # Each label sits on the unique maximum of its row: p = C^-n exactly.
-  assert watermark.conditional_label_pvalue(counts, labels) == pytest.approx(200.0**-100, rel=1e-9)
+  assert exact_tests.conditional_label_pvalue(counts, labels) == pytest.approx(
+    200.0**-100, rel=1e-9
+  )
   null_counts = rng.multinomial(m, np.ones(num_classes) / num_classes, size=n)
-  assert 0.0 < watermark.conditional_label_pvalue(null_counts, labels) <= 1.0
+  assert 0.0 < exact_tests.conditional_label_pvalue(null_counts, labels) <= 1.0
 
 
 def test_conditional_false_positive_rate_at_nominal_level():
@@ -542,7 +546,7 @@ def test_conditional_false_positive_rate_at_nominal_level():
   p_of_t = {}
   for t, labels in zip(statistics.tolist(), label_vectors):
     if t not in p_of_t:
-      p_of_t[t] = watermark.conditional_label_pvalue(counts, labels)
+      p_of_t[t] = exact_tests.conditional_label_pvalue(counts, labels)
   ts = sorted(p_of_t)
   assert all(p_of_t[a] >= p_of_t[b] for a, b in zip(ts, ts[1:]))
   p_values = np.array([p_of_t[t] for t in statistics.tolist()])
@@ -566,11 +570,11 @@ def test_conditional_detects_sub_majority_watermark():
     counts[i, confused] = 16  # A stronger confusion.
     counts[i, others] = [3, 3, 3, 2, 2, 2, 2, 2]
   assert counts.sum(axis=1).tolist() == [50] * n
-  k = int(watermark.plurality_matches(counts, labels).sum())
+  k = int(exact_tests.plurality_matches(counts, labels).sum())
   assert k == 0
-  assert watermark.majority_binomial_pvalue(k, n, num_classes) == 1.0
+  assert exact_tests.majority_binomial_pvalue(k, n, num_classes) == 1.0
   # T >= 150 needs every label on its 15 or 16: P = 0.2^10 ≈ 1e-7.
-  p = watermark.conditional_label_pvalue(counts, labels)
+  p = exact_tests.conditional_label_pvalue(counts, labels)
   assert p == pytest.approx(0.2**10, rel=1e-12)
   assert p < 1e-6
 
@@ -594,7 +598,7 @@ def test_verify_random_model_never_claims():
 
   p_values = []
   for _ in range(60):
-    result = watermark.verify(
+    result = verify.verify(
       random_guess,
       rng.bytes(32),
       images,
@@ -621,7 +625,7 @@ def test_verify_watermarked_model_is_verified_and_report_is_safe():
   def watermarked_model(batch):
     return np.array([trigger_to_label.get(image[:4, :4].tobytes(), 0) for image in batch])
 
-  result = watermark.verify(
+  result = verify.verify(
     watermarked_model,
     key,
     images,
@@ -665,7 +669,7 @@ def test_verify_is_valid_for_systematic_models_that_never_saw_the_key(model):
 
   trials, alpha = 200, 0.05
   p_values = [
-    watermark.verify(
+    verify.verify(
       predict,
       rng.bytes(32),
       images,
@@ -695,7 +699,7 @@ def test_verify_rejects_bad_predict_fn(bad_output, message):
   rng = np.random.default_rng(13)
   images, labels = _held_out(rng, 50)
   with pytest.raises(ValueError, match=message):
-    watermark.verify(
+    verify.verify(
       bad_output, TEST_KEY, images, labels, n_patterns=3, patch_size=4, num_classes=10, m=5, rng=rng
     )
 
@@ -703,7 +707,7 @@ def test_verify_rejects_bad_predict_fn(bad_output, message):
 def test_verify_with_all_images_and_float_images_rejected():
   rng = np.random.default_rng(14)
   images, labels = _held_out(rng, 30)
-  result = watermark.verify(
+  result = verify.verify(
     lambda b: np.zeros(len(b), np.int64),
     TEST_KEY,
     images,
@@ -716,7 +720,7 @@ def test_verify_with_all_images_and_float_images_rejected():
   )
   assert result["m"] is None and result["n_queries"] == 90
   with pytest.raises(TypeError, match="uint8"):
-    watermark.verify(
+    verify.verify(
       lambda b: np.zeros(len(b), np.int64),
       TEST_KEY,
       images / 255.0,
@@ -728,7 +732,7 @@ def test_verify_with_all_images_and_float_images_rejected():
       rng=rng,
     )
   with pytest.raises(CCDDError, match="m = 31"):
-    watermark.verify(
+    verify.verify(
       lambda b: np.zeros(len(b), np.int64),
       TEST_KEY,
       images,

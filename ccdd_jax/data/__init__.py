@@ -1,0 +1,1 @@
+"""Data sets, image folders, TFDS, the input transform and the on-disk cache."""

@@ -1,0 +1,1 @@
+"""Devices and hosts below the method: the mesh, sharding, concurrent programs."""

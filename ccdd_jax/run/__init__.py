@@ -1,0 +1,1 @@
+"""Running the stages into a workdir: orchestration, context, manifest, resume, files."""

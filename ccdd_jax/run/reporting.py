@@ -1,0 +1,461 @@
+"""What a run shows people: progress lines, JSON files, the report and its pictures.
+
+Everything here takes plain data (dicts, arrays, paths); nothing knows the
+pipeline's Context, so the stages can call it without an import cycle.
+
+  report.json  the figures of every stage (see `build_report`)
+  report.md    its short table (`report_markdown`), with the attacks' (`attacks_markdown`)
+  *.png        distilled images, one row per class (`save_grid`)
+  attacks.json, attacks.png   --stage=attacks (`write_attacks`, `save_attacks_plot`)
+  attacks_data.png            its "data" section (`data_threats_markdown`, `save_data_threats_plot`)
+"""
+
+from collections.abc import Callable
+import json
+import os
+import pathlib
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ccdd_jax import log
+from ccdd_jax.devices import sharding
+
+SETS = ("distilled", "clean_distilled", "real")
+
+
+def fmt_pct(stat: dict) -> str:
+  """ "mean ± std%" of a `evaluate.summarize` dict of fractions."""
+  return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}%"
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Writes `obj` as indented JSON, atomically (a kill leaves the old file or the new one)."""
+  path = pathlib.Path(path)
+  write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+  """Writes a text file atomically (a kill leaves the old file or the new one); process 0 only."""
+  if not sharding.is_writer():
+    return
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+  """Saves a matplotlib figure as PNG atomically (process 0 only)."""
+  if not sharding.is_writer():
+    return
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+  fig.savefig(tmp, dpi=100, format="png")
+  os.replace(tmp, path)
+
+
+def read_json(path: pathlib.Path) -> dict:
+  """The JSON object in `path`, or {} when there is no such file."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return {}
+  return json.loads(path.read_text())
+
+
+def progress_printer(name: str, total: int) -> Callable[[int, Any], None]:
+  """A callback `progress(iteration, loss)` that shows distillation progress with tqdm."""
+  from tqdm import auto as tqdm  # Imported on first use: only distillation shows a bar.
+
+  bar = tqdm.tqdm(
+    total=total, desc=f"[distill] {name}", file=sys.stderr, mininterval=2.0, leave=False
+  )
+
+  def progress(it, loss):
+    bar.update(1)
+    if it % 25 == 0 or it == total - 1:
+      bar.set_postfix(loss=f"{float(loss):.3f}")
+    if it == total - 1:
+      bar.close()
+
+  return progress
+
+
+def group_progress(stage: str) -> Callable[[str, int, int], None]:
+  """A callback `progress(what, done, total)` that logs each quarter of a stage's groups."""
+  start = time.time()
+
+  def progress(what, done, total):
+    if total > 1 and (done == total or done % max(1, total // 4) == 0):
+      log.log(f"[{stage}] {what}: {done}/{total} groups done ({time.time() - start:.0f} s)")
+
+  return progress
+
+
+def save_grid(
+  path: pathlib.Path,
+  pixels: np.ndarray,
+  labels: np.ndarray,
+  class_names: tuple,
+  from_trigger: np.ndarray,
+  title: str,
+) -> None:
+  """A PNG grid of [0, 1] pixels, one row per class; slots seeded from D_W framed in red."""
+  # The Figure API, not pyplot: the two distilled sets may be saved from two threads.
+  from matplotlib.figure import Figure  # Imported on first use: it is slow to import.
+
+  classes = sorted({int(label) for label in labels})
+  per_class = max(int(np.sum(labels == c)) for c in classes)
+  fig = Figure(figsize=(0.8 * per_class + 0.6, 0.8 * len(classes) + 0.5))
+  axes = fig.subplots(len(classes), per_class, squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for row, c in enumerate(classes):
+    for col, i in enumerate(np.flatnonzero(labels == c)):
+      ax = axes[row, col]
+      img = pixels[i]
+      ax.imshow(
+        img[..., 0] if img.shape[-1] == 1 else img,
+        cmap="gray" if img.shape[-1] == 1 else None,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+      )
+      if from_trigger[i]:
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+          spine.set_edgecolor("red")
+          spine.set_linewidth(2)
+    axes[row, 0].set_title(class_names[c], fontsize=7, loc="left")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  save_figure(fig, path)
+
+
+def distill_summary(
+  losses: np.ndarray, lr: float, visibility: np.ndarray, from_trigger: np.ndarray, seconds: float
+) -> dict:
+  """distill.json's entry for one set: eq. 10 and its terms early and late, trigger visibility."""
+  first, last = losses[:20].mean(axis=0), losses[-20:].mean(axis=0)
+  return {
+    "trigger_visibility": {
+      "mean": float(visibility.mean()),
+      "trigger_slots": float(visibility[from_trigger].mean()) if from_trigger.any() else None,
+      "real_slots": float(visibility[~from_trigger].mean()),
+    },
+    "lr": lr,
+    "loss_first": float(first[0]),
+    "loss_last": float(last[0]),
+    "expert_term_first": float(first[1]),
+    "expert_term_last": float(last[1]),
+    "twin_term_first": float(first[2]),
+    "twin_term_last": float(last[2]),
+    "direct_term_first": float(first[3]) if len(first) > 3 else 0.0,
+    "direct_term_last": float(last[3]) if len(last) > 3 else 0.0,
+    "num_images": len(from_trigger),
+    "seconds": seconds,
+  }
+
+
+def distill_line(name: str, entry: dict) -> str:
+  """One log line of a `distill_summary` entry."""
+  e = entry
+  return (
+    f"[distill] {name}: eq. 10 loss {e['loss_first']:.3f} -> {e['loss_last']:.3f} "
+    f"(expert term {e['expert_term_first']:.3f} -> {e['expert_term_last']:.3f}, "
+    f"twin term {e['twin_term_first']:.3f} -> {e['twin_term_last']:.3f}, direct "
+    f"{e['direct_term_first']:.3f} -> {e['direct_term_last']:.3f}), learned lr "
+    f"{e['lr']:.4g}, trigger visibility {e['trigger_visibility']['mean']:.2f} "
+    f"({e['seconds']:.0f} s)"
+  )
+
+
+def report_header(
+  config, dataset_name: str, num_classes: int, patch_size: int, key_fingerprint: str, timings: dict
+) -> dict:
+  """The run-level fields of report.json."""
+  return {
+    "dataset": dataset_name,
+    "num_classes": num_classes,
+    "ipc": config.distill.ipc,
+    "n_patterns": config.watermark.n_patterns,
+    "patch_size": patch_size,
+    "alpha": config.watermark.alpha,
+    "queries_per_pattern": config.watermark.queries_per_pattern,
+    "key_fingerprint": key_fingerprint,
+    "wall_seconds": timings,
+    "jax_version": jax.__version__,
+    "backend": jax.default_backend(),
+    "config": config.to_dict(),
+  }
+
+
+def build_report(workdir: pathlib.Path, header: dict, primary_arch: str) -> dict:
+  """report.json: `header` plus the stages' JSON files, evaluation merged with verification.
+
+  The distillation model's (`primary_arch`) figures also sit at the top level
+  under each set's name.
+  """
+  workdir = pathlib.Path(workdir)
+  evaluation = read_json(workdir / "evaluation.json")
+  verification = read_json(workdir / "verification.json")
+  report = dict(header)
+  report["experts"] = read_json(workdir / "experts.json")
+  report["distill"] = read_json(workdir / "distill.json")
+  architectures = {}
+  for arch, evaluated in evaluation.items():
+    architectures[arch] = {}
+    for name, entry in evaluated.items():
+      entry = dict(entry)
+      v = verification.get(arch, {}).get(name, {})
+      entry.update({k: v[k] for k in ("p_values", "p_values_majority", "verified") if k in v})
+      architectures[arch][name] = entry
+  report["architectures"] = architectures
+  for name in SETS:
+    report[name] = architectures.get(primary_arch, {}).get(name, {})
+  attacks = read_json(workdir / "attacks.json")
+  if attacks:
+    report["attacks"] = attacks
+  return report
+
+
+def write_report(workdir: pathlib.Path, report: dict) -> None:
+  """Writes report.json and report.md."""
+  write_json(pathlib.Path(workdir) / "report.json", report)
+  write_text(pathlib.Path(workdir) / "report.md", report_markdown(report))
+
+
+def report_markdown(report: dict) -> str:
+  """The short human-readable table of report.json."""
+  lines = [
+    f"# CCDD run: {report['dataset']}, IPC {report['ipc']}, "
+    f"n = {report['n_patterns']} patterns, alpha = {report['alpha']:g}",
+    "",
+    "| model | set | Acc | Acc_W | verified | median p (conditional) | median p (majority) |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for arch, evaluated in report.get("architectures", {}).items():
+    for name in SETS:
+      e = evaluated.get(name, {})
+      if "acc" not in e:
+        continue
+      ver = e.get("verified", [])
+      p = e.get("p_values", [])
+      pm = e.get("p_values_majority", [])
+      lines.append(
+        f"| {arch} | {name} | {fmt_pct(e['acc'])} | {fmt_pct(e['acc_w'])} | "
+        f"{sum(ver)}/{len(ver)} | {np.median(p) if p else float('nan'):.3g} | "
+        f"{np.median(pm) if pm else float('nan'):.3g} |"
+      )
+  experts = report.get("experts", {})
+  kinds = [k for k, v in experts.items() if isinstance(v, dict) and "acc" in v]
+  if kinds:
+    lines += ["", "| experts | Acc | Acc_W |", "|---|---|---|"]
+    for kind in kinds:
+      lines.append(
+        f"| {kind} | {fmt_pct(experts[kind]['acc'])} | {fmt_pct(experts[kind]['acc_w'])} |"
+      )
+  if report.get("attacks"):
+    lines += ["", *attacks_markdown(report["attacks"])]
+  lines += [
+    "",
+    "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_seconds"].items()),
+    "",
+  ]
+  return "\n".join(lines)
+
+
+def _verified(entry: dict) -> str:
+  return f"{sum(entry['verified'])}/{len(entry['verified'])}"
+
+
+def attacks_markdown(attacks: dict) -> list[str]:
+  """The lines of report.md's attacks table (threats.run_suite's result)."""
+  lines = [
+    f"Attacks (attacks.json): {attacks['attacker_images']} clean images of the attacker's; "
+    f"removed = verification fails with Acc down < {100 * attacks['max_acc_drop']:.0f} points "
+    "(in most networks verified before); new key = the overwriting pirate's "
+    f"({attacks['pirate_wm_images']} stamped images).",
+    "",
+    "| set | attack | strength | Acc | Acc change | Acc_W | verified | new key Acc_R, verified "
+    "| verdict |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for set_name, points in attacks["sets"].items():
+    for name, entries in points.items():
+      if name == "before":
+        entries = [entries]
+      for e in entries:
+        strength = (
+          "-"
+          if e["strength"] is None
+          else f"{attacks['attacks'][name]['strength']} {e['strength']:g}"
+        )
+        change = "-" if e["strength"] is None else f"{-100 * e['acc_drop']:+.1f}"
+        pirate = e.get("pirate")
+        new_key = f"{fmt_pct(pirate['acc_r'])}, {_verified(pirate)}" if pirate else "-"
+        lines.append(
+          f"| {set_name} | {'none' if name == 'before' else name} | {strength} | "
+          f"{fmt_pct(e['acc'])} | {change} | {fmt_pct(e['acc_w'])} | "
+          f"{_verified(e)} | {new_key} | {e['verdict']} |"
+        )
+  if attacks.get("data"):
+    lines += ["", *data_threats_markdown(attacks["data"])]
+  return lines
+
+
+def _auc(value) -> str:
+  return "-" if value is None or value != value else f"{value:.2f}"
+
+
+def data_threats_markdown(data: dict) -> list[str]:
+  """The lines of report.md's tables of the attacks on the distilled data (data_threats.run)."""
+  lines = [
+    f"Attacks on the distilled data ({data['num_images']} images, {data['trigger_slots']} "
+    f"trigger slots; the pirate's clean model: {data['clean_model']['images']} images, Acc "
+    f"{100 * data['clean_model']['acc']:.1f}%): networks trained on what the pirate keeps or "
+    "how it trains, verified with the owner's key.",
+    "",
+    "| attack | strength | images kept | trigger slots dropped | Acc | Acc change | Acc_W "
+    "| verified | verdict |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  rows = [("none", None, data["before"])]
+  rows += [(n, e["strength"], e) for n, entries in data["points"].items() for e in entries]
+  for name, value, e in rows:
+    strength = "-" if value is None else f"{data['attacks'][name]['strength']} {value:g}"
+    kept = data["num_images"] - e.get("dropped", 0)
+    dropped = f"{e['trigger_slots_dropped']}/{data['trigger_slots']}" if "dropped" in e else "-"
+    change = "-" if value is None else f"{-100 * e['acc_drop']:+.1f}"
+    lines.append(
+      f"| {name} | {strength} | {kept} | {dropped} | {fmt_pct(e['acc'])} | {change} | "
+      f"{fmt_pct(e['acc_w'])} | {_verified(e)} | {e['verdict']} |"
+    )
+  det = data["detection"]
+  p, nc = det["parameters"], det["neural_cleanse"]
+  lines += [
+    "",
+    "| detector | positives vs negatives | ROC AUC | also |",
+    "|---|---|---|---|",
+    f"| parameter statistics (distance to clean reference) | {p['n_watermarked']} vs "
+    f"{p['n_clean']} networks | {_auc(p['auc'])} | smallest Mann-Whitney p "
+    f"{p['min_p_mannwhitney']:.3g} of {p['n_statistics']} statistics (Bonferroni "
+    f"{p['bonferroni_p_mannwhitney']:.3g}) |",
+    f"| Neural Cleanse anomaly index | {len(nc['distilled']['anomaly_index'])} vs "
+    f"{len(nc['clean_distilled']['anomaly_index'])} networks | {_auc(nc['auc'])} | flagged "
+    f"(index > {nc['threshold']:g}): {nc['distilled']['flagged']} watermarked-set, "
+    f"{nc['clean_distilled']['flagged']} clean-set networks |",
+    f"| Neural Cleanse median mask norm (smaller = watermarked) | same | "
+    f"{_auc(nc['auc_median_norm'])} | needs clean reference networks |",
+    f"| Neural Cleanse mask mass on the trigger corner | same | "
+    f"{_auc(nc['auc_corner_mass'])} | needs clean reference networks |",
+  ]
+  for name, d in det["data"].items():
+    who = " (owner's view: uses the key)" if d["uses_key"] else ""
+    lines += [
+      f"| {name} score{who} | trigger slots vs other images of the set | "
+      f"{_auc(d['trigger_slots_auc'])} | |",
+      f"| {name} score{who} | watermarked vs clean distilled set's images | "
+      f"{_auc(d['set_auc'])} | |",
+    ]
+  return lines
+
+
+def save_attacks_plot(path: pathlib.Path, attacks: dict) -> None:
+  """attacks.png: Acc (solid) and Acc_W (dashed) against strength, one panel per attack.
+
+  One colour per set; the first point of each panel is the unattacked
+  network; filled markers where most networks are still verified.
+  """
+  from matplotlib.figure import Figure  # Imported on first use: it is slow to import.
+
+  names = list(attacks["attacks"])
+  cols = min(5, max(1, len(names)))
+  rows = -(-len(names) // cols)
+  fig = Figure(figsize=(3.2 * cols, 2.8 * rows + 0.6))
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  colors = {"distilled": "tab:red", "clean_distilled": "tab:blue", "real": "tab:green"}
+  for ax, name in zip(axes, names):
+    strength = attacks["attacks"][name]["strength"]
+    for set_name, points in attacks["sets"].items():
+      entries = [points["before"], *points.get(name, [])]
+      x = np.arange(len(entries))
+      color = colors.get(set_name, "tab:gray")
+      for metric, style in (("acc", "-"), ("acc_w", "--")):
+        y = [100 * e[metric]["mean"] for e in entries]
+        ax.plot(x, y, style, color=color, label=f"{set_name} {metric.title()}")
+        held = [2 * sum(e["verified"]) > len(e["verified"]) for e in entries]
+        ax.scatter(
+          x, y, s=18, color=color, facecolors=[color if h else "white" for h in held], zorder=3
+        )
+      labels = ["none"] + [f"{e['strength']:g}" for e in points.get(name, [])]
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_title(f"{name} ({strength})", fontsize=8)
+    ax.set_ylim(-2, 102)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  for ax in axes[len(names) :]:
+    ax.axis("off")
+  axes[0].set_ylabel("%", fontsize=8)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7)
+  fig.suptitle(
+    "Attacks: Acc (solid), Acc_W (dashed); filled = verified in most networks", fontsize=9
+  )
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  save_figure(fig, path)
+
+
+def save_data_threats_plot(path: pathlib.Path, data: dict) -> None:
+  """attacks_data.png: Acc and Acc_W per attack on the data (left), detectors' AUC (right)."""
+  from matplotlib.figure import Figure  # Imported on first use: it is slow to import.
+
+  rows = [("none", data["before"])]
+  rows += [(f"{n} {e['strength']:g}", e) for n, entries in data["points"].items() for e in entries]
+  det = data["detection"]
+  aucs = [
+    ("parameter statistics", det["parameters"]["auc"]),
+    ("Neural Cleanse: anomaly index", det["neural_cleanse"]["auc"]),
+    ("Neural Cleanse: median norm", det["neural_cleanse"]["auc_median_norm"]),
+    ("Neural Cleanse: corner mass", det["neural_cleanse"]["auc_corner_mass"]),
+  ]
+  for name, d in det["data"].items():
+    aucs += [(f"{name}: trigger slots", d["trigger_slots_auc"]), (f"{name}: set", d["set_auc"])]
+  fig = Figure(figsize=(12, 0.3 * max(len(rows), len(aucs)) + 1.5))
+  left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+  y = np.arange(len(rows))
+  for offset, metric, color in ((-0.2, "acc", "tab:blue"), (0.2, "acc_w", "tab:red")):
+    values = [100 * e[metric]["mean"] for _, e in rows]
+    left.barh(y + offset, values, 0.4, color=color, label=metric.title())
+  for i, (_, e) in enumerate(rows):
+    left.text(101, i, f"{_verified(e)} verified", va="center", fontsize=7)
+  left.set_yticks(y, [name for name, _ in rows], fontsize=7)
+  left.invert_yaxis()
+  left.set_xlim(0, 125)
+  left.set_xlabel("%", fontsize=8)
+  left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+  left.set_title("Networks trained on the attacked data: Acc, Acc_W", fontsize=9)
+  y = np.arange(len(aucs))
+  right.barh(y, [0.0 if v is None or v != v else v for _, v in aucs], color="tab:gray")
+  right.axvline(0.5, color="k", lw=0.8, ls="--")
+  right.set_yticks(y, [name for name, _ in aucs], fontsize=7)
+  right.invert_yaxis()
+  right.set_xlim(0, 1)
+  right.set_title("Detectors: ROC AUC (0.5 = chance)", fontsize=9)
+  fig.tight_layout()
+  save_figure(fig, path)
+
+
+def write_attacks(workdir: pathlib.Path, attacks: dict) -> None:
+  """Writes attacks.json, attacks.png (with model attacks) and attacks_data.png (with data)."""
+  write_json(pathlib.Path(workdir) / "attacks.json", attacks)
+  if attacks["attacks"]:
+    save_attacks_plot(pathlib.Path(workdir) / "attacks.png", attacks)
+  if attacks.get("data"):
+    save_data_threats_plot(pathlib.Path(workdir) / "attacks_data.png", attacks["data"])

@@ -1,0 +1,1 @@
+"""What a pirate tries: removal attacks on models, attacks on the data, detection."""
