@@ -1,4 +1,4 @@
-r"""CIFAR-10 IPC 10 on 2 CPU cores, the watermark appended (issue 10): the CIFAR-10 default.
+r"""CIFAR-10 IPC 10 on 2 CPU cores, the watermark appended: the CIFAR-10 default.
 
   python -m ccdd_jax.main --config configs/cifar10_cpu.py --workdir runs/cifar10_cpu
 
@@ -11,25 +11,25 @@ beyond the paper:
     stamped carriers beyond IPC, never distilled;
   * distill.carrier_source = "set", carriers_per_pattern = 5: each carrier a
     copy of one of the set's own distilled images of another class, stamped
-    with the pattern and labelled y_i (5 per pattern: 91-92% Acc_W, 4: 77%;
-    docs/results.md 10.2);
+    with the pattern and labelled y_i; on CIFAR-10 such copies carry the
+    trigger with fewer carriers than stamped training images, and 5 per
+    pattern is the fewest that carried it well in the prototype;
   * watermark.n_patterns = 7 instead of the paper's 10: 35 carriers instead of
     50 (135 images), since each carrier costs Acc. Seven is the fewest with a
     margin under alpha: no p-value falls below 10^-n, so n = 5 can never be
     verified at alpha = 1e-6 and n = 6 only when every pattern is perfect.
-Over three fresh keys (docs/results.md 10.3) this set lost 1.5 points of Acc
-against the clean distilled set (31.2 against 32.7%) at 92.2% Acc_W, 15/15
-verified; over six keys 1.7 at 91.6% (one key 86.8%). With the paper's 10
-patterns it lost 3.1. The price of 7 patterns: a p floor of 1e-7 instead of
-1e-10, so attacks that spoil a few patterns fail verification sooner
-(results.md 11.8, measured on digits).
+The price of 7 patterns: a p floor of 1e-7 instead of 1e-10, so attacks that spoil a few
+patterns fail verification sooner.
+Measured: docs/results.md, rows of "configs/cifar10_cpu.py" (each key and the means over three,
+six and seven keys); fewer patterns under attack: the note under "Attacks on the default's
+watermark" there.
 """
 
 import pathlib
 
 import ml_collections
 
-from ccdd_jax import config_loader
+from ccdd_jax.config import loader as config_loader
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -2,49 +2,43 @@ r"""Digits with the watermark matched into the images: the best trajectory-match
 
   python -m ccdd_jax.main --workdir runs/matching --config digits_matching
 
-The default until issue 10's "appended" embedding (configs/digits.py): there
-the watermark rides on stamped carriers beside the clean distilled set; here
-it is distilled into the images from watermarked experts, as in the paper,
-at a higher price (docs/results.md 1: 84.8 / 81.2 against 91 / 95 over fresh
-keys). A width/depth-reduced ConvNet (width 16, depth 2), 8 experts of each
-kind x 20 epochs. It is the paper's method (configs/digits_paper.py) with the
-issue 10 levers that measured best on digits with it (docs/results.md,
-"Ablation", launch/ablation.py):
+The paper's method (configs/digits_paper.py: a width-16, depth-2 ConvNet, 8 experts of each
+kind x 20 epochs) with the watermark distilled into the images from watermarked experts, as in
+the paper, plus the levers that measured best with it on digits (experiments/ablation.py). The
+default (configs/digits.py) instead appends stamped carriers to a clean distilled set and is
+more accurate at a higher Acc_W. The levers:
   * experts.trigger_safe_dsa: the stamped corner of D_W images bypasses DSA
     in expert training, so the experts learn the trigger that verification
     shows (crop, rotate, scale and cutout otherwise move or erase it);
   * eq. 10 in form (b) (distill.eq10_form = "second_student", beta = 1): a
     second student from the fine-pruning-enhanced twin's th^Idx_t, matched to
     its own expert (the literal twin term stays far above 0 and costs Acc);
-    beta 1 measured +1.0 Acc / +1.3 Acc_W over 0.5, paired over four keys;
+    beta 1 measured better on average than 0.5, paired over four keys;
   * experts.fp_normal_last_epochs = 5: the enhanced experts' last 5 epochs
     are normal training (the paper's "last 10 epochs", scaled to 20 epochs);
   * distill.carriers_per_pattern = 4: 4 stamped carriers per pattern BEYOND
     the 100 IPC images (a set of 140 images; the set's size is reported);
   * distill.trigger_safe_dsa and distill.freeze_trigger: the stamped corner of
     the carriers and seeded slots stays out of DSA in eq. 9 and is never
-    updated;
+    updated, so the distilled trigger stays the one verification stamps;
   * the direct objective (distill.gamma_wm = gamma_clean = 0.3): after the N
     student steps, 0.3 CE of the student on a D_W minibatch of the training
-    split plus 0.3 CE on real training images, through the unrolled scan.
-Over trigger-safe experts, beta 0 and the carriers alone, the trigger-safe
-distillation gave +12 points of Acc_W and then form (b) over the normal-last-
-epochs twins +5 more, at the same Acc (the second student costs about 1.5x
-the watermarked set's distillation time); the direct objective then gave
-+2.3 points of Acc at equal Acc_W, paired over three fresh keys.
-300 distillation iterations keep the run short: about 3 minutes on an idle
-2-core machine (docs/results.md 1); more iterations, or 8 carriers per
-pattern, raise Acc_W further at more cost (section 9.1 there). Learned soft
-labels, split roles, lambda1 0.5 or 2 trade Acc for Acc_W or lose both
-(sections 9.2-9.4).
-Every field and its MTT default: ccdd_jax/settings.py.
+    split plus 0.3 CE on real training images, through the unrolled scan; it
+    raised Acc at equal Acc_W, paired over three keys.
+The trigger-safe distillation and form (b) raised Acc_W at the same Acc; the second student
+adds to the watermarked set's distillation time. 300 distillation iterations keep the run to a
+few minutes on 2 CPU cores; more iterations or more carriers per pattern raise Acc_W at more
+cost. Learned soft labels, split roles and other lambda1 trade Acc for Acc_W or lose both.
+Measured: docs/results.md, rows of "configs/digits_matching.py"; each lever alone and combined:
+the digits ablation files of docs/notebook/ (index: docs/notebook/README.md).
+Every field and its MTT default: ccdd_jax/config/schema.py.
 """
 
 import pathlib
 
 import ml_collections
 
-from ccdd_jax import config_loader
+from ccdd_jax.config import loader as config_loader
 
 
 def get_config() -> ml_collections.ConfigDict:

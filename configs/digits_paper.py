@@ -7,21 +7,22 @@ from the watermarked expert's th*_t is also pulled towards the
 fine-pruning-enhanced twin's th^Idx_{t+M}), every expert sampled from the
 watermarked kind, eq. 8 in every epoch, the run's DSA on D_W and on the
 synthetic set, no carrier beyond the IPC images, no direct objective: every
-issue 10 lever off (ccdd_jax/settings.py). One slot per pattern starts as a
-D_W image (`distill.triggers_per_pattern = 1`, as the default did before).
-These were configs/digits.py's values until issue 10; that config is now
-the best variant measured (docs/results.md, the ablation section, made by
-launch/ablation.py, whose "paper" row is this config).
+lever beyond the paper off (ccdd_jax/config/schema.py). One slot per pattern
+starts as a D_W image (`distill.triggers_per_pattern = 1`, an option beyond the
+paper). A width-16, depth-2 ConvNet and 8 experts of each kind x 20 epochs fit
+the run on 2 CPU cores. It is the "paper" row of experiments/ablation.py and the
+base that configs/digits.py and configs/digits_matching.py change.
+Measured: docs/results.md, rows of "configs/digits_paper.py".
 """
 
 import ml_collections
 
-from ccdd_jax import settings
+from ccdd_jax.config import schema
 
 
 def get_config() -> ml_collections.ConfigDict:
   """The paper-literal digits pipeline (the reference row of the ablation)."""
-  config = settings.base_config()
+  config = schema.base_config()
   config.data.name = "digits"
 
   config.model.width = 16

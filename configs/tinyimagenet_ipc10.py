@@ -1,15 +1,15 @@
 r"""Tiny ImageNet, 10 image(s) per class: one cell of the paper's Table 1.
 
-Hyperparameters: ccdd_jax/settings.py (MTT's per-setting values, the paper's
+Hyperparameters: ccdd_jax/config/schema.py (MTT's per-setting values, the paper's
 watermark settings). Data from TFDS prepared offline, or an image folder:
 
   python -m ccdd_jax.main --config configs/tinyimagenet_ipc10.py --workdir runs/tinyimagenet_ipc10 \
       --config.data.root /data/tiny-imagenet-200
 """
 
-from ccdd_jax import settings
+from ccdd_jax.config import paper
 
 
 def get_config():
   """Config of Tiny ImageNet at IPC 10."""
-  return settings.paper_config("tinyimagenet", 10)
+  return paper.paper_config("tinyimagenet", 10)
