@@ -3,8 +3,8 @@ r"""Runs the CCDD pipeline: python -m ccdd_jax.main --workdir runs/demo [--stage
 --config configs/<name>.py   a get_config() file, or a shipped config's name
                              (default: digits); override any field as
                              --config.distill.ipc=1
---stage  keygen | queries | experts | distill | evaluate | verify | all
-         | attacks (after evaluate, only when asked: all stops at verify)
+--stage  one stage of ccdd_jax/run/stages.py's table (keygen, queries, ...), or
+         all (default): every stage the table runs by default, keygen to verify
 --key_file  the owner's key (default <workdir>/owner.key)
 --predictions FILE  with --stage=verify: a black-box suspect's classes for
                     queries.npz (.npy, or one integer per line)
@@ -13,7 +13,7 @@ r"""Runs the CCDD pipeline: python -m ccdd_jax.main --workdir runs/demo [--stage
          it a rerun resumes where the last run stopped, and a workdir made
          with another config is refused (naming the differing fields)
 --num_devices N     spread the stages over N devices (default: config.num_devices,
-                    0 = every device of every process); see sharding.py
+                    0 = every device of every process); see devices/sharding.py
 --distributed auto|on|off  jax.distributed.initialize() before any other JAX
                     work: auto = when launched by Slurm, Open MPI or on a TPU
                     pod (launch/README.md); only process 0 writes files
@@ -27,6 +27,7 @@ from absl import flags
 
 from ccdd_jax import CCDDError
 from ccdd_jax.config import loader as config_loader
+from ccdd_jax.run import stages
 
 
 def one_line_exit(error: Exception) -> None:
@@ -73,8 +74,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for keys, trajectorie
 _STAGE = flags.DEFINE_enum(
   "stage",
   "all",
-  ["keygen", "queries", "experts", "distill", "evaluate", "verify", "attacks", "all"],
-  "Which stage to run.",
+  [*stages.NAMES, "all"],
+  f"Which stage to run; all = {', '.join(stages.IN_ALL)}.",
 )
 _KEY_FILE = flags.DEFINE_string("key_file", None, "Key file (default <workdir>/owner.key).")
 _PREDICTIONS = flags.DEFINE_string(
@@ -115,8 +116,6 @@ def main(argv):
   from ccdd_jax.run import pipeline
   from ccdd_jax.run import reporting
 
-  if _PREDICTIONS.value and _STAGE.value != "verify":
-    one_line_exit(CCDDError("--predictions goes with --stage=verify"))
   try:
     config = config_loader.materialize(_CONFIG, flags.FLAGS["config"].serialize().split("=", 1)[-1])
     if _NUM_DEVICES.value is not None:

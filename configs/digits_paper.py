@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.experts.wm_batch_size = 16
   config.experts.prune_examples = 256
 
+  # The paper's embedding: the watermark distilled into the images (eq. 10), no carrier.
+  config.distill.watermark_embedding = "matching"
+  config.distill.carriers_per_pattern = 0
+  config.distill.carrier_source = "train"
   config.distill.iterations = 200
   config.distill.max_start_epoch = 10
   config.distill.lr_teacher = 0.05  # Initial alpha of eq. 9 = the experts' lr.

@@ -21,6 +21,7 @@ from ccdd_jax.method import pruning
 from ccdd_jax.method import verify
 from ccdd_jax.method import watermark
 from ccdd_jax.run import pipeline
+from ccdd_jax.run import stages
 from ccdd_jax.threats import model_attacks
 from ccdd_jax.threats import suite
 
@@ -253,7 +254,7 @@ def test_strength_lists_take_strings_and_tuples():
 
 def test_all_does_not_run_attacks(tiny_run):
   workdir, _, report = tiny_run
-  assert "attacks" in pipeline.STAGES and "attacks" not in pipeline.ALL_STAGES
+  assert "attacks" in stages.NAMES and "attacks" not in stages.IN_ALL
   assert not (workdir / "attacks.json").exists() and "attacks" not in report["wall_seconds"]
 
 

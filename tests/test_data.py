@@ -7,6 +7,8 @@ import sys
 import tarfile
 
 from conftest import config_section
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -532,6 +534,16 @@ def test_preprocessor_without_zca_is_normalize():
   z = pre.apply(x)
   np.testing.assert_allclose(pre.to_pixels(z), np.clip(z * std + mean, 0.0, 1.0), atol=1e-7)
   np.testing.assert_allclose(pre.to_pixels(z, clip=False), x / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("zca", [False, True])
+def test_the_traceable_transform_of_pixels_is_apply(zca):
+  """Neural Cleanse's pixels -> inputs (jnp, under jit) is the transform `apply` uses."""
+  x = _toy_images(n=40, seed=7)
+  pre = preprocess.fit_preprocessor(x, zca=zca, zca_eps=0.2)
+  traced = jax.jit(lambda p: pre.pixels_to_inputs(p, xp=jnp))(x.astype(np.float32) / 255.0)
+  np.testing.assert_allclose(np.asarray(traced), pre.apply(x), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(pre.apply(x), x / 255.0, atol=1e-3)  # It transforms something.
 
 
 @pytest.mark.parametrize("zca", [False, True])

@@ -1,5 +1,6 @@
 """Each attack on the distilled data, and each detector, does what it says (data_threats.py)."""
 
+import functools
 import json
 import shutil
 
@@ -21,7 +22,6 @@ from ccdd_jax.method import models
 from ccdd_jax.method import watermark
 from ccdd_jax.run import pipeline
 from ccdd_jax.threats import data_attacks
-from ccdd_jax.threats import data_suite
 from ccdd_jax.threats import detection as detection_lib
 
 
@@ -182,7 +182,7 @@ def test_neural_cleanse_finds_a_planted_trigger():
     net.apply,
     params,
     clean,
-    data_suite.pixel_transform(prep),
+    functools.partial(prep.pixels_to_inputs, xp=jnp),
     10,
     jax.random.PRNGKey(2),
     steps=100,

@@ -246,12 +246,12 @@ def test_eq10_forms_at_positive_beta():
 
 def _direct_pools(dtype):
   key = jax.random.PRNGKey(8)
-  return {
-    "wm_images": jax.random.normal(key, (7, 4, 4, 1), dtype),
-    "wm_labels": jnp.array([0, 1, 2, 0, 1, 2, 0]),
-    "clean_images": jax.random.normal(jax.random.fold_in(key, 1), (9, 4, 4, 1), dtype),
-    "clean_labels": jnp.arange(9) % 3,
-  }
+  return distill.Aux(
+    wm_images=jax.random.normal(key, (7, 4, 4, 1), dtype),
+    wm_labels=jnp.array([0, 1, 2, 0, 1, 2, 0]),
+    clean_images=jax.random.normal(jax.random.fold_in(key, 1), (9, 4, 4, 1), dtype),
+    clean_labels=jnp.arange(9) % 3,
+  )
 
 
 def test_direct_objective_adds_the_student_cross_entropies():
@@ -420,7 +420,7 @@ def test_split_roles_update_trigger_slots_on_watermarked_iterations_only():
       iterations=4, lr_img=10.0, clean_expert_fraction=fraction, split_roles=True
     )
     aux = embedding.aux_inputs(cfg, from_trigger, 2, {"train_images": init})
-    chex.assert_shape(aux["trigger_slots"], (6, 1, 1, 1))
+    chex.assert_shape(aux.trigger_slots, (6, 1, 1, 1))
     run = distill.distill(
       cfg,
       apply_flat,
@@ -440,10 +440,10 @@ def test_split_roles_update_trigger_slots_on_watermarked_iterations_only():
   # The direct watermark term counts on watermarked iterations only ("beta_weight" 1).
   cfg = distill_config(gamma_wm=1.0, objective_batch=4, split_roles=True)
   meta = distill.make_meta_loss(cfg, apply_flat, NO_AUG, num_syn=6, with_terms=True)
-  pools = {"wm_images": images, "wm_labels": labels}
+  pools = distill.Aux(wm_images=images, wm_labels=labels)
   args = (images, jnp.float32(0.05), labels, w0, w0 + 0.02, w0, w0 + 0.02, jax.random.PRNGKey(3))
-  assert float(meta(*args, {**pools, "beta_weight": 0.0})[1][2]) == 0.0
-  assert float(meta(*args, {**pools, "beta_weight": 1.0})[1][2]) > 0.1
+  assert float(meta(*args, pools._replace(beta_weight=0.0))[1][2]) == 0.0
+  assert float(meta(*args, pools._replace(beta_weight=1.0))[1][2]) > 0.1
   config = conftest.tiny_config()
   config.distill.split_roles = True
   with pytest.raises(CCDDError, match="split_roles needs a pool of both kinds"):
@@ -457,7 +457,7 @@ def test_frozen_trigger_corner_is_never_updated():
   from_trigger = np.array([False, True, False, False, True, False])
   cfg = distill_config(iterations=5, lr_img=10.0, freeze_trigger=True)
   aux = embedding.aux_inputs(cfg, from_trigger, 2, {"train_images": noisy})
-  chex.assert_shape(aux["grad_mask"], (6, 4, 4, 1))
+  chex.assert_shape(aux.grad_mask, (6, 4, 4, 1))
   out, *_ = distill.distill(
     cfg,
     apply_flat,

@@ -14,10 +14,12 @@ import pytest
 
 from ccdd_jax import CCDDError
 from ccdd_jax.data import preprocess
+from ccdd_jax.method import evaluate
 from ccdd_jax.method import verify
 from ccdd_jax.method import watermark
 from ccdd_jax.run import checkpoints
 from ccdd_jax.run import pipeline
+from ccdd_jax.run import stages
 from ccdd_jax.run import workdir as workdir_lib
 
 REPO = conftest.REPO
@@ -47,7 +49,7 @@ def test_outputs_and_report(tiny_run):
     np.testing.assert_allclose(f["pixels"], preprocessor.to_pixels(f["images"]), atol=1e-6)
     assert 0.0 <= f["pixels"].min() and f["pixels"].max() <= 1.0
   on_disk = json.loads((workdir / "report.json").read_text())
-  for name in pipeline.SETS:
+  for name in evaluate.SETS:
     entry = on_disk[name]
     for metric in ("acc", "acc_w"):
       assert set(entry[metric]) == {"mean", "std", "runs"}
@@ -60,7 +62,7 @@ def test_outputs_and_report(tiny_run):
   assert on_disk["real"]["acc"]["mean"] > 0.3
   for key in ("alpha", "n_patterns", "num_classes", "wall_seconds", "config"):
     assert key in on_disk
-  assert set(pipeline.ALL_STAGES) <= set(on_disk["wall_seconds"])
+  assert set(stages.IN_ALL) <= set(on_disk["wall_seconds"])
   assert "| distilled |" in (workdir / "report.md").read_text()
   # Orbax trajectories of every kind and the paired initialisation.
   for kind in ("clean", "watermarked", "fp_enhanced"):
@@ -83,7 +85,7 @@ def test_cross_architecture_evaluation_merges_into_the_report(tiny_run, tmp_path
   assert list(evaluation) == ["convnet", "convnet:none"]
   # Only the distillation model has the real-data baseline (eval.real_all_models off).
   assert set(evaluation["convnet:none"]) == {"distilled", "clean_distilled"}
-  assert set(evaluation["convnet"]) == set(pipeline.SETS)  # Kept from the first run.
+  assert set(evaluation["convnet"]) == set(evaluate.SETS)  # Kept from the first run.
   report = pipeline.run(config, str(run), "verify")
   for label in ("convnet", "convnet:none"):
     entry = report["architectures"][label]["distilled"]
@@ -128,7 +130,7 @@ def test_networks_that_never_saw_a_key_are_not_verified(tiny_run):
   workdir, config, _ = tiny_run
   ctx = pipeline.Context(config, workdir, workdir / "owner.key")
   claims, trials = 0, 0
-  for name in pipeline.SETS:
+  for name in evaluate.SETS:
     params = checkpoints.restore_networks(
       workdir_lib.networks_dir(workdir, "convnet", name),
       ctx.net.like_params(),

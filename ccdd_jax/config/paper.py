@@ -67,6 +67,10 @@ def paper_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
   config.model.depth = depth
   config.data.zca = False  # The CCDD paper; MTT_ZCA[(dataset, ipc)] is MTT's choice.
   config.watermark.n_patterns = n_patterns
+  # The paper's embedding: the watermark distilled into the images (eq. 10), no carrier.
+  config.distill.watermark_embedding = "matching"
+  config.distill.carriers_per_pattern = 0
+  config.distill.carrier_source = "train"
   d = config.distill
   d.ipc = ipc
   d.syn_steps, d.expert_epochs, d.max_start_epoch = syn_steps, expert_epochs, max_start

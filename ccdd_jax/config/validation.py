@@ -131,13 +131,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int, require) -> None:
   """The checks of the `attacks` section (threats.ATTACKS names each strength list's rule)."""
-  from ccdd_jax.run import reporting  # pylint: disable=g-import-not-at-top
+  from ccdd_jax.method import evaluate  # pylint: disable=g-import-not-at-top
   from ccdd_jax.threats import suite  # pylint: disable=g-import-not-at-top
 
   sets = suite.parse_list(a.sets)
   require(
-    sets and set(sets) <= set(reporting.SETS) and len(set(sets)) == len(sets),
-    f"attacks.sets = {a.sets!r}: list some of {', '.join(reporting.SETS)}, each once",
+    sets and set(sets) <= set(evaluate.SETS) and len(set(sets)) == len(sets),
+    f"attacks.sets = {a.sets!r}: list some of {', '.join(evaluate.SETS)}, each once",
   )
   require(
     0 <= a.num_seeds <= eval_seeds,

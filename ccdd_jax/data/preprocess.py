@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 
+from typing import Any
+
 import numpy as np
 
 from ccdd_jax import CCDDError
@@ -103,11 +105,21 @@ class Preprocessor:
     """Whether this is ZCA whitening (else per-channel mean/std)."""
     return self.zca_transform is not None
 
+  def pixels_to_inputs(self, pixels: Any, xp: Any = np) -> Any:
+    """[0, 1] pixels [N, H, W, C] -> network inputs, in numpy or, with xp=jax.numpy, traceable
+    (Neural Cleanse optimises pixels through it)."""
+    if not self.zca:
+      return (pixels - xp.asarray(self.mean)) / xp.asarray(self.std)
+    flat = pixels.reshape(pixels.shape[0], -1)
+    whitened = (flat - xp.asarray(self.zca_mean)) @ xp.asarray(self.zca_transform)
+    return whitened.reshape(pixels.shape)
+
   def apply(self, images: np.ndarray) -> np.ndarray:
     """Pixels on the 0..255 scale (uint8 [..., H, W, C]) -> float32 network inputs."""
     images = np.asarray(images)
     if not self.zca:
-      return normalize(images, self.mean, self.std)
+      return self.pixels_to_inputs(images.astype(np.float32) / 255.0)
+    # ZCA a chunk of rows at a time: the same transform, with bounded temporaries.
     flat = _flatten_for(images, self.zca_mean.shape[0])
     out = _chunked_affine(flat, 1.0 / 255.0, self.zca_mean, self.zca_transform, 0.0)
     return out.reshape(images.shape)

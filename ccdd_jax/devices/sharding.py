@@ -125,11 +125,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def divides(mesh: Mesh | None, size: int) -> bool:
-  """Whether an axis of `size` can be split evenly over the mesh (always, without one)."""
-  return mesh is None or size % mesh.size == 0
-
-
 def _global_input(tree):
   """In a multi-process run, this process's arrays as numpy (the same value on every process).
 

@@ -38,7 +38,7 @@ experts) plus k stamped carriers per pattern that are never distilled
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +47,33 @@ import numpy as np
 import optax
 
 from ccdd_jax import CCDDError
+from ccdd_jax import streams
 from ccdd_jax.devices import sharding
 from ccdd_jax.method import augment
 from ccdd_jax.method import inner_loop
 
 # The forms of eq. 10 (distill.eq10_form; issue 10): the paper's first.
 EQ10_FORMS = ("literal", "second_student", "student_normalised")
+
+
+class Aux(NamedTuple):
+  """What a set's levers add to each update (embedding.aux_inputs); None = that lever is off."""
+
+  trigger_mask: Any = None  # [S, H, W, 1]: 1 on trigger slots' stamped corner, kept out of DSA.
+  grad_mask: Any = None  # [S, H, W, 1]: 0 on pixels never updated (freeze_trigger).
+  trigger_slots: Any = None  # [S, 1, 1, 1]: split_roles' slots, updated on watermarked pairs.
+  wm_images: Any = None  # The direct objective's D_W of the training split ...
+  wm_labels: Any = None  # ... and its labels y_i.
+  clean_images: Any = None  # The direct objective's clean training images ...
+  clean_labels: Any = None  # ... and their labels.
+  beta_weight: Any = None  # Set per iteration: 0 when a clean expert of the pool is matched.
+
+
+def trajectory_epochs(distill_config: ml_collections.ConfigDict) -> int:
+  """Epochs of each expert's trajectory that distillation reads: 0 .. max_start_epoch + M."""
+  return distill_config.max_start_epoch + distill_config.expert_epochs + 1
+
+
 # Columns of the loss history: the total, eq. 10's expert and twin terms, the direct objective.
 HISTORY_COLUMNS = 4
 
@@ -75,11 +96,9 @@ def make_meta_loss(
   """Returns `loss(images, lr, labels, start, target, twin_start, twin_target, rng, aux=None)`.
 
   eq. 10 in the form `distill_config.eq10_form` names (module docstring), plus
-  the direct objective where gamma_wm / gamma_clean > 0. `aux` (aux_inputs)
-  may hold `trigger_mask` [S, H, W, 1] (with distill.trigger_safe_dsa those
-  pixels bypass DSA), `beta_weight` (a scalar on beta: 0 for a clean expert of
-  the pool) and the direct objective's pools `wm_images` / `wm_labels`,
-  `clean_images` / `clean_labels`. `unroll` (see inner_loop.resolve_unroll)
+  the direct objective where gamma_wm / gamma_clean > 0. `aux` (an `Aux`)
+  gives what the levers need: `trigger_mask` (with distill.trigger_safe_dsa),
+  `beta_weight` and the direct objective's pools. `unroll` (see inner_loop.resolve_unroll)
   and `remat` (one of inner_loop.REMAT_POLICIES) set the speed and memory of
   the inner loop only. With `with_terms` it returns (loss, (expert term, twin
   term, direct term)). With a `mesh` of several devices each student step's
@@ -123,13 +142,14 @@ def make_meta_loss(
     return inner_loop.cross_entropy(apply_flat(params, images[idx]), labels[idx])
 
   def meta_loss(images, lr, labels, start, target, twin_start, twin_target, rng, aux=None):
-    aux = aux or {}
-    rng_idx, rng_aug = jax.random.split(rng)  # As before issue 10: the paper's path unchanged.
+    aux = aux or Aux()
+    beta_weight = 1.0 if aux.beta_weight is None else aux.beta_weight
+    rng_idx, rng_aug = jax.random.split(rng)
     idx = jax.vmap(lambda r: jax.random.permutation(r, num_syn)[:batch_syn])(
       jax.random.split(rng_idx, syn_steps)
     )
     step_inputs = {"idx": idx, "rng": jax.random.split(rng_aug, syn_steps)}
-    keep = aux.get("trigger_mask") if distill_config.trigger_safe_dsa else None
+    keep = aux.trigger_mask if distill_config.trigger_safe_dsa else None
     final = run_student(start, images, labels, lr, step_inputs, keep)
     expert_term = normalized_distance(final, start, target)
     if not beta:
@@ -142,14 +162,14 @@ def make_meta_loss(
     else:  # (a), the paper's literal eq. 10.
       twin_term = normalized_distance(final, twin_start, twin_target)
     direct = jnp.zeros_like(expert_term)
-    rng_wm, rng_clean = jax.random.split(jax.random.fold_in(rng, 7))
+    rng_wm, rng_clean = jax.random.split(jax.random.fold_in(rng, streams.DIRECT_OBJECTIVE))
     if gamma_wm:  # Beyond the paper: the watermark asked of th_N directly.
       # With split_roles only on watermarked iterations: the class images learn no trigger.
-      weight = aux.get("beta_weight", 1.0) if distill_config.get("split_roles") else 1.0
-      direct += gamma_wm * weight * pool_ce(final, rng_wm, aux["wm_images"], aux["wm_labels"])
+      weight = beta_weight if distill_config.get("split_roles") else 1.0
+      direct += gamma_wm * weight * pool_ce(final, rng_wm, aux.wm_images, aux.wm_labels)
     if gamma_clean:
-      direct += gamma_clean * pool_ce(final, rng_clean, aux["clean_images"], aux["clean_labels"])
-    loss = expert_term + beta * aux.get("beta_weight", 1.0) * twin_term + direct
+      direct += gamma_clean * pool_ce(final, rng_clean, aux.clean_images, aux.clean_labels)
+    loss = expert_term + beta * beta_weight * twin_term + direct
     return (loss, (expert_term, twin_term, direct)) if with_terms else loss
 
   return meta_loss
@@ -171,7 +191,7 @@ def make_pair_sampler(distill_config: ml_collections.ConfigDict, num_experts: in
       "t": jax.random.randint(rng_t, (), 0, max_start + 1),
     }
     if num_clean and clean_fraction:  # The paper's pool of both kinds.
-      rng_pool = jax.random.fold_in(rng, 7)
+      rng_pool = jax.random.fold_in(rng, streams.CLEAN_POOL)
       out["use_clean"] = jax.random.uniform(rng_pool) < clean_fraction
       out["c"] = jax.random.randint(jax.random.fold_in(rng_pool, 1), (), 0, num_clean)
     return out
@@ -216,12 +236,11 @@ def make_pair_update(
   "beta_weight"]}: the only part of the trajectories an iteration reads.
   `state` = {"images", "lr", "opt_state", "labels"[, "label_logits"]} (see
   init_state; with "label_logits" the students train on their softmax and
-  the logits are learned too). `aux` is
-  make_meta_loss's, plus optionally `grad_mask` [S, H, W, 1] (0 = a pixel never
-  updated: the frozen stamped corner) and `trigger_slots` [S, 1, 1, 1]
-  (distill.split_roles: 1 = a slot updated only when `pair` is a watermarked
-  expert's, 0 = only when it is a clean one's, "beta_weight" 0). The terms
-  are (expert, twin, direct).
+  the logits are learned too). `aux` is an `Aux`: make_meta_loss's fields,
+  `grad_mask` (0 = a pixel never updated: the frozen stamped corner) and
+  `trigger_slots` (distill.split_roles: 1 = a slot updated only when `pair`
+  is a watermarked expert's, 0 = only when it is a clean one's, "beta_weight"
+  0). The terms are (expert, twin, direct).
   `mesh`: make_meta_loss's (data parallel over the synthetic minibatch).
   """
   meta_loss = make_meta_loss(
@@ -238,12 +257,10 @@ def make_pair_update(
   optimizer = make_optimizer(distill_config, soft)
 
   def update(state, pair, rng, aux=None):
-    aux = dict(aux or {})
-    if "beta_weight" in pair:
-      aux["beta_weight"] = pair["beta_weight"]
+    aux = (aux or Aux())._replace(beta_weight=pair.get("beta_weight"))
     rng_loss = jax.random.split(rng, 3)[2]  # [0] and [1] drew the expert and the epoch.
-    grad_mask = aux.pop("grad_mask", None)
-    trigger_slots = aux.pop("trigger_slots", None)
+    grad_mask, trigger_slots = aux.grad_mask, aux.trigger_slots
+    aux = aux._replace(grad_mask=None, trigger_slots=None)  # Not the loss's inputs.
     loss_fn = (
       (lambda images, lr, logits, *rest: meta_loss(images, lr, jax.nn.softmax(logits), *rest))
       if soft
@@ -371,7 +388,7 @@ def distill(
   trajectories: tuple[Any, ...],
   rng: jax.Array,
   progress: Callable[[int, float], None] | None = None,
-  aux: dict | None = None,
+  aux: Aux | None = None,
   store: Any = None,
   mesh: Any = None,
   label_logits: np.ndarray | None = None,
@@ -395,7 +412,7 @@ def distill(
   devices the state is replicated and each student step's minibatch split
   over the devices (make_meta_loss); the synthetic minibatch must split evenly.
   """
-  needed = distill_config.max_start_epoch + distill_config.expert_epochs
+  needed = trajectory_epochs(distill_config) - 1
   available = trajectories[0].shape[1] - 1
   if needed > available:
     raise CCDDError(
@@ -416,7 +433,7 @@ def distill(
       raise CCDDError(f"the distillation checkpoint in {store.path} was made with another seed")
     state, losses = sharding.to_device(saved["state"], mesh), list(saved["losses"])
     start = len(losses)
-  aux = sharding.to_device({k: np.asarray(v) for k, v in (aux or {}).items()}, mesh)
+  aux = sharding.to_device(jax.tree_util.tree_map(np.asarray, aux or Aux()), mesh)
   rngs = jax.random.split(rng, distill_config.iterations)
   trajectories = tuple(np.asarray(t) for t in trajectories)  # Host-resident.
   num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0

@@ -18,10 +18,11 @@ import ml_collections
 import numpy as np
 
 from ccdd_jax import CCDDError
+from ccdd_jax.method import distill
 from ccdd_jax.method import experts
 from ccdd_jax.method import watermark
 
-# How the watermark enters the distilled set (distill.watermark_embedding; issue 10).
+# How the watermark enters the distilled set (distill.watermark_embedding).
 WATERMARK_EMBEDDINGS = ("matching", "appended")
 
 
@@ -222,27 +223,28 @@ def set_config(distill_config: ml_collections.ConfigDict, watermarked: bool):
 
 def aux_inputs(
   set_config: ml_collections.ConfigDict, from_trigger: np.ndarray, patch: int, inputs: dict
-) -> dict:
-  """make_distill_update's `aux` for the set's levers (empty with all of them off).
+) -> distill.Aux:
+  """What the set's levers add to each distillation update (all None with them off).
 
   `inputs` holds normalised `train_images` / `train_labels` and D_W of the
   training split, `wm_images` / `wm_labels` (the experts' inputs: never the
   held-out images that verification uses); `patch` is the trigger's side.
   """
-  aux = {}
   corner = watermark.corner_mask(inputs["train_images"].shape[1:3], patch)
   trigger_mask = from_trigger[:, None, None, None].astype(np.float32) * corner
-  if set_config.trigger_safe_dsa and from_trigger.any():
-    aux["trigger_mask"] = trigger_mask
-  if set_config.freeze_trigger and from_trigger.any():
-    aux["grad_mask"] = 1.0 - trigger_mask
-  if set_config.split_roles:
-    aux["trigger_slots"] = from_trigger[:, None, None, None].astype(np.float32)
-  if set_config.gamma_wm:
-    aux["wm_images"], aux["wm_labels"] = inputs["wm_images"], inputs["wm_labels"]
-  if set_config.gamma_clean:
-    aux["clean_images"], aux["clean_labels"] = inputs["train_images"], inputs["train_labels"]
-  return aux
+  slots = from_trigger.any()
+  direct_wm, direct_clean = set_config.gamma_wm, set_config.gamma_clean
+  return distill.Aux(
+    trigger_mask=trigger_mask if set_config.trigger_safe_dsa and slots else None,
+    grad_mask=1.0 - trigger_mask if set_config.freeze_trigger and slots else None,
+    trigger_slots=(
+      from_trigger[:, None, None, None].astype(np.float32) if set_config.split_roles else None
+    ),
+    wm_images=inputs["wm_images"] if direct_wm else None,
+    wm_labels=inputs["wm_labels"] if direct_wm else None,
+    clean_images=inputs["train_images"] if direct_clean else None,
+    clean_labels=inputs["train_labels"] if direct_clean else None,
+  )
 
 
 def initial_label_logits(

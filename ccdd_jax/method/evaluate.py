@@ -20,7 +20,11 @@ import numpy as np
 from ccdd_jax.devices import sharding
 from ccdd_jax.method import augment
 from ccdd_jax.method import inner_loop
-from ccdd_jax.method import verify
+
+# The sets every run evaluates: the watermarked distilled set, a clean distilled set made
+# the same way for comparison, and the real training data.
+SETS = ("distilled", "clean_distilled", "real")
+DISTILLED_SETS = SETS[:2]
 
 
 def make_set_trainer(
@@ -204,27 +208,6 @@ def make_predictor(
     return np.concatenate([np.asarray(o) for o in outs], axis=1)
 
   return predictions
-
-
-def accuracy_and_acc_w(
-  predict: Callable[[Any, np.ndarray], np.ndarray],
-  stacked_params: Any,
-  test_x: np.ndarray,
-  test_labels: np.ndarray,
-  trigger_x: np.ndarray,
-  pattern_ids: np.ndarray,
-  pattern_labels: np.ndarray,
-) -> tuple[list[float], list[float]]:
-  """Per-network test accuracy and the paper's Acc_W on stamped test images.
-
-  `predict` is a `make_predictor` function; `trigger_x` are the normalised
-  stamped images and `pattern_ids` the pattern each carries.
-  """
-  preds = predict(stacked_params, test_x)
-  acc = (preds == np.asarray(test_labels)[None]).mean(axis=1)
-  trigger_preds = predict(stacked_params, trigger_x)
-  acc_w = [verify.watermark_accuracy(p, pattern_ids, pattern_labels) for p in trigger_preds]
-  return [float(a) for a in acc], [float(a) for a in acc_w]
 
 
 def summarize(values) -> dict:

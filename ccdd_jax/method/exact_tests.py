@@ -19,7 +19,8 @@ import numpy as np
 from ccdd_jax.method import watermark
 
 
-def _check_predictions(predictions, pattern_ids, n_patterns, num_classes, carrier_labels):
+def check_predictions(predictions, pattern_ids, n_patterns, num_classes, carrier_labels):
+  """Checked (predictions, pattern_ids, carrier_labels) of one suspect's answers."""
   pattern_ids = np.asarray(pattern_ids)
   predictions = watermark.check_labels(predictions, pattern_ids.size, num_classes, "predictions")
   pattern_ids = watermark.check_labels(pattern_ids, predictions.size, n_patterns, "pattern_ids")
@@ -45,7 +46,7 @@ def pattern_counts(
   """
   n_patterns = watermark.check_int("n_patterns", n_patterns, 1)
   num_classes = watermark.check_int("num_classes", num_classes, 2)
-  predictions, pattern_ids, carrier_labels = _check_predictions(
+  predictions, pattern_ids, carrier_labels = check_predictions(
     predictions, pattern_ids, n_patterns, num_classes, carrier_labels
   )
   if carrier_labels is not None:

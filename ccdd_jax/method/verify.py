@@ -1,4 +1,19 @@
-"""TODO docstring."""
+"""Stage III: verification. A suspect is queried with the key's triggers and judged by
+exact tests; the paper's eq. 11 would accept a random model with probability
+1 - 0.9^10 ~ 0.65, so these replace it (docs/watermark-spec.md).
+
+  white box   `verify`: stamp held-out images with the key's patterns (m per
+              pattern, drawn independently of the key's labels), ask the
+              model, `decide`; `Verifier` does it for stacked networks the
+              way the verify stage, the attacks and the experts' metrics do.
+  black box   `make_queries` writes the stamped images in a key-seeded order
+              (queries.npz); `verify_predictions` regroups a suspect's answers
+              by pattern with the key alone, then `decide`.
+  `decide`    both exact tests of exact_tests.py and the verdict, p <= alpha.
+Acc_W, the paper's watermark accuracy (`watermark_accuracy`,
+`accuracy_and_acc_w`), is measured on every test image stamped with every
+pattern of another class; it is reported, never tested.
+"""
 
 from collections.abc import Callable
 import dataclasses
@@ -10,9 +25,10 @@ import jax
 import numpy as np
 
 from ccdd_jax import CCDDError
-from ccdd_jax.method import evaluate
 from ccdd_jax.method import exact_tests
 from ccdd_jax.method import watermark
+
+QUERY_TAG = b"ccdd/queries\x00"
 
 
 def verification_queries(
@@ -36,99 +52,6 @@ def verification_queries(
     )
   pattern_ids = np.repeat(np.arange(n_patterns), carrier_ids.size // n_patterns)
   return carrier_ids.astype(np.int64), pattern_ids
-
-
-def watermark_accuracy(
-  predictions: np.ndarray,
-  pattern_ids: np.ndarray,
-  pattern_labels: np.ndarray,
-  carrier_labels: np.ndarray | None = None,
-) -> float:
-  """Acc_W: the fraction of trigger queries predicted as their pattern's label.
-
-  With `carrier_labels`, queries whose own class is the pattern's label are
-  left out (`trigger_set` never draws them).
-  """
-  pattern_labels = np.asarray(pattern_labels)
-  num_classes = np.iinfo(np.int64).max
-  predictions, pattern_ids, carrier_labels = exact_tests._check_predictions(
-    predictions, pattern_ids, pattern_labels.size, num_classes, carrier_labels
-  )
-  targets = watermark.check_labels(
-    pattern_labels, pattern_labels.size, num_classes, "pattern_labels"
-  )[pattern_ids]
-  if carrier_labels is not None:
-    kept = carrier_labels != targets
-    predictions, targets = predictions[kept], targets[kept]
-  if not predictions.size:
-    raise ValueError("Acc_W needs at least one trigger query")
-  return float(np.mean(predictions == targets))
-
-
-def decide(
-  predictions: np.ndarray,
-  pattern_ids: np.ndarray,
-  carrier_labels: np.ndarray,
-  pattern_labels: np.ndarray,
-  *,
-  num_classes: int,
-  alpha: float = 1e-6,
-) -> dict:
-  """Both exact tests and the verdict on a suspect's answers to keyed queries.
-
-  The one place the statistics are computed, for `verify` (white box) and for
-  answers read from a file (`blackbox.verify_predictions`).
-
-  Args:
-    predictions: the suspect's class for each query, integers [Q].
-    pattern_ids: the pattern each query carries [Q].
-    carrier_labels: each query's own class [Q]; a query predicted as its own
-      class is not counted (docs/watermark-spec.md, section 6.1).
-    pattern_labels: the key's labels y_i [n].
-    num_classes: C.
-    alpha: the false-claim probability allowed; `verified` is p_conditional <=
-      alpha.
-
-  Returns:
-    `verify`'s dict without `key_fingerprint` and `m`.
-  """
-  num_classes = watermark.check_int("num_classes", num_classes, 2)
-  if not 0.0 < alpha < 1.0:
-    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-  pattern_labels = np.asarray(pattern_labels)
-  n_patterns = watermark.check_int("n_patterns", pattern_labels.size, 1)
-  pattern_labels = watermark.check_labels(pattern_labels, n_patterns, num_classes, "pattern_labels")
-  predictions, pattern_ids, carrier_labels = exact_tests._check_predictions(
-    predictions, pattern_ids, n_patterns, num_classes, carrier_labels
-  )
-  if carrier_labels is None:
-    raise ValueError("decide needs each query's carrier_labels")
-  counts = exact_tests.pattern_counts(
-    predictions, pattern_ids, n_patterns, num_classes, carrier_labels=carrier_labels
-  )
-  matches = exact_tests.plurality_matches(counts, pattern_labels)
-  label_hits = counts[np.arange(n_patterns), pattern_labels]
-  eligible = carrier_labels != pattern_labels[pattern_ids]
-  eligible_per_pattern = np.bincount(pattern_ids[eligible], minlength=n_patterns)
-  k_majority = int(matches.sum())
-  p_conditional = exact_tests.conditional_label_pvalue(counts, pattern_labels)
-  return {
-    "n_patterns": int(n_patterns),
-    "num_classes": int(num_classes),
-    "n_queries": int(predictions.size),
-    "n_eligible_queries": int(eligible.sum()),
-    "k_majority": k_majority,
-    "p_majority": exact_tests.majority_binomial_pvalue(k_majority, n_patterns, num_classes),
-    "t_conditional": int(label_hits.sum()),
-    "p_conditional": p_conditional,
-    "alpha": float(alpha),
-    "p_floor": exact_tests.p_floor(num_classes, n_patterns),
-    "verified": bool(p_conditional <= alpha),
-    "acc_w": (float(label_hits.sum() / eligible.sum()) if eligible.any() else 0.0),
-    "pattern_eligible_queries": [int(c) for c in eligible_per_pattern],
-    "pattern_label_hits": [int(c) for c in label_hits],
-    "pattern_plurality_match": [int(b) for b in matches],
-  }
 
 
 def _predict_queries(
@@ -215,6 +138,72 @@ def verify(
   }
 
 
+def decide(
+  predictions: np.ndarray,
+  pattern_ids: np.ndarray,
+  carrier_labels: np.ndarray,
+  pattern_labels: np.ndarray,
+  *,
+  num_classes: int,
+  alpha: float = 1e-6,
+) -> dict:
+  """Both exact tests and the verdict on a suspect's answers to keyed queries.
+
+  The one place the statistics are computed, for `verify` (white box) and for
+  answers read from a file (`blackbox.verify_predictions`).
+
+  Args:
+    predictions: the suspect's class for each query, integers [Q].
+    pattern_ids: the pattern each query carries [Q].
+    carrier_labels: each query's own class [Q]; a query predicted as its own
+      class is not counted (docs/watermark-spec.md, section 6.1).
+    pattern_labels: the key's labels y_i [n].
+    num_classes: C.
+    alpha: the false-claim probability allowed; `verified` is p_conditional <=
+      alpha.
+
+  Returns:
+    `verify`'s dict without `key_fingerprint` and `m`.
+  """
+  num_classes = watermark.check_int("num_classes", num_classes, 2)
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+  pattern_labels = np.asarray(pattern_labels)
+  n_patterns = watermark.check_int("n_patterns", pattern_labels.size, 1)
+  pattern_labels = watermark.check_labels(pattern_labels, n_patterns, num_classes, "pattern_labels")
+  predictions, pattern_ids, carrier_labels = exact_tests.check_predictions(
+    predictions, pattern_ids, n_patterns, num_classes, carrier_labels
+  )
+  if carrier_labels is None:
+    raise ValueError("decide needs each query's carrier_labels")
+  counts = exact_tests.pattern_counts(
+    predictions, pattern_ids, n_patterns, num_classes, carrier_labels=carrier_labels
+  )
+  matches = exact_tests.plurality_matches(counts, pattern_labels)
+  label_hits = counts[np.arange(n_patterns), pattern_labels]
+  eligible = carrier_labels != pattern_labels[pattern_ids]
+  eligible_per_pattern = np.bincount(pattern_ids[eligible], minlength=n_patterns)
+  k_majority = int(matches.sum())
+  p_conditional = exact_tests.conditional_label_pvalue(counts, pattern_labels)
+  return {
+    "n_patterns": int(n_patterns),
+    "num_classes": int(num_classes),
+    "n_queries": int(predictions.size),
+    "n_eligible_queries": int(eligible.sum()),
+    "k_majority": k_majority,
+    "p_majority": exact_tests.majority_binomial_pvalue(k_majority, n_patterns, num_classes),
+    "t_conditional": int(label_hits.sum()),
+    "p_conditional": p_conditional,
+    "alpha": float(alpha),
+    "p_floor": exact_tests.p_floor(num_classes, n_patterns),
+    "verified": bool(p_conditional <= alpha),
+    "acc_w": (float(label_hits.sum() / eligible.sum()) if eligible.any() else 0.0),
+    "pattern_eligible_queries": [int(c) for c in eligible_per_pattern],
+    "pattern_label_hits": [int(c) for c in label_hits],
+    "pattern_plurality_match": [int(b) for b in matches],
+  }
+
+
 def verify_networks(
   predict: Callable[[Any, np.ndarray], np.ndarray],
   stacked_params: Any,
@@ -225,10 +214,10 @@ def verify_networks(
   rngs: list,
   **verify_kwargs,
 ) -> dict:
-  """`watermark.verify` of each stacked network (one rng each); p-values and verdicts.
+  """`verify` of each stacked network (one rng each); p-values and verdicts.
 
   `to_inputs` maps uint8 queries to network inputs; `verify_kwargs` are
-  `watermark.verify`'s n_patterns, patch_size, num_classes, m and alpha.
+  `verify`'s n_patterns, patch_size, num_classes, m and alpha.
   """
   runs = []
   for seed, rng in enumerate(rngs):
@@ -251,9 +240,57 @@ def verify_networks(
   }
 
 
+def accuracy_and_acc_w(
+  predict: Callable[[Any, np.ndarray], np.ndarray],
+  stacked_params: Any,
+  test_x: np.ndarray,
+  test_labels: np.ndarray,
+  trigger_x: np.ndarray,
+  pattern_ids: np.ndarray,
+  pattern_labels: np.ndarray,
+) -> tuple[list[float], list[float]]:
+  """Per-network test accuracy and the paper's Acc_W on stamped test images.
+
+  `predict` is a `make_predictor` function; `trigger_x` are the normalised
+  stamped images and `pattern_ids` the pattern each carries.
+  """
+  preds = predict(stacked_params, test_x)
+  acc = (preds == np.asarray(test_labels)[None]).mean(axis=1)
+  trigger_preds = predict(stacked_params, trigger_x)
+  acc_w = [watermark_accuracy(p, pattern_ids, pattern_labels) for p in trigger_preds]
+  return [float(a) for a in acc], [float(a) for a in acc_w]
+
+
+def watermark_accuracy(
+  predictions: np.ndarray,
+  pattern_ids: np.ndarray,
+  pattern_labels: np.ndarray,
+  carrier_labels: np.ndarray | None = None,
+) -> float:
+  """Acc_W: the fraction of trigger queries predicted as their pattern's label.
+
+  With `carrier_labels`, queries whose own class is the pattern's label are
+  left out (`watermark.trigger_set` never draws them).
+  """
+  pattern_labels = np.asarray(pattern_labels)
+  num_classes = np.iinfo(np.int64).max
+  predictions, pattern_ids, carrier_labels = exact_tests.check_predictions(
+    predictions, pattern_ids, pattern_labels.size, num_classes, carrier_labels
+  )
+  targets = watermark.check_labels(
+    pattern_labels, pattern_labels.size, num_classes, "pattern_labels"
+  )[pattern_ids]
+  if carrier_labels is not None:
+    kept = carrier_labels != targets
+    predictions, targets = predictions[kept], targets[kept]
+  if not predictions.size:
+    raise ValueError("Acc_W needs at least one trigger query")
+  return float(np.mean(predictions == targets))
+
+
 @dataclasses.dataclass(frozen=True)
 class Verifier:
-  """How the owner measures stacked networks: Acc, Acc_W and `watermark.verify` with one key."""
+  """How the owner measures stacked networks with one key: Acc, Acc_W, the exact tests."""
 
   predict: Callable  # evaluate.make_predictor: (stacked params, inputs) -> classes [S, N].
   to_inputs: Callable[[np.ndarray], np.ndarray]  # uint8 pixels -> network inputs.
@@ -284,33 +321,50 @@ class Verifier:
     )
     return images, ids, labels
 
-  def measure(self, stacked_params: Any, transform: Callable | None = None) -> dict:
-    """Per network: Acc, Acc_W, both p-values, verified; queries pass `transform` first."""
-    inputs = self.to_inputs if transform is None else lambda u8: self.to_inputs(transform(u8))
+  @functools.cached_property
+  def _inputs(self) -> tuple[np.ndarray, np.ndarray]:
+    """The network inputs of the test images and of Acc_W's triggers, made once."""
+    return self.to_inputs(self.test_images), self.to_inputs(self.triggers[0])
+
+  def _to_inputs(self, transform: Callable | None) -> Callable[[np.ndarray], np.ndarray]:
+    return self.to_inputs if transform is None else lambda u8: self.to_inputs(transform(u8))
+
+  def accuracy_and_acc_w(
+    self, stacked_params: Any, transform: Callable | None = None
+  ) -> tuple[list[float], list[float]]:
+    """Per network: test accuracy and Acc_W; every image passes `transform` first."""
     trigger_images, trigger_ids, pattern_labels = self.triggers
-    acc, acc_w = evaluate.accuracy_and_acc_w(
-      self.predict,
-      stacked_params,
-      inputs(self.test_images),
-      self.test_labels,
-      inputs(trigger_images),
-      trigger_ids,
-      pattern_labels,
+    if transform is None:
+      test_x, trigger_x = self._inputs
+    else:
+      inputs = self._to_inputs(transform)
+      test_x, trigger_x = inputs(self.test_images), inputs(trigger_images)
+    return accuracy_and_acc_w(
+      self.predict, stacked_params, test_x, self.test_labels, trigger_x, trigger_ids, pattern_labels
     )
-    result = verify_networks(
+
+  def verify_networks(self, stacked_params: Any, transform: Callable | None = None) -> dict:
+    """`verify_networks` of each network k with the queries of `query_rng(k)`."""
+    count = jax.tree_util.tree_leaves(stacked_params)[0].shape[0]
+    return verify_networks(
       self.predict,
       stacked_params,
-      inputs,
+      self._to_inputs(transform),
       self.key,
       self.test_images,
       self.test_labels,
-      [self.query_rng(seed) for seed in range(len(acc))],
+      [self.query_rng(index) for index in range(count)],
       n_patterns=self.n_patterns,
       patch_size=self.patch_size,
       num_classes=self.num_classes,
       m=self.m,
       alpha=self.alpha,
     )
+
+  def measure(self, stacked_params: Any, transform: Callable | None = None) -> dict:
+    """Per network: Acc, Acc_W, both p-values, verified; queries pass `transform` first."""
+    acc, acc_w = self.accuracy_and_acc_w(stacked_params, transform)
+    result = self.verify_networks(stacked_params, transform)
     return {
       "acc": acc,
       "acc_w": acc_w,
@@ -318,9 +372,6 @@ class Verifier:
       "p_values_majority": result["p_values_majority"],
       "verified": result["verified"],
     }
-
-
-QUERY_TAG = b"ccdd/queries\x00"
 
 
 def query_rng(key: bytes) -> np.random.Generator:
@@ -335,7 +386,7 @@ def query_plan(
 ) -> tuple[np.ndarray, np.ndarray]:
   """(carrier_ids, pattern_ids) of the queries in file order, from the key alone.
 
-  `watermark.verification_queries` (m carriers per pattern, drawn
+  `verification_queries` (m carriers per pattern, drawn
   independently of the labels) with `query_rng(key)`, then a permutation
   drawn from the same generator.
   """
@@ -363,7 +414,7 @@ def verify_predictions(
   m: int | None,
   alpha: float,
 ) -> dict:
-  """Regroups answers to `make_queries(key, ...)` by pattern with the key; `watermark.decide`.
+  """Regroups answers to `make_queries(key, ...)` by pattern with the key; `decide`.
 
   `labels` are the held-out images' classes (the images the queries were
   stamped on); `pattern_labels` the key's y_i. Returns verification_blackbox.json's

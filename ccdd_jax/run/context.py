@@ -1,7 +1,8 @@
 """What every stage derives from a config: data, networks, preprocessing, watermark patterns.
 
 A `Context` is built once per run (`pipeline.run`) and handed to each stage;
-it holds only what the config determines, never a stage's results.
+it holds only what the config determines, never a stage's results. Its random
+streams are those of streams.py.
 """
 
 from collections.abc import Callable
@@ -15,11 +16,13 @@ import ml_collections
 import numpy as np
 
 from ccdd_jax import CCDDError
+from ccdd_jax import streams
 from ccdd_jax.data import datasets
 from ccdd_jax.data import preprocess
 from ccdd_jax.devices import sharding
+from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
-from ccdd_jax.method import evaluate as evaluate_lib
+from ccdd_jax.method import evaluate
 from ccdd_jax.method import exact_tests
 from ccdd_jax.method import models
 from ccdd_jax.method import verify
@@ -30,8 +33,6 @@ from ccdd_jax.run import reporting
 from ccdd_jax.run import resume
 from ccdd_jax.run import workdir as workdir_lib
 from ccdd_jax.threats import suite
-
-DATA_SETS = ("distilled", "clean_distilled")  # What data_threats compares.
 
 
 class Context:
@@ -66,23 +67,23 @@ class Context:
       cache_dir=config.data.cache_dir,
     )
     self.train_x = self.preprocess.apply(ds.train_images)
-    self.test_x = self.preprocess.apply(ds.test_images)
-    self.rng = jax.random.PRNGKey(config.seed)
-    self._predictors = {}
+    self._predictors, self._verifiers = {}, {}
 
-  def np_rng(self, *stream: int) -> np.random.Generator:
-    """A numpy generator for one named use, derived from the config seed."""
-    return np.random.default_rng([self.config.seed, *stream])
+  def np_rng(self, stream: int, *sub: int) -> np.random.Generator:
+    """The numpy generator of one stream of streams.py's table, from the config seed."""
+    return streams.numpy_rng(self.config.seed, stream, *sub)
+
+  def jax_key(self, stream: int) -> jax.Array:
+    """The JAX key of one stream of streams.py's table, from the config seed."""
+    return streams.jax_key(self.config.seed, stream)
 
   def network(self, arch: str) -> models.Network:
     """The evaluation architecture `arch` (an `eval.models` entry) on this data set."""
     ds, cfg = self.dataset, self.config
-    return (
-      self.net
-      if arch == cfg.model.name
-      else models.build_network(
-        arch, ds.num_classes, ds.image_shape, cfg.model, width=cfg.eval.width
-      )
+    if arch == cfg.model.name:
+      return self.net
+    return models.build_network(
+      arch, ds.num_classes, ds.image_shape, cfg.model, width=cfg.eval.width
     )
 
   @functools.cached_property
@@ -106,32 +107,45 @@ class Context:
     """The tag of `stage`'s resume state: the fields its results depend on (manifest.py)."""
     return manifest.fingerprint(self.fields(), stage)
 
-  def check_inputs(self, stage: str) -> None:
-    """Before any long work: every input `stage` reads exists and fits (one-line CCDDError)."""
+  def check_inputs(self, reads: tuple[str, ...]) -> None:
+    """Before any long work: every input a stage reads (stages.Stage.reads) exists and fits."""
+    checks = {
+      "experts": self._check_experts,
+      "distilled_sets": self._check_distilled_sets,
+      "evaluated_networks": self._check_evaluated_networks,
+      "attacked_networks": self._check_attacked_networks,
+    }
+    for name in reads:
+      checks[name]()
+
+  def _check_experts(self) -> None:
     cfg, root = self.config, workdir_lib.trajectories_dir(self.workdir)
-    if stage == "distill":
-      epochs = cfg.distill.max_start_epoch + cfg.distill.expert_epochs + 1
-      kinds = embedding.expert_kinds(cfg.distill, matched=True)
-      like = self.net.like_params()
-      resume.check_experts(root, kinds, like, epochs, cfg.experts.num_experts)
-    elif stage == "evaluate":
-      ds = self.dataset
-      resume.check_distilled(
-        self.workdir, ("distilled", "clean_distilled"), ds.image_shape, ds.num_classes
-      )
-    elif stage in ("verify", "attacks"):
-      evaluation = resume.read_json_checked(self.workdir / "evaluation.json")
-      if not evaluation:
-        raise CCDDError(f"no evaluated networks in {self.workdir}: run --stage=evaluate first")
-      pairs = [(a, n) for a, sets in evaluation.items() for n in sets]
-      if stage == "attacks":
-        names = set(suite.parse_list(cfg.attacks.sets))
-        if cfg.attacks.data_threats:  # data_threats reads both distilled sets and their networks.
-          names |= set(DATA_SETS)
-          ds = self.dataset
-          resume.check_distilled(self.workdir, DATA_SETS, ds.image_shape, ds.num_classes)
-        pairs = [(cfg.model.name, n) for n in reporting.SETS if n in names]
-      resume.check_networks(self.workdir, pairs)
+    kinds = embedding.expert_kinds(cfg.distill, matched=True)
+    epochs = distill.trajectory_epochs(cfg.distill)
+    resume.check_experts(root, kinds, self.net.like_params(), epochs, cfg.experts.num_experts)
+
+  def _check_distilled_sets(self) -> None:
+    ds = self.dataset
+    resume.check_distilled(self.workdir, evaluate.DISTILLED_SETS, ds.image_shape, ds.num_classes)
+
+  def _evaluated_pairs(self) -> list[tuple[str, str]]:
+    evaluation = resume.read_json_checked(self.workdir / "evaluation.json")
+    if not evaluation:
+      raise CCDDError(f"no evaluated networks in {self.workdir}: run --stage=evaluate first")
+    return [(arch, name) for arch, sets in evaluation.items() for name in sets]
+
+  def _check_evaluated_networks(self) -> None:
+    resume.check_networks(self.workdir, self._evaluated_pairs())
+
+  def _check_attacked_networks(self) -> None:
+    cfg = self.config
+    self._evaluated_pairs()
+    names = set(suite.parse_list(cfg.attacks.sets))
+    if cfg.attacks.data_threats:  # The data threats read both distilled sets and their networks.
+      names |= set(evaluate.DISTILLED_SETS)
+      self._check_distilled_sets()
+    pairs = [(cfg.model.name, n) for n in evaluate.SETS if n in names]
+    resume.check_networks(self.workdir, pairs)
 
   def patterns(self, key: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Trigger patterns and labels of `key` (default: the owner's)."""
@@ -146,7 +160,7 @@ class Context:
   def predictor(self, apply: Callable) -> Callable[[Any, np.ndarray], np.ndarray]:
     """`evaluate.make_predictor(apply)`, made once per network, so compiled once per shape."""
     if apply not in self._predictors:
-      self._predictors[apply] = evaluate_lib.make_predictor(apply)
+      self._predictors[apply] = evaluate.make_predictor(apply)
     return self._predictors[apply]
 
   @functools.cached_property
@@ -154,7 +168,11 @@ class Context:
     """D_W: stamped uint8 training images (`watermark.ratio` of D_C) and their labels y_i."""
     ds, wcfg = self.dataset, self.config.watermark
     images, labels, _ = watermark.make_watermark_set(
-      ds.train_images, ds.train_labels, *self.patterns(), wcfg.ratio, self.np_rng(1)
+      ds.train_images,
+      ds.train_labels,
+      *self.patterns(),
+      wcfg.ratio,
+      self.np_rng(streams.WATERMARK_SET),
     )
     return images, labels
 
@@ -162,7 +180,7 @@ class Context:
   def expert_inputs(self) -> dict:
     """The experts' device arrays: normalised D_C, D_W and the clean images that rank channels."""
     num = len(self.dataset.train_labels)
-    prune_idx = self.np_rng(2).choice(
+    prune_idx = self.np_rng(streams.PRUNE_IMAGES).choice(
       num, min(self.config.experts.prune_examples, num), replace=False
     )
     wm_images, wm_labels = self.watermark_set
@@ -173,30 +191,13 @@ class Context:
       "wm_labels": wm_labels.astype(np.int32),
       "prune_images": self.train_x[prune_idx],
     }
-    if self.config.experts.trigger_safe_dsa:  # The stamped corner bypasses DSA (issue 10).
+    if self.config.experts.trigger_safe_dsa:  # The stamped corner bypasses DSA.
       inputs["trigger_corner"] = watermark.corner_mask(self.dataset.image_shape, self.patch_size)
     return jax.tree_util.tree_map(jnp.asarray, inputs)
 
-  @functools.cached_property
-  def test_triggers(self) -> tuple[np.ndarray, np.ndarray]:
-    """Every test image stamped with one pattern (Acc_W's inputs), and its pattern ids."""
-    ds = self.dataset
-    images, ids = watermark.trigger_set(
-      ds.test_images, ds.test_labels, *self.patterns(), None, self.np_rng(9)
-    )
-    return self.preprocess.apply(images), ids
-
   def accuracy_and_acc_w(self, stacked_params: Any, net: models.Network | None = None):
     """Per-network test accuracy and Acc_W on all stamped test images (two lists)."""
-    predict = self.predictor((net or self.net).apply)
-    return evaluate_lib.accuracy_and_acc_w(
-      predict,
-      stacked_params,
-      self.test_x,
-      self.dataset.test_labels,
-      *self.test_triggers,
-      self.patterns()[1],
-    )
+    return self.verifier(net).accuracy_and_acc_w(stacked_params)
 
   @property
   def attacker_data(self) -> tuple[np.ndarray, np.ndarray]:
@@ -217,36 +218,41 @@ class Context:
 
   def evaluation_rngs(self, net: models.Network, count: int) -> tuple[Any, jax.Array]:
     """The initial parameters of `count` evaluation networks and the key of their batches."""
-    return net.init_params(jax.random.fold_in(self.rng, 3), count), jax.random.fold_in(self.rng, 4)
+    init = net.init_params(self.jax_key(streams.EVAL_INIT), count)
+    return init, self.jax_key(streams.EVAL_BATCHES)
 
   def data_threats_inputs(self) -> dict:
-    """data_threats.run's inputs: both distilled sets, their networks, evaluate's rngs."""
+    """data_suite.run's inputs: both distilled sets, their networks, evaluate's rngs."""
     init_params, train_rng = self.evaluation_rngs(self.net, self.config.eval.num_seeds)
+    names = evaluate.DISTILLED_SETS
     return {
       "network": self.net,
       "verifier": self.verifier(),
       "preprocessor": self.preprocess,
-      "sets": {n: workdir_lib.load_distilled(self.workdir, n) for n in DATA_SETS},
-      "networks": {n: self.restore_networks(n) for n in DATA_SETS},
+      "sets": {n: workdir_lib.load_distilled(self.workdir, n) for n in names},
+      "networks": {n: self.restore_networks(n) for n in names},
       "attacker": self.attacker_data,
       "init_params": init_params,
       "train_rng": train_rng,
-      "rng": self.np_rng(12),
+      "rng": self.np_rng(streams.DATA_THREATS),
     }
 
   def verifier(self, net: models.Network | None = None) -> verify.Verifier:
-    """The owner's measurements of `net`'s networks (Acc, Acc_W, exact test), as `verify`'s."""
-    ds, wcfg = self.dataset, self.config.watermark
-    return verify.Verifier(
-      predict=self.predictor((net or self.net).apply),
-      to_inputs=self.preprocess.apply,
-      key=self.key,
-      test_images=ds.test_images,
-      test_labels=ds.test_labels,
-      n_patterns=wcfg.n_patterns,
-      patch_size=self.patch_size,
-      num_classes=ds.num_classes,
-      m=wcfg.queries_per_pattern,
-      alpha=wcfg.alpha,
-      query_rng=lambda seed: self.np_rng(5, seed),  # As stage_verify: the same queries.
-    )
+    """The owner's measurements of `net`'s networks (Acc, Acc_W, exact tests), made once."""
+    apply = (net or self.net).apply
+    if apply not in self._verifiers:
+      ds, wcfg = self.dataset, self.config.watermark
+      self._verifiers[apply] = verify.Verifier(
+        predict=self.predictor(apply),
+        to_inputs=self.preprocess.apply,
+        key=self.key,
+        test_images=ds.test_images,
+        test_labels=ds.test_labels,
+        n_patterns=wcfg.n_patterns,
+        patch_size=self.patch_size,
+        num_classes=ds.num_classes,
+        m=wcfg.queries_per_pattern,
+        alpha=wcfg.alpha,
+        query_rng=lambda index: self.np_rng(streams.VERIFY_QUERIES, index),
+      )
+    return self._verifiers[apply]

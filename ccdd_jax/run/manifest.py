@@ -2,19 +2,19 @@
 
 <workdir>/manifest.json holds the flattened config, the key's fingerprint and
 the data's number of classes. Each field belongs to the first stage whose
-outputs it changes (`OWNER`); a rerun with another value is
+outputs it changes (the `owns` prefixes of stages.py's table); a rerun with another value is
 
   refused   when the field belongs to a stage before the one asked for (its
             outputs would be reused: `--stage=distill` with another
             experts.epochs), and for `--stage=all` when it belongs to any
-            stage before verify (all resumes every stage);
+            stage before the last one it runs (all resumes every stage);
   accepted  otherwise (`--stage=evaluate` with other eval.* fields): the
             manifest takes the new values and that stage starts over, because
             each stage's resume state is tied to `fingerprint(config, stage)`.
 
 `--fresh` clears the outputs (workdir.clear_outputs) and so the manifest.
 Fields that never change a result (`IGNORED`) are not compared, nor a field
-that a newer version added at its default (settings.base_config): absent
+that a newer version added at its default (schema.base_config): absent
 from an older manifest, it is what that run did (new options start "off").
 """
 
@@ -28,9 +28,9 @@ import ml_collections
 from ccdd_jax import CCDDError
 from ccdd_jax.config import schema
 from ccdd_jax.run import reporting
+from ccdd_jax.run import stages
 
 FILE = "manifest.json"
-ORDER = ("keygen", "queries", "experts", "distill", "evaluate", "verify", "attacks")
 # Paths and speed settings: the same run whatever their value.
 IGNORED = (
   "concurrency",
@@ -39,24 +39,6 @@ IGNORED = (
   "data.tfds_data_dir",
   "distill.checkpoint_every",
 )
-# (prefix, stage), first match wins; "key" and "num_classes" are the key file's and the data's.
-OWNER = (
-  ("key", "queries"),
-  ("num_classes", "queries"),
-  ("watermark.alpha", "verify"),
-  ("watermark.ratio", "experts"),
-  ("watermark.", "queries"),
-  ("data.", "queries"),
-  ("distill.", "distill"),
-  ("eval.", "evaluate"),
-  ("attacks.", "attacks"),
-  ("", "experts"),  # seed, model.*, dsa.*, experts.* and any new section.
-)
-
-
-def owner(field: str) -> str:
-  """The first stage whose outputs `field` changes."""
-  return next(stage for prefix, stage in OWNER if field == prefix or field.startswith(prefix))
 
 
 def record(config: ml_collections.ConfigDict, key_fingerprint: str, num_classes: int) -> dict:
@@ -77,8 +59,8 @@ def record(config: ml_collections.ConfigDict, key_fingerprint: str, num_classes:
 
 def fingerprint(fields: dict, stage: str) -> str:
   """A digest of the fields owned by `stage` and the stages before it (its resume state's tag)."""
-  upto = ORDER[: ORDER.index(stage) + 1]
-  mine = {k: v for k, v in sorted(fields.items()) if owner(k) in upto}
+  upto = stages.NAMES[: stages.NAMES.index(stage) + 1]
+  mine = {k: v for k, v in sorted(fields.items()) if stages.owner(k) in upto}
   return hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -109,11 +91,12 @@ def check(workdir: pathlib.Path, fields: dict, stage: str) -> None:
     old = json.loads(path.read_text())["fields"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CCDDError(f"cannot read {path} ({e}): rerun with --fresh to start over") from e
-  first = ORDER.index("verify" if stage == "all" else stage)
-  refused = [k for k in differing(old, fields) if ORDER.index(owner(k)) < first]
+  # `all` resumes every stage it runs: it refuses a change owned by any before the last.
+  first = stages.NAMES.index(stages.IN_ALL[-1] if stage == "all" else stage)
+  refused = [k for k in differing(old, fields) if stages.NAMES.index(stages.owner(k)) < first]
   if refused:
     shown = ", ".join(f"{k} ({old.get(k, 'absent')} -> {fields.get(k, 'absent')})" for k in refused)
-    hint = f"--stage={owner(refused[0])}" if stage != "all" else "the stage alone"
+    hint = f"--stage={stages.owner(refused[0])}" if stage != "all" else "the stage alone"
     raise CCDDError(
       f"workdir {workdir} holds a run made with other values of {shown}: rerun with the same "
       f"config, or with --fresh to start over (or run {hint} to redo that stage)"

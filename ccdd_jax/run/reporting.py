@@ -22,10 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from ccdd_jax import log
 from ccdd_jax.devices import sharding
-
-SETS = ("distilled", "clean_distilled", "real")
+from ccdd_jax.log import log
+from ccdd_jax.method import evaluate
 
 
 def fmt_pct(stat: dict) -> str:
@@ -91,7 +90,7 @@ def group_progress(stage: str) -> Callable[[str, int, int], None]:
 
   def progress(what, done, total):
     if total > 1 and (done == total or done % max(1, total // 4) == 0):
-      log.log(f"[{stage}] {what}: {done}/{total} groups done ({time.time() - start:.0f} s)")
+      log(f"[{stage}] {what}: {done}/{total} groups done ({time.time() - start:.0f} s)")
 
   return progress
 
@@ -217,7 +216,7 @@ def build_report(workdir: pathlib.Path, header: dict, primary_arch: str) -> dict
       entry.update({k: v[k] for k in ("p_values", "p_values_majority", "verified") if k in v})
       architectures[arch][name] = entry
   report["architectures"] = architectures
-  for name in SETS:
+  for name in evaluate.SETS:
     report[name] = architectures.get(primary_arch, {}).get(name, {})
   attacks = read_json(workdir / "attacks.json")
   if attacks:
@@ -241,7 +240,7 @@ def report_markdown(report: dict) -> str:
     "|---|---|---|---|---|---|---|",
   ]
   for arch, evaluated in report.get("architectures", {}).items():
-    for name in SETS:
+    for name in evaluate.SETS:
       e = evaluated.get(name, {})
       if "acc" not in e:
         continue

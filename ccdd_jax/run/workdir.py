@@ -1,5 +1,7 @@
 """The workdir's layout: where each stage's outputs live, and the distilled sets' files.
 
+Which stage writes which entry: stages.py's table.
+
 owner.key                       the secret key (mode 0600; --key_file elsewhere)
 owner.commitment                its SHA-256 commitment, public (blackbox.py)
 queries.npz                     stamped queries for a black-box suspect (blackbox.py)
@@ -7,8 +9,8 @@ verification_blackbox.json      the verdict on a suspect's answers (verify --pre
 trajectories/<kind>/NNNN/       experts (checkpoints.py)
 <set>.npz                       a distilled set: images, labels, lr, preprocessing
 models/<architecture>/<set>/    evaluated networks (checkpoints.py)
-attacks.json, attacks.png       --stage=attacks (threats.py, reporting.write_attacks)
-attacks_data.png                its attacks on the distilled data (data_threats.py)
+attacks.json, attacks.png       --stage=attacks (threats/suite.py, reporting.write_attacks)
+attacks_data.png                its attacks on the distilled data (threats/data_suite.py)
 *.json, report.md, *.png        figures and pictures (reporting.py)
 manifest.json                   the config and key the outputs were made with (manifest.py)
 resume/<stage>/                 in-progress state of experts, distill, evaluate (resume.py)
@@ -23,6 +25,7 @@ import numpy as np
 from ccdd_jax import CCDDError
 from ccdd_jax.data import preprocess
 from ccdd_jax.devices import sharding
+from ccdd_jax.run import stages
 
 
 def prepare(workdir: str | os.PathLike) -> pathlib.Path:
@@ -37,35 +40,10 @@ def prepare(workdir: str | os.PathLike) -> pathlib.Path:
   return path
 
 
-# What the stages write (--fresh removes these, and only these: never the key).
-OUTPUTS = (
-  "trajectories",
-  "models",
-  "resume",
-  "manifest.json",
-  "queries.npz",
-  "distilled.npz",
-  "clean_distilled.npz",
-  "distilled.png",
-  "clean_distilled.png",
-  "experts.json",
-  "distill.json",
-  "evaluation.json",
-  "verification.json",
-  "verification_blackbox.json",
-  "attacks.json",
-  "attacks.png",
-  "attacks_data.png",
-  "timings.json",
-  "report.json",
-  "report.md",
-)
-
-
 def clear_outputs(workdir: pathlib.Path) -> list[str]:
-  """Removes every stage output (`OUTPUTS`) from the workdir; keeps the key and its commitment."""
+  """Removes every stage output (stages.OUTPUTS); keeps the key and its commitment."""
   removed = []
-  for name in OUTPUTS:
+  for name in stages.OUTPUTS:
     path = pathlib.Path(workdir) / name
     if path.is_dir():
       shutil.rmtree(path)

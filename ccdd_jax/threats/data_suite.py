@@ -48,7 +48,7 @@ owner then verifies the networks trained on what is left with the key
                  watermarked set's images against the clean distilled set's.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import functools
 import time
 from typing import Any
@@ -78,15 +78,6 @@ from ccdd_jax.threats import suite
 # ----------------------------------------------------------------------------
 # Detection on models.
 # ----------------------------------------------------------------------------
-
-
-def pixel_transform(preprocessor) -> Callable[[jax.Array], jax.Array]:
-  """A preprocess.Preprocessor's [0, 1] pixels -> network inputs, as a traceable function."""
-  if preprocessor.zca:
-    mean, matrix = jnp.asarray(preprocessor.zca_mean), jnp.asarray(preprocessor.zca_transform)
-    return lambda x: ((x.reshape(x.shape[0], -1) - mean) @ matrix).reshape(x.shape)
-  mean, std = jnp.asarray(preprocessor.mean), jnp.asarray(preprocessor.std)
-  return lambda x: (x - mean) / std
 
 
 # ----------------------------------------------------------------------------
@@ -211,7 +202,7 @@ def _detect(config, network, verifier, preprocessor, sets, networks, scores, pix
       network.apply,
       networks[name],
       pixels,
-      pixel_transform(preprocessor),
+      functools.partial(preprocessor.pixels_to_inputs, xp=jnp),
       verifier.num_classes,
       key,
       steps=acfg.data_nc_steps,

@@ -200,8 +200,8 @@ def neural_cleanse(
   `success` of the images go to t, else shrinks 1.1x (Neural Cleanse's
   schedule, within [lam / 100, 100 lam]); the class's norm is the smallest
   |m|_1 seen at such a step (H W where never). `to_inputs` maps [0, 1] pixels to network
-  inputs and must be traceable (`pixel_transform`). Returns per network the
-  norms [K], the final masks, the anomaly index and the flagged class.
+  inputs and must be traceable (Preprocessor.pixels_to_inputs with xp=jnp). Returns per
+  network the norms [K], the final masks, the anomaly index and the flagged class.
   """
   best, hits, masks = _reverse_engineer(
     apply_fn,

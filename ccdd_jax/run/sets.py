@@ -1,0 +1,109 @@
+"""The distilled sets of a run: how the distill stage builds, saves and summarises each.
+
+`distill_set` runs trajectory matching (distill.distill, eq. 9, 10) for one
+set from its starting images (embedding.initial_set); `append_carriers`
+builds the "appended" embedding's watermarked set from the clean one
+(embedding.appended_set). Both write `<name>.npz` and `<name>.png` and return
+the set's distill.json entry.
+"""
+
+import pathlib
+import time
+
+import ml_collections
+import numpy as np
+
+from ccdd_jax import streams
+from ccdd_jax.log import log
+from ccdd_jax.method import distill
+from ccdd_jax.method import embedding
+from ccdd_jax.method import watermark
+from ccdd_jax.run import context
+from ccdd_jax.run import reporting
+from ccdd_jax.run import resume
+from ccdd_jax.run import workdir as workdir_lib
+
+
+def distill_set(
+  ctx: context.Context, name: str, kinds: tuple[str, str], trajectories: dict, resume_dir
+) -> dict:
+  """Distils set `name` over experts of `kinds` = (kind, twin kind); saves it (resumes)."""
+  cfg, ds = ctx.config, ctx.dataset
+  start, set_cfg = time.time(), embedding.set_config(cfg.distill, kinds[0] != "clean")
+  store, expert = resume.DistillStore(pathlib.Path(resume_dir) / name), trajectories[kinds[0]]
+  matched = (expert, trajectories[kinds[1]] if set_cfg.beta else expert)
+  matched += (trajectories["clean"],) if set_cfg.clean_expert_fraction else ()
+  pool = (ds.train_images, ds.train_labels, ds.num_classes, *ctx.patterns())
+  init_u8, labels, from_trigger = embedding.initial_set(
+    set_cfg, *pool, ctx.np_rng(streams.INITIAL_SET), ctx.np_rng(streams.CARRIERS)
+  )
+  aux = embedding.aux_inputs(set_cfg, from_trigger, ctx.patch_size, ctx.expert_inputs)
+  log(
+    f"[distill] {name}: {len(labels)} images from {expert.shape[0]} {kinds[0]} experts, "
+    f"{set_cfg.iterations} iterations x {set_cfg.syn_steps} steps"
+    + (f", resuming at iteration {store.latest()}" if store.latest() else "")
+  )
+  init_images = ctx.preprocess.apply(init_u8)
+  init_logits = embedding.initial_label_logits(
+    set_cfg,
+    labels,
+    ds.num_classes,
+    lambda: ctx.net.apply_flat(expert[0, -1], init_images),  # Epoch t_max + M (DATM).
+  )
+  images, lr, losses, label_logits = distill.distill(
+    set_cfg,
+    ctx.net.apply_flat,
+    cfg.dsa,
+    init_images,
+    labels,
+    matched,
+    ctx.jax_key(streams.DISTILL),
+    reporting.progress_printer(name, set_cfg.iterations),
+    aux,
+    store,
+    ctx.mesh,
+    label_logits=init_logits,
+  )
+  arrays = (images, labels, lr, from_trigger, losses, label_logits)
+  return save(ctx, name, set_cfg, arrays, start)
+
+
+def append_carriers(ctx: context.Context) -> dict:
+  """The "appended" embedding's watermarked set: the clean distilled set plus its carriers."""
+  ds, start = ctx.dataset, time.time()
+  set_cfg = embedding.set_config(ctx.config.distill, True)
+  clean = workdir_lib.load_distilled(ctx.workdir, "clean_distilled")
+  pool = (ds.train_images, ds.train_labels, *ctx.patterns(), ctx.preprocess.apply)
+  images, labels, carriers = embedding.appended_set(
+    set_cfg, clean, *pool, ctx.np_rng(streams.CARRIERS)
+  )
+  log(f"[distill] distilled: the clean distilled set + {carriers.sum()} stamped carriers")
+  arrays = (images, labels, float(clean["lr"]), carriers, clean["losses"], None)
+  return {**save(ctx, "distilled", set_cfg, arrays, start), "embedding": "appended"}
+
+
+def save(
+  ctx: context.Context, name: str, set_cfg: ml_collections.ConfigDict, arrays: tuple, start: float
+) -> dict:
+  """Writes `<name>.npz` and `<name>.png`; returns the set's distill.json entry.
+
+  `arrays` = (images, labels, lr, from_trigger, losses, label_logits or None);
+  `start` = when the set's work began (time.time()).
+  """
+  images, labels, lr, from_trigger, losses, logits = arrays
+  ds, patterns = ctx.dataset, ctx.patterns()[0]
+  workdir_lib.save_distilled(
+    ctx.workdir, name, images, labels, lr, from_trigger, losses, ctx.preprocess, logits
+  )
+  pixels = ctx.preprocess.to_pixels(images)
+  title = f"{name} ({ds.name}, IPC {set_cfg.ipc}, {len(labels)} images)"
+  reporting.save_grid(
+    ctx.workdir / f"{name}.png", pixels, labels, ds.class_names, from_trigger, title
+  )
+  visibility = watermark.trigger_visibility(pixels, patterns)
+  seconds = time.time() - start
+  entry = reporting.distill_summary(losses, lr, visibility, np.asarray(from_trigger), seconds)
+  if logits is not None:
+    entry["soft_labels"] = embedding.soft_label_summary(logits, labels)
+  log(reporting.distill_line(name, entry))
+  return entry
