@@ -25,6 +25,7 @@ file a user can fix.
 import os
 import pathlib
 import re
+import zipfile
 
 import ml_collections
 import numpy as np
@@ -35,6 +36,7 @@ from ccdd_jax.devices import sharding
 from ccdd_jax.log import log
 from ccdd_jax.method import verify
 from ccdd_jax.method import watermark
+from ccdd_jax.run import stages
 from ccdd_jax.run.reporting import write_json
 
 QUERIES_FILE = "queries.npz"
@@ -73,8 +75,11 @@ def read_queries(path: str | os.PathLike) -> np.ndarray:
       if list(f.files) != ["images"]:
         raise CCDDError(f"{path} is not a queries file: it must hold one array, images")
       images = f["images"]
-  except (OSError, ValueError, EOFError) as e:
-    raise CCDDError(f"cannot read queries file {path}: {e}") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    hint = stages.rerun_hint(QUERIES_FILE)
+    raise CCDDError(
+      f"cannot read queries file {path}, it is corrupt or truncated ({e}): {hint}"
+    ) from None
   if images.dtype != np.uint8 or images.ndim != 4:
     raise CCDDError(f"{path} is not a queries file: images must be uint8 [Q, H, W, C]")
   return images

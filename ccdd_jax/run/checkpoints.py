@@ -450,6 +450,9 @@ def restore_networks(path: PathLike, like: PyTree, num_seeds: int) -> PyTree:
     return jax.tree.map(np.asarray, ckptr.restore(path.absolute(), abstract))
   except Exception as e:  # Orbax raises assorted types for bad or mismatched checkpoints.
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CCDDError(f"cannot restore the evaluated networks at {path}: {msg[:300]}") from e
+    raise CCDDError(
+      f"cannot restore the evaluated networks at {path}, corrupt or truncated ({msg[:300]}): "
+      "rerun --stage=evaluate"
+    ) from e
   finally:
     ckptr.close()

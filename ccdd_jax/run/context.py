@@ -129,7 +129,7 @@ class Context:
     resume.check_distilled(self.workdir, evaluate.DISTILLED_SETS, ds.image_shape, ds.num_classes)
 
   def _evaluated_pairs(self) -> list[tuple[str, str]]:
-    evaluation = resume.read_json_checked(self.workdir / "evaluation.json")
+    evaluation = reporting.read_json(self.workdir / "evaluation.json")
     if not evaluation:
       raise CCDDError(f"no evaluated networks in {self.workdir}: run --stage=evaluate first")
     return [(arch, name) for arch, sets in evaluation.items() for name in sets]

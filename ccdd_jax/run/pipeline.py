@@ -159,7 +159,7 @@ def stage_evaluate(ctx: Context) -> dict:
 def stage_verify(ctx: Context) -> dict:
   """Queries each evaluated network with the key's triggers: the exact tests (verify.py)."""
   alpha, result = ctx.config.watermark.alpha, {}
-  evaluation = resume.read_json_checked(ctx.workdir / "evaluation.json")
+  evaluation = reporting.read_json(ctx.workdir / "evaluation.json")
   for arch, evaluated in evaluation.items():
     verifier, result[arch] = ctx.verifier(ctx.network(arch)), {}
     for name in evaluated:

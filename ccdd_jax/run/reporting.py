@@ -22,9 +22,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from ccdd_jax import CCDDError
 from ccdd_jax.devices import sharding
 from ccdd_jax.log import log
 from ccdd_jax.method import evaluate
+from ccdd_jax.run import stages
 
 
 def fmt_pct(stat: dict) -> str:
@@ -59,11 +61,20 @@ def save_figure(fig, path: pathlib.Path) -> None:
 
 
 def read_json(path: pathlib.Path) -> dict:
-  """The JSON object in `path`, or {} when there is no such file."""
+  """The JSON object in `path`, or {} when there is no such file; a one-line CCDDError
+  naming the file and the stage that rewrites it when it is not a JSON object."""
   path = pathlib.Path(path)
   if not path.is_file():
     return {}
-  return json.loads(path.read_text())
+  try:
+    content = json.loads(path.read_text())
+    if not isinstance(content, dict):
+      raise ValueError(f"a JSON {type(content).__name__}, not an object")
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    hint = stages.rerun_hint(path.name)
+    raise CCDDError(f"cannot read {path}, it is corrupt or truncated ({reason}): {hint}") from None
+  return content
 
 
 def progress_printer(name: str, total: int) -> Callable[[int, Any], None]:

@@ -22,6 +22,7 @@ import pathlib
 import shutil
 import threading
 from typing import Any
+import zipfile
 
 import jax
 import numpy as np
@@ -29,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from ccdd_jax import CCDDError
 from ccdd_jax.method import distill
+from ccdd_jax.method import evaluate
 from ccdd_jax.method.experts import KINDS
 from ccdd_jax.run import checkpoints
 from ccdd_jax.run import reporting
@@ -232,13 +234,16 @@ class DistillStore:
 def sets_digest(workdir: pathlib.Path) -> str:
   """A digest of the distilled sets' arrays ("" if there are none): what evaluations depend on."""
   digest = hashlib.sha256()
-  for name in ("distilled", "clean_distilled"):
+  for name in evaluate.DISTILLED_SETS:
     path = pathlib.Path(workdir) / f"{name}.npz"
     if not path.is_file():
       return ""
-    with np.load(path) as f:
-      for key in sorted(f.files):
-        digest.update(key.encode() + np.ascontiguousarray(f[key]).tobytes())
+    try:
+      with np.load(path) as f:
+        for key in sorted(f.files):
+          digest.update(key.encode() + np.ascontiguousarray(f[key]).tobytes())
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+      return "unreadable"  # A corrupt set: whatever was measured on it is stale.
   return digest.hexdigest()[:16]
 
 
@@ -310,11 +315,3 @@ def check_networks(workdir: pathlib.Path, pairs) -> None:
       raise CCDDError(
         f"no evaluated {arch} networks of {name} in {workdir}: run --stage=evaluate first"
       )
-
-
-def read_json_checked(path: pathlib.Path) -> dict:
-  """A stage's JSON input, or a one-line error when it is not JSON."""
-  try:
-    return reporting.read_json(path)
-  except (OSError, ValueError) as e:
-    raise CCDDError(f"cannot read {path}: {e} (rerun the stage that writes it)") from e

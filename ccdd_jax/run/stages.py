@@ -94,6 +94,12 @@ def get(name: str) -> Stage:
   return TABLE[NAMES.index(name)]
 
 
+def rerun_hint(filename: str) -> str:
+  """What to run to rewrite a workdir entry: the stage that writes it, or --fresh."""
+  writers = [stage.name for stage in TABLE if filename in stage.writes]
+  return f"rerun --stage={writers[0]}" if writers else "rerun with --fresh to start over"
+
+
 def owner(field: str) -> str:
   """The first stage whose outputs a manifest field changes (the longest owning prefix)."""
   owning = [

@@ -19,6 +19,7 @@ resume/<stage>/                 in-progress state of experts, distill, evaluate 
 import os
 import pathlib
 import shutil
+import zipfile
 
 import numpy as np
 
@@ -114,5 +115,11 @@ def load_distilled(workdir: pathlib.Path, name: str) -> dict:
   path = pathlib.Path(workdir) / f"{name}.npz"
   if not path.is_file():
     raise CCDDError(f"no distilled set at {path}: run --stage=distill first")
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CCDDError(
+      f"cannot read {path}, it is corrupt or truncated ({reason}): {stages.rerun_hint(path.name)}"
+    ) from None
