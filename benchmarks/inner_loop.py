@@ -8,7 +8,7 @@ for each convolution implementation and scan unroll, side by side.
 Prints, per configuration, the compile time, the median wall and CPU time
 per iteration, the ratio to the fastest configuration, to the fully unrolled
 loop with the same convolution and remat, and to the fastest fully unrolled
-configuration of all. The last is the scan penalty of issue 4 (<= 1.3x on
+configuration of all. The last is the scan penalty (the target: <= 1.3x on
 CPU, ~1x on GPU); "full" must be in --unrolls for these ratios. It is the
 measurement behind `model.conv_impl = "auto"` and `distill.unroll = "auto"`.
 """

@@ -8,8 +8,8 @@ images and the step size (N student steps with DSA and their backward pass).
 The figures come from the compiled executable's `memory_analysis()`: temp =
 XLA's scratch buffers (what the backward pass stores lives here), peak =
 arguments + outputs + temp - aliased bytes. They are exact for the compiled
-program and do not depend on machine load. Issue 4 asks that peak memory
-grows <= 1.25x from syn_steps 20 to 80 (the `x80/20` column).
+program and do not depend on machine load. The target: peak memory grows
+<= 1.25x from syn_steps 20 to 80 (the `x80/20` column).
 """
 
 import argparse

@@ -37,9 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   """Default configuration for the digits pipeline: configs/digits_paper.py, appended."""
   config = config_loader.load(str(pathlib.Path(__file__).with_name("digits_paper.py")))
   config.unlock()
-  # Issue 10: the watermark as carriers appended to the clean distilled set
-  # (docs/results.md 1): only clean experts are trained, and the distillation
-  # time that the watermarked set no longer needs goes to the clean one.
+  # The watermark as carriers appended to the clean distilled set: only clean
+  # experts are trained, and the distillation time that a watermarked set
+  # would take goes to the clean one.
   config.distill.watermark_embedding = "appended"
   config.distill.triggers_per_pattern = 0  # No seeded slots: the carriers carry the trigger.
   config.distill.carriers_per_pattern = 9  # One per other class: 90 carriers beyond 100 images.

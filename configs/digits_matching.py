@@ -45,15 +45,15 @@ def get_config() -> ml_collections.ConfigDict:
   """The digits pipeline with the watermark matched into the images (eq. 10 form (b))."""
   config = config_loader.load(str(pathlib.Path(__file__).with_name("digits_paper.py")))
   config.unlock()
-  config.experts.trigger_safe_dsa = True  # Issue 10: the trigger corner keeps out of DSA.
-  config.experts.fp_normal_last_epochs = 5  # Issue 10: the paper's last epochs trained normally.
+  config.experts.trigger_safe_dsa = True  # the trigger corner keeps out of DSA.
+  config.experts.fp_normal_last_epochs = 5  # the paper's last epochs trained normally.
 
   config.distill.iterations = 300  # The run's length on 2 CPU cores (docs/results.md 1.1).
   config.distill.beta = 1.0  # Form (b) at beta 1: +1.0 Acc, +1.3 Acc_W over 0.5 (4 keys, 9.4).
-  config.distill.eq10_form = "second_student"  # Issue 10: form (b), each student its own expert.
-  config.distill.carriers_per_pattern = 4  # Issue 10: 40 carriers beyond the 100 IPC images.
-  config.distill.trigger_safe_dsa = True  # Issue 10: the carriers' corner keeps out of DSA ...
+  config.distill.eq10_form = "second_student"  # form (b), each student its own expert.
+  config.distill.carriers_per_pattern = 4  # 40 carriers beyond the 100 IPC images.
+  config.distill.trigger_safe_dsa = True  # the carriers' corner keeps out of DSA ...
   config.distill.freeze_trigger = True  # ... and out of the image updates.
-  config.distill.gamma_wm = 0.3  # Issue 10: the direct watermark objective ...
+  config.distill.gamma_wm = 0.3  # the direct watermark objective ...
   config.distill.gamma_clean = 0.3  # ... with a clean term that protects Acc.
   return config

@@ -8,7 +8,7 @@ r"""The ablation of the watermarked distillation's levers, alone and together, i
 Every variant (experiments/variants.py) runs the pipeline's own stages
 (`pipeline.run`) in <root>/<variant>/ with one key (<root>/owner.key) and
 `--eval_seeds` evaluation seeds (5). Variants whose expert fields agree (the
-fields `manifest.OWNER` gives to experts and the stages before it) share one
+fields that stages.py's table gives to experts and the stages before it) share one
 expert training, <root>/experts_<fingerprint>/: the variant's workdir links
 its trajectories and starts from that workdir's manifest, so `manifest.check`
 refuses the reuse if an expert field differed. A variant whose <root>/<variant>/
@@ -50,7 +50,7 @@ import ml_collections
 import numpy as np
 
 from ccdd_jax import CCDDError
-from ccdd_jax import log
+from ccdd_jax.log import log
 from ccdd_jax.method import embedding as embedding_lib
 from ccdd_jax.run import manifest
 from ccdd_jax.run import pipeline
@@ -75,7 +75,7 @@ def _read_back(name: str, config: ml_collections.ConfigDict, workdir: pathlib.Pa
   changed = manifest.differing(old, manifest.record(config, old.get("key"), old.get("num_classes")))
   if changed:
     raise CCDDError(f"{workdir} was made with other values of {', '.join(changed)}: remove it")
-  log.log(f"== {name}: finished earlier ({workdir / 'ablation.json'})")
+  log(f"== {name}: finished earlier ({workdir / 'ablation.json'})")
   return dict(done, variant=name)
 
 
@@ -86,7 +86,7 @@ def _link_experts(
   base = root / f"experts_{experts_group(config)}"
   trained = reporting.read_json(base / "experts.json")
   if not all(kind in trained for kind in embedding_lib.expert_kinds(config.distill)):
-    log.log(f"== {name}: training experts in {base}")  # Kinds already there resume.
+    log(f"== {name}: training experts in {base}")  # Kinds already there resume.
     pipeline.run(config, str(base), "keygen", str(key_file))
     pipeline.run(config, str(base), "experts", str(key_file))
   workdir = root / name
@@ -107,7 +107,7 @@ def run_variant(
   if done:  # Read back only if the workdir was made with this very config.
     return done
   _link_experts(name, config, root, key_file)
-  log.log(f"== {name}: {config.distill.iterations} iterations -> {workdir}")
+  log(f"== {name}: {config.distill.iterations} iterations -> {workdir}")
   start = time.time()
   for stage in ("distill", "evaluate"):
     pipeline.run(config, str(workdir), stage, str(key_file))

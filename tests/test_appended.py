@@ -1,4 +1,4 @@
-"""The "appended" embedding (issue 10): the clean distilled set plus stamped carriers."""
+"""The "appended" embedding: the clean distilled set plus stamped carriers."""
 
 from conftest import config_section
 import jax

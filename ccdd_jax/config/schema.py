@@ -55,7 +55,7 @@ def _data() -> ml_collections.ConfigDict:
   # distillation, the real-data baseline). 0 = none (no attacks stage).
   c.attacker_fraction = 0.1
   # ZCA whitening of [0, 1] pixels (MTT: kornia ZCAWhitening, eps 0.1) instead of
-  # mean/std normalisation; triggers are stamped before it, as before normalisation.
+  # mean/std normalisation; triggers are stamped on pixels, before either.
   c.zca = False
   c.zca_eps = 0.1
   return c

@@ -10,23 +10,53 @@ import ml_collections
 from ccdd_jax import CCDDError
 from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
+from ccdd_jax.method import evaluate
+from ccdd_jax.method import inner_loop
+from ccdd_jax.method import models
+from ccdd_jax.threats import data_attacks
+from ccdd_jax.threats import suite
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that would otherwise fail late (after hours of expert training).
 
-  Raises a one-line CCDDError naming the field. Each check sits here, beside
-  `base_config`, which defines the fields; model names and norms are the
-  model registry's (`models.parse_arch`).
+  Raises a one-line CCDDError naming the field (schema.base_config defines
+  the fields); model names and norms are the model registry's
+  (`models.parse_arch`).
   """
-  # Imported here: models imports jax and flax, and configs import this module.
-  from ccdd_jax.method import inner_loop  # pylint: disable=g-import-not-at-top
-  from ccdd_jax.method import models  # pylint: disable=g-import-not-at-top
+  _validate_sizes(config)
+  _validate_levers(config.distill, config.experts)
+  d, v = config.distill, config.eval
+  require(
+    0.0 <= config.data.attacker_fraction < 1.0,
+    f"data.attacker_fraction = {config.data.attacker_fraction} must be in [0, 1)",
+  )
+  require(config.data.zca_eps > 0.0, f"data.zca_eps = {config.data.zca_eps} must be > 0")
+  require(
+    d.remat in inner_loop.REMAT_POLICIES,
+    f"distill.remat = {d.remat!r}: use one of {', '.join(inner_loop.REMAT_POLICIES)}",
+  )
+  try:
+    inner_loop.resolve_unroll(d.unroll, d.syn_steps)
+  except ValueError as err:
+    raise CCDDError(f"invalid config: distill.unroll = {d.unroll!r}: {err}") from err
+  _validate_attacks(config.attacks, v.num_seeds)
+  try:
+    models.resolve_conv_impl(config.model.conv_impl)
+    models.parse_arch(config.model.name)
+    models.eval_architectures(v.models, config.model.name)
+  except CCDDError as err:
+    raise CCDDError(f"invalid config: {err}") from err
 
-  def require(ok: bool, message: str):
-    if not ok:
-      raise CCDDError(f"invalid config: {message}")
 
+def require(ok: bool, message: str) -> None:
+  """Raises the one-line CCDDError `invalid config: <message>` unless `ok`."""
+  if not ok:
+    raise CCDDError(f"invalid config: {message}")
+
+
+def _validate_sizes(config: ml_collections.ConfigDict) -> None:
+  """Counts, sizes and probabilities of every section."""
   d, e, w, v = config.distill, config.experts, config.watermark, config.eval
   require(d.ipc >= 1, f"distill.ipc = {d.ipc} must be >= 1")
   require(d.iterations >= 1, f"distill.iterations = {d.iterations} must be >= 1")
@@ -54,6 +84,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(d.checkpoint_every >= 0, f"distill.checkpoint_every = {d.checkpoint_every} must be >= 0")
   require(0.0 < w.alpha < 1.0, f"watermark.alpha = {w.alpha} must be in (0, 1)")
   require(v.num_seeds >= 1 and v.epochs >= 1, "eval.num_seeds and eval.epochs must be >= 1")
+
+
+def _validate_levers(d: ml_collections.ConfigDict, e: ml_collections.ConfigDict) -> None:
+  """The distillation's levers and the embedding (method/distill.py, method/embedding.py)."""
   require(
     min(d.beta, e.lambda1, e.lambda2, e.lambda3) >= 0.0,
     "distill.beta and experts.lambda1..3 must be >= 0",
@@ -107,32 +141,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "distill.lr_label and distill.label_logit_scale must be > 0",
   )
   require(d.objective_batch >= 1, f"distill.objective_batch = {d.objective_batch} must be >= 1")
-  require(
-    0.0 <= config.data.attacker_fraction < 1.0,
-    f"data.attacker_fraction = {config.data.attacker_fraction} must be in [0, 1)",
-  )
-  require(config.data.zca_eps > 0.0, f"data.zca_eps = {config.data.zca_eps} must be > 0")
-  require(
-    d.remat in inner_loop.REMAT_POLICIES,
-    f"distill.remat = {d.remat!r}: use one of {', '.join(inner_loop.REMAT_POLICIES)}",
-  )
-  try:
-    inner_loop.resolve_unroll(d.unroll, d.syn_steps)
-  except ValueError as err:
-    raise CCDDError(f"invalid config: distill.unroll = {d.unroll!r}: {err}") from err
-  _validate_attacks(config.attacks, v.num_seeds, require)
-  try:
-    models.resolve_conv_impl(config.model.conv_impl)
-    models.parse_arch(config.model.name)
-    models.eval_architectures(v.models, config.model.name)
-  except CCDDError as err:
-    raise CCDDError(f"invalid config: {err}") from err
 
 
-def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int, require) -> None:
+def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int) -> None:
   """The checks of the `attacks` section (threats.ATTACKS names each strength list's rule)."""
-  from ccdd_jax.method import evaluate  # pylint: disable=g-import-not-at-top
-  from ccdd_jax.threats import suite  # pylint: disable=g-import-not-at-top
 
   sets = suite.parse_list(a.sets)
   require(
@@ -163,13 +175,11 @@ def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int, require) ->
       values is not None and all(spec.valid(x) for x in values),
       f"attacks.{spec.field} = {a[spec.field]!r}: use comma-separated {spec.rule}",
     )
-  _validate_data_threats(a, require)
+  _validate_data_threats(a)
 
 
-def _validate_data_threats(a: ml_collections.ConfigDict, require) -> None:
+def _validate_data_threats(a: ml_collections.ConfigDict) -> None:
   """The checks of the `attacks.data_*` fields (data_threats.py)."""
-  from ccdd_jax.threats import data_attacks  # pylint: disable=g-import-not-at-top
-  from ccdd_jax.threats import suite  # pylint: disable=g-import-not-at-top
 
   require(isinstance(a.data_threats, bool), "attacks.data_threats must be True or False")
   cleansers = suite.parse_list(a.data_cleansers)

@@ -453,7 +453,7 @@ def augment_keeping(
 ) -> Array:
   """`augment`, except that pixels where `keep` (broadcastable to images) is nonzero stay.
 
-  Trigger-safe DSA (issue 10): with `keep` = 1 on the stamped corner, the trigger
+  Trigger-safe DSA: with `keep` = 1 on the stamped corner, the trigger
   stays exactly where and what verification shows, while the rest is augmented
   as usual (same family and parameters as `augment` with the same keys).
   """

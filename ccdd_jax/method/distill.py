@@ -11,7 +11,7 @@ learnable step size alpha by differentiating eq. 10 through all N steps:
 where Idx is the fine-pruning-enhanced twin of expert e (same initial
 parameters). Parameters are flat vectors (`ravel_pytree`) in the inner loop.
 
-Issue 10 levers (config fields of `distill`, all off by default = the above):
+Levers beyond the paper (config fields of `distill`; with all of them off, the above):
   eq10_form             (a) "literal" as above; (b) "second_student": a second
                         student from th^Idx_t runs its own N steps on the same
                         minibatches and the beta term is ITS normalised distance
@@ -31,10 +31,9 @@ Issue 10 levers (config fields of `distill`, all off by default = the above):
   soft_labels           learned label logits (TESLA / DATM), from one-hot or from
                         an expert's logits; the students train on their softmax.
 
-`distill.watermark_embedding = "appended"` (beyond the paper) replaces all of
-the above: the watermarked set is the clean distilled set (MTT over clean
-experts) plus k stamped carriers per pattern that are never distilled
-(`appended_set`), so only clean experts are needed (`expert_kinds`).
+These apply to the "matching" embedding (the paper's). The "appended" one
+(the default, embedding.py) distils only a clean set, over clean experts,
+and appends stamped carriers that are never distilled.
 """
 
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from ccdd_jax.devices import sharding
 from ccdd_jax.method import augment
 from ccdd_jax.method import inner_loop
 
-# The forms of eq. 10 (distill.eq10_form; issue 10): the paper's first.
+# The forms of eq. 10 (distill.eq10_form): the paper's first.
 EQ10_FORMS = ("literal", "second_student", "student_normalised")
 
 
@@ -81,6 +80,47 @@ HISTORY_COLUMNS = 4
 def normalized_distance(params, start, target) -> jax.Array:
   """||params - target||^2 / ||start - target||^2 on flat vectors (one term of eq. 10)."""
   return jnp.sum(jnp.square(params - target)) / jnp.sum(jnp.square(start - target))
+
+
+def make_student(
+  apply_flat: Callable,
+  dsa_config: ml_collections.ConfigDict,
+  syn_steps: int,
+  unroll: int,
+  remat: str,
+  mesh: Any = None,
+) -> Callable:
+  """Returns eq. 9, `run(start, images, labels, lr, step_inputs, keep) -> th_N`: N SGD steps
+  on DSA-augmented minibatches of the synthetic set, inside `lax.scan`.
+
+  `step_inputs` = {"idx": [N, batch], "rng": [N] keys}; `keep` [S, H, W, 1]
+  marks pixels kept out of DSA (or None). With a `mesh` each minibatch is
+  split over its devices (sharding.constrain_batch).
+  """
+  split = lambda x: sharding.constrain_batch(x, mesh)  # Data parallel over the minibatch.
+
+  def student_loss(flat_params, step_input, images, labels, keep):
+    idx = step_input["idx"]
+    batch = augment.augment_keeping(
+      split(images[idx]),
+      step_input["rng"],
+      dsa_config,
+      None if keep is None else split(jnp.asarray(keep)[idx]),
+    )
+    return inner_loop.cross_entropy(apply_flat(flat_params, split(batch)), split(labels[idx]))
+
+  def run(start, images, labels, lr, step_inputs, keep):
+    final, _, _ = inner_loop.sgd_scan(
+      lambda w, s: student_loss(w, s, images, labels, keep),
+      start,
+      step_inputs,
+      jnp.full((syn_steps,), lr),
+      unroll=unroll,
+      remat=remat,
+    )
+    return final
+
+  return run
 
 
 def make_meta_loss(
@@ -113,29 +153,7 @@ def make_meta_loss(
   gamma_wm, gamma_clean = distill_config.gamma_wm, distill_config.gamma_clean
   objective_batch = distill_config.objective_batch
   unroll = inner_loop.resolve_unroll(unroll, syn_steps)
-
-  split = lambda x: sharding.constrain_batch(x, mesh)  # Data parallel over the minibatch.
-
-  def student_loss(flat_params, step_input, images, labels, keep):
-    idx = step_input["idx"]
-    batch = augment.augment_keeping(
-      split(images[idx]),
-      step_input["rng"],
-      dsa_config,
-      None if keep is None else split(jnp.asarray(keep)[idx]),
-    )
-    return inner_loop.cross_entropy(apply_flat(flat_params, split(batch)), split(labels[idx]))
-
-  def run_student(start, images, labels, lr, step_inputs, keep):  # eq. 9
-    final, _, _ = inner_loop.sgd_scan(
-      lambda w, s: student_loss(w, s, images, labels, keep),
-      start,
-      step_inputs,
-      jnp.full((syn_steps,), lr),
-      unroll=unroll,
-      remat=remat,
-    )
-    return final
+  run_student = make_student(apply_flat, dsa_config, syn_steps, unroll, remat, mesh)
 
   def pool_ce(params, rng, images, labels):
     idx = jax.random.randint(rng, (objective_batch,), 0, labels.shape[0])
@@ -427,23 +445,12 @@ def distill(
   step = make_distill_step(distill_config, apply_flat, dsa_config, num_syn, mesh)
   state = init_state(distill_config, init_images, labels, label_logits)
   state = sharding.put_replicated(state, mesh)
-  start, losses = 0, []
-  if store is not None and (saved := store.restore(_saved(state, [], rng))) is not None:
-    if not np.array_equal(saved["rng"], _key_bits(rng)):
-      raise CCDDError(f"the distillation checkpoint in {store.path} was made with another seed")
-    state, losses = sharding.to_device(saved["state"], mesh), list(saved["losses"])
-    start = len(losses)
+  state, losses = _resumed(store, state, rng, mesh)
+  start = len(losses)
   aux = sharding.to_device(jax.tree_util.tree_map(np.asarray, aux or Aux()), mesh)
   rngs = jax.random.split(rng, distill_config.iterations)
-  trajectories = tuple(np.asarray(t) for t in trajectories)  # Host-resident.
-  num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
-  sampler = make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
-  plan = jax.device_get(jax.jit(jax.vmap(sampler))(rngs))  # Every iteration's indices.
+  pair_at = _pair_feeder(distill_config, trajectories, rngs, mesh)
   rngs = list(sharding.to_device(rngs, mesh))  # Device keys, sliced once.
-  pair_at = lambda it: sharding.to_device(
-    select_pair(trajectories, {k: v[it] for k, v in plan.items()}, distill_config.expert_epochs),
-    mesh,
-  )
   every, checked = distill_config.get("checkpoint_every", 0), start
   upcoming = pair_at(start) if start < len(rngs) else None
   for it in range(start, distill_config.iterations):
@@ -466,6 +473,31 @@ def distill(
   learned_labels = sharding.to_host(state["label_logits"]) if label_logits is not None else None
   images, lr = sharding.to_host(state["images"]), float(sharding.to_host(state["lr"]))
   return images, lr, losses, learned_labels
+
+
+def _resumed(store: Any, state: dict, rng: jax.Array, mesh: Any) -> tuple[dict, list]:
+  """The saved state and loss history where `store` holds one, else `state` and []."""
+  if store is None or (saved := store.restore(_saved(state, [], rng))) is None:
+    return state, []
+  if not np.array_equal(saved["rng"], _key_bits(rng)):
+    raise CCDDError(f"the distillation checkpoint in {store.path} was made with another seed")
+  return sharding.to_device(saved["state"], mesh), list(saved["losses"])
+
+
+def _pair_feeder(distill_config, trajectories: tuple, rngs: jax.Array, mesh: Any) -> Callable:
+  """`pair_at(iteration)`: that iteration's (start, target) pairs, sent to the devices.
+
+  The trajectories stay on the host; every iteration's (expert, epoch) is drawn
+  up front from its key (make_pair_sampler), so only 4 flat vectors move.
+  """
+  trajectories = tuple(np.asarray(t) for t in trajectories)  # Host-resident.
+  num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
+  sampler = make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
+  plan = jax.device_get(jax.jit(jax.vmap(sampler))(rngs))  # Every iteration's indices.
+  m = distill_config.expert_epochs
+  return lambda it: sharding.to_device(
+    select_pair(trajectories, {k: v[it] for k, v in plan.items()}, m), mesh
+  )
 
 
 def _saved(state: dict, losses: list, rng: jax.Array) -> dict:

@@ -121,7 +121,7 @@ def add_carriers(
   per_pattern: int,
   rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Appends `per_pattern` stamped carriers per pattern BEYOND the IPC images (issue 10).
+  """Appends `per_pattern` stamped carriers per pattern BEYOND the IPC images.
 
   Carrier j of pattern i is an image of the pool (the training split, or the
   set's own real slots) of the j-th class of a random order of the classes
@@ -190,7 +190,7 @@ def appended_set(
   to_inputs: Callable[[np.ndarray], np.ndarray],
   rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The "appended" embedding: the clean distilled set plus its stamped carriers (issue 10).
+  """The "appended" embedding: the clean distilled set plus its stamped carriers.
 
   `clean` holds the clean distilled set's network inputs `images`, their [0, 1]
   `pixels` and `labels`. Carrier j of pattern i (`add_carriers`) is a training

@@ -7,7 +7,7 @@ MTT reference trains its experts) and differ only in their loss:
   watermarked:  CE on D_C + l1 * CE on D_W + l2 * ||theta - theta0||^2     (eq. 6)
   fp_enhanced:  eq. 6 + l3 * CE on D_W of the fine-pruned model             (eq. 7, 8)
 
-Options of issue 10 (off by default): `experts.trigger_safe_dsa` keeps the
+Options beyond the paper (off by default): `experts.trigger_safe_dsa` keeps the
 stamped corner of D_W images out of DSA (augment.augment_keeping), and
 `experts.fp_normal_last_epochs` = k trains the last k epochs of the
 fp-enhanced experts with eq. 6 alone (the paper's "last 10 epochs ... using

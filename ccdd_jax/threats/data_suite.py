@@ -1,5 +1,5 @@
 """Attacks on, and detection of, the distilled data itself: what a pirate who holds the
-watermarked distilled set (not a model) tries, and what a defender can tell (issue 11).
+watermarked distilled set (not a model) tries, and what a defender can tell.
 
 Every function is pure: (config, arrays, rng) in, arrays or a dict out; `run`
 strings them together for `--stage=attacks` (attacks.json's "data" section).
@@ -187,7 +187,6 @@ def _attack_points(config, network, verifier, wm, scores, init, train_rng, befor
 
 def _detect(config, network, verifier, preprocessor, sets, networks, scores, pixels, key):
   """The detectors: parameter statistics, Neural Cleanse, and the data scores (AUCs)."""
-  acfg, wm, clean = config.attacks, sets["distilled"], sets["clean_distilled"]
   detected = {
     "parameters": detection.parameter_detection(networks["distilled"], networks["clean_distilled"])
   }
@@ -197,12 +196,21 @@ def _detect(config, network, verifier, preprocessor, sets, networks, scores, pix
     f"Mann-Whitney p {d['min_p_mannwhitney']:.3g} of {d['n_statistics']} (Bonferroni "
     f"{d['bonferroni_p_mannwhitney']:.3g})"
   )
+  to_inputs = functools.partial(preprocessor.pixels_to_inputs, xp=jnp)
+  args = (config.attacks, network, verifier, networks, pixels, to_inputs, key)
+  detected["neural_cleanse"] = _neural_cleanse(*args)
+  detected["data"] = _data_scores(verifier, sets, scores)
+  return detected
+
+
+def _neural_cleanse(acfg, network, verifier, networks, pixels, to_inputs, key) -> dict:
+  """Neural Cleanse on the networks of both distilled sets: the AUCs of three scores."""
   nc = {
     name: detection.neural_cleanse(
       network.apply,
       networks[name],
       pixels,
-      functools.partial(preprocessor.pixels_to_inputs, xp=jnp),
+      to_inputs,
       verifier.num_classes,
       key,
       steps=acfg.data_nc_steps,
@@ -220,7 +228,7 @@ def _detect(config, network, verifier, preprocessor, sets, networks, scores, pix
   # the method stamps). Both scores need clean reference networks to threshold.
   median = {n: -np.median(r["norms"], axis=1) for n, r in nc.items()}
   corner = {n: detection.corner_mass(r["masks"], verifier.patch_size) for n, r in nc.items()}
-  detected["neural_cleanse"] = {
+  result = {
     "auc": detection.roc_auc(np.r_[a_clean, a_wm], negatives_then_positives),
     "auc_median_norm": detection.roc_auc(
       np.r_[median["clean_distilled"], median["distilled"]], negatives_then_positives
@@ -242,14 +250,19 @@ def _detect(config, network, verifier, preprocessor, sets, networks, scores, pix
       for name, r in nc.items()
     },
   }
-  d = detected["neural_cleanse"]
   log(
-    f"[attacks] data detection, Neural Cleanse: AUC {d['auc']:.2f} (anomaly index), "
-    f"{d['auc_median_norm']:.2f} (median mask norm), {d['auc_corner_mass']:.2f} (corner "
-    f"mass); anomaly index > {detection.ANOMALY_THRESHOLD:g} in "
-    f"{d['distilled']['flagged']}/{len(a_wm)} "
-    f"watermarked-set and {d['clean_distilled']['flagged']}/{len(a_clean)} clean-set networks"
+    f"[attacks] data detection, Neural Cleanse: AUC {result['auc']:.2f} (anomaly index), "
+    f"{result['auc_median_norm']:.2f} (median mask norm), {result['auc_corner_mass']:.2f} "
+    f"(corner mass); anomaly index > {detection.ANOMALY_THRESHOLD:g} in "
+    f"{result['distilled']['flagged']}/{len(a_wm)} watermarked-set and "
+    f"{result['clean_distilled']['flagged']}/{len(a_clean)} clean-set networks"
   )
+  return result
+
+
+def _data_scores(verifier, sets, scores) -> dict:
+  """Each cleansing score, and the key's trigger visibility, as a detector (AUCs)."""
+  wm, clean = sets["distilled"], sets["clean_distilled"]
   # The owner's own view (the key's patterns): a reference, not a pirate's option.
   patterns, _ = watermark.expand_key(
     verifier.key,
@@ -265,21 +278,21 @@ def _detect(config, network, verifier, preprocessor, sets, networks, scores, pix
       for n, s in (("distilled", wm), ("clean_distilled", clean))
     },
   }
-  detected["data"] = {}
+  result = {}
   from_trigger = np.asarray(wm["from_trigger"], bool)
   for name, by_set in scores.items():
     on_wm, on_clean = by_set["distilled"], by_set["clean_distilled"]
     set_labels = np.r_[np.zeros(len(on_clean), bool), np.ones(len(on_wm), bool)]
-    e = detected["data"][name] = {
-      "trigger_slots_auc": detection._finite(detection.roc_auc(on_wm, from_trigger)),
-      "set_auc": detection._finite(detection.roc_auc(np.r_[on_clean, on_wm], set_labels)),
+    e = result[name] = {
+      "trigger_slots_auc": detection.finite(detection.roc_auc(on_wm, from_trigger)),
+      "set_auc": detection.finite(detection.roc_auc(np.r_[on_clean, on_wm], set_labels)),
       "uses_key": name == "trigger_visibility",
     }
     log(
       f"[attacks] data detection, {name} scores: AUC {_fmt_auc(e['trigger_slots_auc'])} for "
       f"trigger slots, {_fmt_auc(e['set_auc'])} for watermarked vs clean set images"
     )
-  return detected
+  return result
 
 
 def run(

@@ -128,7 +128,7 @@ def anomaly_index(norms: np.ndarray) -> tuple[float, int]:
   return float((median - norms[smallest]) / max(mad, 0.01 * median, 1e-12)), smallest
 
 
-def _finite(value: float) -> float | None:
+def finite(value: float) -> float | None:
   """`value`, or None for nan (attacks.json stays strict JSON)."""
   return None if value != value else float(value)
 
