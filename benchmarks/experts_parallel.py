@@ -63,7 +63,8 @@ def expert_inputs(config) -> tuple[dict, int, tuple]:
   return data, ds.num_classes, ds.image_shape
 
 
-def main():
+def parse_args() -> argparse.Namespace:
+  """Command-line flags."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
     "--kinds",
@@ -74,22 +75,22 @@ def main():
   parser.add_argument("--epochs", type=int, default=0, help="0 = experts.epochs")
   parser.add_argument("--conv", default="", help="model.conv_impl; '' = the config's")
   parser.add_argument("--repeats", type=int, default=3, help="timed runs of each path")
-  args = parser.parse_args()
-  config = config_loader.load("digits")
-  expert_config = config.experts
-  if args.epochs:
-    expert_config.epochs = args.epochs
-  if args.conv:
-    config.model.conv_impl = args.conv
-  k = args.experts or expert_config.num_experts
+  return parser.parse_args()
+
+
+def print_host() -> None:
+  """Prints the JAX version and backend, the host's CPUs and its load average."""
   load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
   print(
     f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
     f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
     f"load average {load}"
   )
-  data, num_classes, image_shape = expert_inputs(config)
-  network = models.build_network(config.model.name, num_classes, image_shape, config.model)
+
+
+def print_setup(config, k: int, data: dict) -> None:
+  """Prints the experts' settings: K, epochs, images, batches, network and DSA."""
+  expert_config = config.experts
   print(
     f"digits experts: K = {k}, {expert_config.epochs} epochs of "
     f"{len(data['train_labels'])} images (batch {expert_config.batch_size}, D_W batch "
@@ -97,12 +98,12 @@ def main():
     f"{config.model.depth}, conv_impl {models.resolve_conv_impl(config.model.conv_impl)}, "
     f"DSA {config.dsa.strategy!r}"
   )
-  init = network.init_params(jax.random.PRNGKey(0), k)
-  anchors = jax.tree_util.tree_map(lambda p: p + 0.01, init)
-  rngs = jax.random.split(jax.random.PRNGKey(1), k)
-  family_rng = jax.random.PRNGKey(2)
+
+
+def print_legend(repeats: int) -> None:
+  """Prints what the columns mean and the table's header."""
   print(
-    f"run s: median wall time of {args.repeats} runs, K experts each; speed-up: "
+    f"run s: median wall time of {repeats} runs, K experts each; speed-up: "
     f"experts / s over one at a time's; cpu s: process CPU time (all threads), less "
     f"sensitive to other load; max |diff|: largest parameter difference from one at a time"
   )
@@ -110,6 +111,79 @@ def main():
     f"{'kind':12} {'path':24} {'compile s':>10} {'run s':>8} {'experts / s':>12} "
     f"{'speed-up':>9} {'cpu s':>8} {'cpu speed-up':>13} {'max |diff|':>11}"
   )
+
+
+def compile_paths(train, paths: dict, start_params: tuple, family_rng, data) -> tuple[dict, dict]:
+  """Compiles the program of each group size once: (size -> program, path -> compile s)."""
+  init, anchors, rngs = start_params
+  compiled, compile_s = {}, {}
+  for path, (size, _) in paths.items():
+    start = time.perf_counter()
+    if size not in compiled:
+      compiled[size] = train.lower(
+        part(init, 0, size), part(anchors, 0, size), part(rngs, 0, size), family_rng, data
+      ).compile()
+    compile_s[path] = time.perf_counter() - start
+  return compiled, compile_s
+
+
+def time_paths(compiled, paths, k, repeats, start_params, family_rng, data) -> tuple:
+  """Runs every path `repeats` times: (path -> wall s list, cpu s list, last parameters)."""
+  init, anchors, rngs = start_params
+  params = {}
+  run_s, cpu_s = {p: [] for p in paths}, {p: [] for p in paths}
+  for _ in range(repeats):  # Interleaved, so that load drifts hit every path.
+    for path, (size, at_once) in paths.items():
+      inputs = [
+        (part(init, i, size), part(anchors, i, size), part(rngs, i, size), family_rng, data)
+        for i in range(0, k, size)
+      ]
+      start, cpu_start = time.perf_counter(), time.process_time()
+      outs = parallel.run_concurrently(compiled[size], inputs, at_once)
+      run_s[path].append(time.perf_counter() - start)
+      cpu_s[path].append(time.process_time() - cpu_start)
+      params[path] = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *jax.device_get(outs))
+  return run_s, cpu_s, params
+
+
+def print_rows(kind: str, k: int, compile_s: dict, run_s: dict, cpu_s: dict, params: dict):
+  """Prints one table row per path of one expert kind."""
+  median = {p: statistics.median(t) for p, t in run_s.items()}
+  cpu = {p: statistics.median(t) for p, t in cpu_s.items()}
+  base = "one at a time"
+  for path in compile_s:
+    diff = max(
+      jax.tree_util.tree_leaves(
+        jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), params[path], params[base])
+      )
+    )
+    print(
+      f"{kind:12} {path:24} {compile_s[path]:10.2f} {median[path]:8.2f} "
+      f"{k / median[path]:12.2f} {median[base] / median[path]:9.2f} "
+      f"{cpu[path]:8.2f} {cpu[base] / cpu[path]:13.2f} {diff:11.2g}",
+      flush=True,
+    )
+
+
+def main():
+  """Times the four paths for each expert kind and prints a table row for each."""
+  args = parse_args()
+  config = config_loader.load("digits")
+  expert_config = config.experts
+  if args.epochs:
+    expert_config.epochs = args.epochs
+  if args.conv:
+    config.model.conv_impl = args.conv
+  k = args.experts or expert_config.num_experts
+  print_host()
+  data, num_classes, image_shape = expert_inputs(config)
+  network = models.build_network(config.model.name, num_classes, image_shape, config.model)
+  print_setup(config, k, data)
+  init = network.init_params(jax.random.PRNGKey(0), k)
+  anchors = jax.tree_util.tree_map(lambda p: p + 0.01, init)
+  start_params = (init, anchors, jax.random.split(jax.random.PRNGKey(1), k))
+  family_rng = jax.random.PRNGKey(2)
+  print_legend(args.repeats)
   for kind in args.kinds.split(","):
     trainer = experts.make_trainer(kind, expert_config, network.apply, config.dsa)
     train = jax.jit(jax.vmap(trainer, in_axes=(0, 0, 0, None, None)))
@@ -121,43 +195,11 @@ def main():
       f"{workers} at once": (1, workers),
       f"vmapped {k // workers}, {workers} at once": (max(1, k // workers), workers),
     }
-    compiled, compile_s, params = {}, {}, {}
-    run_s, cpu_s = {p: [] for p in paths}, {p: [] for p in paths}
-    for path, (size, _) in paths.items():
-      start = time.perf_counter()
-      if size not in compiled:
-        compiled[size] = train.lower(
-          part(init, 0, size), part(anchors, 0, size), part(rngs, 0, size), family_rng, data
-        ).compile()
-      compile_s[path] = time.perf_counter() - start
-    for _ in range(args.repeats):  # Interleaved, so that load drifts hit every path.
-      for path, (size, at_once) in paths.items():
-        inputs = [
-          (part(init, i, size), part(anchors, i, size), part(rngs, i, size), family_rng, data)
-          for i in range(0, k, size)
-        ]
-        start, cpu_start = time.perf_counter(), time.process_time()
-        outs = parallel.run_concurrently(compiled[size], inputs, at_once)
-        run_s[path].append(time.perf_counter() - start)
-        cpu_s[path].append(time.process_time() - cpu_start)
-        params[path] = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *jax.device_get(outs))
-    median = {p: statistics.median(t) for p, t in run_s.items()}
-    cpu = {p: statistics.median(t) for p, t in cpu_s.items()}
-    base = "one at a time"
-    for path in paths:
-      diff = max(
-        jax.tree_util.tree_leaves(
-          jax.tree_util.tree_map(
-            lambda a, b: float(np.abs(a - b).max()), params[path], params[base]
-          )
-        )
-      )
-      print(
-        f"{kind:12} {path:24} {compile_s[path]:10.2f} {median[path]:8.2f} "
-        f"{k / median[path]:12.2f} {median[base] / median[path]:9.2f} "
-        f"{cpu[path]:8.2f} {cpu[base] / cpu[path]:13.2f} {diff:11.2g}",
-        flush=True,
-      )
+    compiled, compile_s = compile_paths(train, paths, start_params, family_rng, data)
+    run_s, cpu_s, params = time_paths(
+      compiled, paths, k, args.repeats, start_params, family_rng, data
+    )
+    print_rows(kind, k, compile_s, run_s, cpu_s, params)
 
 
 def part(tree, start: int, size: int):

@@ -82,18 +82,13 @@ def _peak(compiled, memory_probe) -> dict:
   return {"peak_bytes": peak - aliased, **m, "alias_size_in_bytes": aliased}
 
 
-def worker(args) -> dict:
-  """One device count: the figures of this process's devices."""
-  from benchmarks import memory_probe  # pylint: disable=g-import-not-at-top
+def _context(args):
+  """The config, run context and device mesh of one worker, experts set from the flags."""
   from ccdd_jax.config import loader as config_loader  # pylint: disable=g-import-not-at-top
-  from ccdd_jax.devices import sharding
-  from ccdd_jax.method import distill
-  from ccdd_jax.method import embedding
-  from ccdd_jax.method import experts
-  from ccdd_jax.method import watermark
-  from ccdd_jax.run import context
+  from ccdd_jax.devices import sharding  # pylint: disable=g-import-not-at-top
+  from ccdd_jax.method import watermark  # pylint: disable=g-import-not-at-top
+  from ccdd_jax.run import context  # pylint: disable=g-import-not-at-top
 
-  n = len(jax.devices())
   mesh = sharding.make_mesh()
   config = config_loader.load(args.config)
   config.experts.num_experts, config.experts.group_size = args.experts, 0
@@ -101,8 +96,12 @@ def worker(args) -> dict:
   tmp = tempfile.mkdtemp()
   key_file = os.path.join(tmp, "owner.key")
   watermark.write_key_file(key_file, bytes(range(32)))  # A public key: timing only.
-  ctx = context.Context(config, tmp, key_file)
-  out = {"devices": n, "backend": jax.default_backend()}
+  return config, context.Context(config, tmp, key_file), mesh
+
+
+def _time_experts(args, config, ctx, mesh) -> tuple[dict, object]:
+  """Expert epoch times of one vmapped group of clean experts, and their initial parameters."""
+  from ccdd_jax.method import experts  # pylint: disable=g-import-not-at-top
 
   # Experts: one vmapped group of clean experts, the expert axis over the devices.
   init = ctx.net.init_params(jax.random.PRNGKey(0), args.experts)
@@ -122,8 +121,14 @@ def worker(args) -> dict:
     mesh=mesh,
   )
   epochs = np.diff([start, *store.times])
-  out["expert_first_epoch_s"] = float(epochs[0])  # Includes compilation.
+  out = {"expert_first_epoch_s": float(epochs[0])}  # Includes compilation.
   out["expert_epoch_s"] = float(np.mean(epochs[1:]))
+  return out, init
+
+
+def _distill_problem(args, config, ctx, init) -> tuple:
+  """The distillation config, synthetic images and labels, and random trajectories."""
+  from ccdd_jax.method import embedding  # pylint: disable=g-import-not-at-top
 
   # Distillation: random trajectories around the initial parameters (timing only).
   cfg = embedding.set_config(config.distill, watermarked=False)
@@ -141,7 +146,13 @@ def worker(args) -> dict:
   traj = (flat + 0.01 * rng.standard_normal((args.experts, epochs_needed, flat.size))).astype(
     np.float32
   )
-  trajectories = (traj, traj)
+  return cfg, images, labels, (traj, traj)
+
+
+def _time_distill(cfg, config, ctx, mesh, images, labels, trajectories) -> dict:
+  """Distillation iteration times (the first, with compilation, apart) and sizes."""
+  from ccdd_jax.method import distill  # pylint: disable=g-import-not-at-top
+
   times = []
 
   def progress(it, loss):
@@ -161,12 +172,21 @@ def worker(args) -> dict:
     mesh=mesh,
   )
   iters = np.diff([start, *times])
-  out["distill_first_iteration_s"] = float(iters[0])
+  out = {"distill_first_iteration_s": float(iters[0])}
   out["distill_iteration_s"] = float(np.mean(iters[1:]))
   out.update(num_syn=int(images.shape[0]), batch_syn=cfg.batch_syn, syn_steps=cfg.syn_steps)
+  return out
+
+
+def _memory_and_transfer(cfg, config, ctx, mesh, images, labels, trajectories) -> dict:
+  """Per-device memory of the step, host- and device-resident, and the pairs' transfer time."""
+  from benchmarks import memory_probe  # pylint: disable=g-import-not-at-top
+  from ccdd_jax.devices import sharding  # pylint: disable=g-import-not-at-top
+  from ccdd_jax.method import distill  # pylint: disable=g-import-not-at-top
 
   # Memory per iteration: the step with the pairs (host-resident trajectories)
   # and with every trajectory on the devices.
+  out = {}
   state = sharding.put_replicated(distill.init_state(cfg, images, labels), mesh)
   key = sharding.to_device(jax.random.PRNGKey(3), mesh)
   pair = distill.select_pair(trajectories, {"e": 0, "t": 0}, cfg.expert_epochs)
@@ -189,6 +209,19 @@ def worker(args) -> dict:
     jax.block_until_ready(sharding.to_device(pair, mesh))
     put_times.append(time.perf_counter() - t0)
   out["pair_transfer_s"] = float(np.median(put_times))
+  return out
+
+
+def worker(args) -> dict:
+  """One device count: the figures of this process's devices."""
+  n = len(jax.devices())
+  config, ctx, mesh = _context(args)
+  out = {"devices": n, "backend": jax.default_backend()}
+  expert_figures, init = _time_experts(args, config, ctx, mesh)
+  out.update(expert_figures)
+  cfg, images, labels, trajectories = _distill_problem(args, config, ctx, init)
+  out.update(_time_distill(cfg, config, ctx, mesh, images, labels, trajectories))
+  out.update(_memory_and_transfer(cfg, config, ctx, mesh, images, labels, trajectories))
   return out
 
 

@@ -185,47 +185,46 @@ def table(rows: list[dict], kind: str) -> str:
   return "\n".join(lines)
 
 
-def run_all(args) -> int:
-  """Times every chosen setting and prints the tables; returns the exit status."""
-  chosen = chosen_settings(args.settings)
-  workers.log(
-    f"settings: {', '.join(s.name for s in chosen)}; frameworks: "
-    f"{', '.join(args.frameworks)}; {args.repeats} timed runs each"
+def run_setting(setting: Setting, args, environments: list[dict]) -> dict:
+  """One setting's memory, timing and float64 workers as a table row; appends its environment."""
+  row = {
+    "setting": setting.name,
+    "kind": setting.kind,
+    "shapes": setting.describe(),
+    "memory": {},
+  }
+  if args.memory:  # First, so that a framework that runs out of memory is not timed.
+    for framework in args.frameworks:
+      row["memory"][framework] = spawn_worker("memory", setting, args, (framework,))
+  fitting = [f for f in args.frameworks if "error" not in row["memory"].get(f, {})]
+  row["timing"] = (
+    spawn_worker("time", setting, args, fitting)
+    if fitting
+    else {"error": "not timed: every framework failed its memory run"}
   )
-  rows, environments, status = [], [], 0
-  for setting in chosen:
-    row = {
-      "setting": setting.name,
-      "kind": setting.kind,
-      "shapes": setting.describe(),
-      "memory": {},
-    }
-    if args.memory:  # First, so that a framework that runs out of memory is not timed.
-      for framework in args.frameworks:
-        row["memory"][framework] = spawn_worker("memory", setting, args, (framework,))
-    fitting = [f for f in args.frameworks if "error" not in row["memory"].get(f, {})]
-    row["timing"] = (
-      spawn_worker("time", setting, args, fitting)
-      if fitting
-      else {"error": "not timed: every framework failed its memory run"}
+  if "environment" in row["timing"]:
+    environments.append(row["timing"].pop("environment"))
+  if args.float64_check:
+    row["float64"] = (
+      spawn_worker("float64", setting, args, FRAMEWORKS)
+      if len(fitting) == 2
+      else {"error": "skipped: a float32 run failed"}
     )
-    if "environment" in row["timing"]:
-      environments.append(row["timing"].pop("environment"))
-    if args.float64_check:
-      row["float64"] = (
-        spawn_worker("float64", setting, args, FRAMEWORKS)
-        if len(fitting) == 2
-        else {"error": "skipped: a float32 run failed"}
-      )
-    results = [row["timing"], *row["memory"].values(), row.get("float64", {})]
-    if (
-      any("error" in result for result in results)
-      or not row["timing"].get("parity", {"ok": True})["ok"]
-      or not row.get("float64", {"ok": True}).get("ok", True)
-    ):
-      status = 1
-    rows.append(row)
-  env = environments[0] if environments else {}
+  return row
+
+
+def row_failed(row: dict) -> bool:
+  """Whether a worker of the row failed or a parity check did not pass."""
+  results = [row["timing"], *row["memory"].values(), row.get("float64", {})]
+  return (
+    any("error" in result for result in results)
+    or not row["timing"].get("parity", {"ok": True})["ok"]
+    or not row.get("float64", {"ok": True}).get("ok", True)
+  )
+
+
+def print_notes(env: dict, args) -> None:
+  """Prints the title and the notes on the environment and on what is measured."""
   print("\n# JAX (ccdd_jax) vs PyTorch (MTT reference computation)\n")
   print(
     f"- python {env.get('python', '?')}, jax {env.get('jax', '?')} on "
@@ -262,13 +261,10 @@ def run_all(args) -> int:
       f"max(rtol, {parity.SPREAD_FACTOR:g} x spread), rtol {args.loss_rtol:g} for the loss, "
       f"{args.grad_rtol:g} otherwise"
     )
-  for kind, title in (
-    ("distill", "Distillation iteration (meta-gradient)"),
-    ("expert", "Expert epoch"),
-  ):
-    kind_rows = [row for row in rows if row["kind"] == kind]
-    if kind_rows:
-      print(f"\n## {title}\n\n{table(kind_rows, kind)}")
+
+
+def print_failures(rows: list[dict]) -> None:
+  """Prints each failed worker of every row, if any."""
   failures = [
     f"{row['setting']} {what}: {worker['error']}"
     for row in rows
@@ -281,6 +277,10 @@ def run_all(args) -> int:
   ]
   if failures:
     print("\nFailures:\n" + "\n".join(f"- {failure}" for failure in failures))
+
+
+def print_float64(rows: list[dict]) -> None:
+  """Prints the float64 check's table, if any row has one."""
   float64_rows = [row for row in rows if "float64" in row]
   if float64_rows:
     print(
@@ -302,6 +302,10 @@ def run_all(args) -> int:
         f"{parity.errors_text(check['float32_error_jax'])} | "
         f"{parity.errors_text(check['float32_error_torch'])} |"
       )
+
+
+def print_loads(rows: list[dict], env: dict) -> None:
+  """Prints the load average around each timing worker, if any was recorded."""
   loads = [
     f"{row['setting']} {row['timing']['load_average_start']:.1f} -> "
     f"{row['timing']['load_average_end']:.1f}"
@@ -314,18 +318,50 @@ def run_all(args) -> int:
       f"{env.get('cpu_cores', '?')} cores (well above the core count = contended timings): "
       + "; ".join(loads)
     )
+
+
+def write_json(path: str, env: dict, args, rows: list[dict]) -> None:
+  """Writes the environment, the flags and every row to `path`."""
+  with open(path, "w") as out:
+    json.dump(
+      {
+        "environment": env,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "results": rows,
+      },
+      out,
+      indent=1,
+    )
+  print(f"\nwrote {path}")
+
+
+def run_all(args) -> int:
+  """Times every chosen setting and prints the tables; returns the exit status."""
+  chosen = chosen_settings(args.settings)
+  workers.log(
+    f"settings: {', '.join(s.name for s in chosen)}; frameworks: "
+    f"{', '.join(args.frameworks)}; {args.repeats} timed runs each"
+  )
+  rows, environments, status = [], [], 0
+  for setting in chosen:
+    row = run_setting(setting, args, environments)
+    if row_failed(row):
+      status = 1
+    rows.append(row)
+  env = environments[0] if environments else {}
+  print_notes(env, args)
+  for kind, title in (
+    ("distill", "Distillation iteration (meta-gradient)"),
+    ("expert", "Expert epoch"),
+  ):
+    kind_rows = [row for row in rows if row["kind"] == kind]
+    if kind_rows:
+      print(f"\n## {title}\n\n{table(kind_rows, kind)}")
+  print_failures(rows)
+  print_float64(rows)
+  print_loads(rows, env)
   if args.json:
-    with open(args.json, "w") as out:
-      json.dump(
-        {
-          "environment": env,
-          "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-          "results": rows,
-        },
-        out,
-        indent=1,
-      )
-    print(f"\nwrote {args.json}")
+    write_json(args.json, env, args, rows)
   return status
 
 
