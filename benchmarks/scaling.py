@@ -183,13 +183,14 @@ def _memory_and_transfer(cfg, config, ctx, mesh, images, labels, trajectories) -
   from benchmarks import memory_probe  # pylint: disable=g-import-not-at-top
   from ccdd_jax.devices import sharding  # pylint: disable=g-import-not-at-top
   from ccdd_jax.method import distill  # pylint: disable=g-import-not-at-top
+  from ccdd_jax.method import trajectory_pairs  # pylint: disable=g-import-not-at-top
 
   # Memory per iteration: the step with the pairs (host-resident trajectories)
   # and with every trajectory on the devices.
   out = {}
   state = sharding.put_replicated(distill.init_state(cfg, images, labels), mesh)
   key = sharding.to_device(jax.random.PRNGKey(3), mesh)
-  pair = distill.select_pair(trajectories, {"e": 0, "t": 0}, cfg.expert_epochs)
+  pair = trajectory_pairs.select_pair(trajectories, {"e": 0, "t": 0}, cfg.expert_epochs)
   on_device = sharding.to_device(pair, mesh)
   step = distill.make_distill_step(cfg, ctx.net.apply_flat, config.dsa, images.shape[0], mesh)
   out["memory_host_resident"] = _peak(step.lower(state, on_device, key).compile(), memory_probe)

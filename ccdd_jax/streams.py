@@ -29,7 +29,7 @@ reproduces, so numbers are never reused or renumbered):
 Inside the method, a function splits or folds the key it is given; those
 streams are its own and are named where they are drawn:
   experts.train_kinds_resumable    fold_in(key, group index), then split per epoch
-  distill.make_pair_sampler        split(key, 3): expert, start epoch, the update's key;
+  trajectory_pairs.make_pair_sampler  split(key, 3): expert, start epoch, the update's key;
                                    fold_in(key, CLEAN_POOL): whether a clean expert replaces it
   distill.make_meta_loss           fold_in(key, DIRECT_OBJECTIVE): the direct objective's batches
   suite.run_suite                  fold_in(key, ATTACK_INIT): the extraction's fresh networks;

@@ -50,6 +50,7 @@ from ccdd_jax import streams
 from ccdd_jax.devices import sharding
 from ccdd_jax.method import augment
 from ccdd_jax.method import inner_loop
+from ccdd_jax.method import trajectory_pairs
 
 # The forms of eq. 10 (distill.eq10_form): the paper's first.
 EQ10_FORMS = ("literal", "second_student", "student_normalised")
@@ -66,11 +67,6 @@ class Aux(NamedTuple):
   clean_images: Any = None  # The direct objective's clean training images ...
   clean_labels: Any = None  # ... and their labels.
   beta_weight: Any = None  # Set per iteration: 0 when a clean expert of the pool is matched.
-
-
-def trajectory_epochs(distill_config: ml_collections.ConfigDict) -> int:
-  """Epochs of each expert's trajectory that distillation reads: 0 .. max_start_epoch + M."""
-  return distill_config.max_start_epoch + distill_config.expert_epochs + 1
 
 
 # Columns of the loss history: the total, eq. 10's expert and twin terms, the direct objective.
@@ -193,54 +189,6 @@ def make_meta_loss(
   return meta_loss
 
 
-def make_pair_sampler(distill_config: ml_collections.ConfigDict, num_experts: int, num_clean: int):
-  """Returns `sample(rng) -> {"e", "t"[, "use_clean", "c"]}`: iteration `rng`'s expert and epoch.
-
-  The indices of make_distill_update's iteration with key `rng`: expert e,
-  start epoch t and, with a clean pool (`num_clean` > 0 and
-  distill.clean_expert_fraction), whether clean expert c replaces e.
-  """
-  max_start, clean_fraction = distill_config.max_start_epoch, distill_config.clean_expert_fraction
-
-  def sample(rng):
-    rng_e, rng_t, _ = jax.random.split(rng, 3)
-    out = {
-      "e": jax.random.randint(rng_e, (), 0, num_experts),
-      "t": jax.random.randint(rng_t, (), 0, max_start + 1),
-    }
-    if num_clean and clean_fraction:  # The paper's pool of both kinds.
-      rng_pool = jax.random.fold_in(rng, streams.CLEAN_POOL)
-      out["use_clean"] = jax.random.uniform(rng_pool) < clean_fraction
-      out["c"] = jax.random.randint(jax.random.fold_in(rng_pool, 1), (), 0, num_clean)
-    return out
-
-  return sample
-
-
-def select_pair(trajectories: tuple, index: dict, expert_epochs: int, xp=np) -> dict:
-  """The (start, target) pairs one iteration matches: the expert's (or clean one's) and twin's.
-
-  `trajectories` = (expert, twin[, clean]) flat parameters [E, T, P]; `index`
-  one `make_pair_sampler` draw. `xp` = np on the host (host-resident
-  trajectories, distill), jnp inside jit (make_distill_update). "beta_weight"
-  (0 for a clean expert of the pool) is there only with a pool.
-  """
-  expert, twin = trajectories[:2]
-  e, t, m = index["e"], index["t"], expert_epochs
-  pair = {
-    "start": expert[e, t],
-    "target": expert[e, t + m],
-    "twin_start": twin[e, t],
-    "twin_target": twin[e, t + m],
-  }
-  if "use_clean" in index:
-    clean, c, use = trajectories[2], index["c"], index["use_clean"]
-    pair["start"] = xp.where(use, clean[c, t], pair["start"])
-    pair["target"] = xp.where(use, clean[c, t + m], pair["target"])
-    pair["beta_weight"] = xp.where(use, 0.0, 1.0).astype(np.float32)
-  return pair
-
-
 def make_pair_update(
   distill_config: ml_collections.ConfigDict,
   apply_flat: Callable,
@@ -342,8 +290,10 @@ def make_distill_update(
 
   def update(state, trajectories, rng, aux=None):
     num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
-    sample = make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
-    pair = select_pair(trajectories, sample(rng), distill_config.expert_epochs, jnp)
+    sample = trajectory_pairs.make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
+    pair = trajectory_pairs.select_pair(
+      trajectories, sample(rng), distill_config.expert_epochs, jnp
+    )
     return pair_update(state, pair, rng, aux)
 
   return update
@@ -430,7 +380,7 @@ def distill(
   devices the state is replicated and each student step's minibatch split
   over the devices (make_meta_loss); the synthetic minibatch must split evenly.
   """
-  needed = trajectory_epochs(distill_config) - 1
+  needed = trajectory_pairs.trajectory_epochs(distill_config) - 1
   available = trajectories[0].shape[1] - 1
   if needed > available:
     raise CCDDError(
@@ -449,7 +399,7 @@ def distill(
   start = len(losses)
   aux = sharding.to_device(jax.tree_util.tree_map(np.asarray, aux or Aux()), mesh)
   rngs = jax.random.split(rng, distill_config.iterations)
-  pair_at = _pair_feeder(distill_config, trajectories, rngs, mesh)
+  pair_at = trajectory_pairs.pair_feeder(distill_config, trajectories, rngs, mesh)
   rngs = list(sharding.to_device(rngs, mesh))  # Device keys, sliced once.
   every, checked = distill_config.get("checkpoint_every", 0), start
   upcoming = pair_at(start) if start < len(rngs) else None
@@ -482,22 +432,6 @@ def _resumed(store: Any, state: dict, rng: jax.Array, mesh: Any) -> tuple[dict, 
   if not np.array_equal(saved["rng"], _key_bits(rng)):
     raise CCDDError(f"the distillation checkpoint in {store.path} was made with another seed")
   return sharding.to_device(saved["state"], mesh), list(saved["losses"])
-
-
-def _pair_feeder(distill_config, trajectories: tuple, rngs: jax.Array, mesh: Any) -> Callable:
-  """`pair_at(iteration)`: that iteration's (start, target) pairs, sent to the devices.
-
-  The trajectories stay on the host; every iteration's (expert, epoch) is drawn
-  up front from its key (make_pair_sampler), so only 4 flat vectors move.
-  """
-  trajectories = tuple(np.asarray(t) for t in trajectories)  # Host-resident.
-  num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
-  sampler = make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
-  plan = jax.device_get(jax.jit(jax.vmap(sampler))(rngs))  # Every iteration's indices.
-  m = distill_config.expert_epochs
-  return lambda it: sharding.to_device(
-    select_pair(trajectories, {k: v[it] for k, v in plan.items()}, m), mesh
-  )
 
 
 def _saved(state: dict, losses: list, rng: jax.Array) -> dict:

@@ -20,11 +20,11 @@ from ccdd_jax import streams
 from ccdd_jax.data import datasets
 from ccdd_jax.data import preprocess
 from ccdd_jax.devices import sharding
-from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
 from ccdd_jax.method import evaluate
 from ccdd_jax.method import exact_tests
 from ccdd_jax.method import models
+from ccdd_jax.method import trajectory_pairs
 from ccdd_jax.method import verify
 from ccdd_jax.method import watermark
 from ccdd_jax.run import checkpoints
@@ -121,7 +121,7 @@ class Context:
   def _check_experts(self) -> None:
     cfg, root = self.config, workdir_lib.trajectories_dir(self.workdir)
     kinds = embedding.expert_kinds(cfg.distill, matched=True)
-    epochs = distill.trajectory_epochs(cfg.distill)
+    epochs = trajectory_pairs.trajectory_epochs(cfg.distill)
     resume.check_experts(root, kinds, self.net.like_params(), epochs, cfg.experts.num_experts)
 
   def _check_distilled_sets(self) -> None:

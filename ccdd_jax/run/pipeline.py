@@ -21,11 +21,11 @@ from ccdd_jax.config import validation
 from ccdd_jax.devices import parallel
 from ccdd_jax.devices import sharding
 from ccdd_jax.log import log
-from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
 from ccdd_jax.method import evaluate
 from ccdd_jax.method import experts
 from ccdd_jax.method import models
+from ccdd_jax.method import trajectory_pairs
 from ccdd_jax.method import watermark
 from ccdd_jax.run import blackbox
 from ccdd_jax.run import checkpoints
@@ -93,7 +93,7 @@ def stage_distill(ctx: Context) -> dict:
   "appended" embedding the watermarked set is the clean one plus stamped carriers."""
   cfg = ctx.config
   root, like = workdir_lib.trajectories_dir(ctx.workdir), ctx.net.like_params()
-  epochs = distill.trajectory_epochs(cfg.distill)
+  epochs = trajectory_pairs.trajectory_epochs(cfg.distill)
   kinds = embedding.expert_kinds(cfg.distill, matched=True)
   # Loaded up front: a bad checkpoint fails before either set starts.
   loaded = {k: checkpoints.load_flat_trajectories(root, k, like, epochs) for k in kinds}
