@@ -241,13 +241,28 @@ def _attacks() -> ml_collections.ConfigDict:
   # distilled set; attacks.json's "data" section. The networks trained on what
   # the pirate keeps use the evaluation's recipe (eval.*, the set's learned lr).
   c.data_threats = True
-  # Outlier scores of each image, from the pirate's own clean model (trained for
-  # data_clean_model_epochs on its held-out data, eval.real_* recipe: its features,
-  # or for "disagreement" its disbelief in the image's label) or, for "corner",
-  # its top-left patch against the set's typical corner (no key).
-  c.data_cleansers = "spectral,clustering,corner,disagreement"
+  # Outlier scores of each image (threats/data_attacks.py), from the pirate's own clean
+  # model (trained for data_clean_model_epochs on its held-out data, eval.real_* recipe:
+  # its features, or for "disagreement" its disbelief in the image's label), an ensemble
+  # of such models ("ensemble_disagreement"), k-fold models on the set itself
+  # ("self_consistency"), the image's statistics against clean distilled images
+  # ("perturbation"), or, for "corner", its top-left patch against the set's typical
+  # corner (no key).
+  c.data_cleansers = (
+    "spectral,clustering,corner,disagreement,ensemble_disagreement,self_consistency,perturbation"
+  )
   c.data_drop_fractions = "0.1,0.3"  # Each cleanser drops its top k% ...
+  c.data_drop_flagged = True  # ... and exactly the images its rule flags (data_attacks.flags).
   c.data_clean_model_epochs = 100
+  # ensemble_disagreement: these architectures (the run's model as it is, the others at
+  # eval.width or 16 where 0), data_ensemble_seeds of each, as the clean model is trained.
+  # ResNet18 with batch statistics: instance norm zeroes its last stage's 1x1 maps on 8x8 digits.
+  c.data_ensemble_models = "convnet,resnet18:batch"
+  c.data_ensemble_seeds = 2
+  # self_consistency: k folds of the set, each model trained on the other k - 1 with the
+  # evaluation's recipe for this many epochs (0 = eval.epochs).
+  c.data_self_consistency_folds = 5
+  c.data_self_consistency_epochs = 0
   c.data_cluster_dims = 10  # Activation clustering: PCA dimensions (<= class - 1).
   c.data_label_smoothing = "0.1,0.3"  # Robust training: label smoothing ...
   # ... and strong augmentation on every batch (on top of DSA): cutout of a patch-sized

@@ -202,8 +202,34 @@ def _validate_data_threats(a: ml_collections.ConfigDict) -> None:
       values is not None and all(valid(x) for x in values),
       f"attacks.{field} = {a[field]!r}: use comma-separated {rule}",
     )
-  for field in ("data_clean_model_epochs", "data_cluster_dims", "data_nc_steps", "data_nc_images"):
+  require(isinstance(a.data_drop_flagged, bool), "attacks.data_drop_flagged must be True or False")
+  ensemble = suite.parse_list(a.data_ensemble_models)
+  try:
+    known = all(models.parse_arch(arch) for arch in ensemble)
+  except CCDDError:
+    known = False
+  require(
+    ensemble and known and len(set(ensemble)) == len(ensemble),
+    f"attacks.data_ensemble_models = {a.data_ensemble_models!r}: list some of "
+    f"{', '.join(models.ARCHITECTURES)} (optionally :<norm>), each once",
+  )
+  for field in (
+    "data_clean_model_epochs",
+    "data_cluster_dims",
+    "data_nc_steps",
+    "data_nc_images",
+    "data_ensemble_seeds",
+  ):
     require(a[field] >= 1, f"attacks.{field} = {a[field]} must be >= 1")
+  require(
+    a.data_self_consistency_folds >= 2,
+    f"attacks.data_self_consistency_folds = {a.data_self_consistency_folds} must be >= 2",
+  )
+  require(
+    a.data_self_consistency_epochs >= 0,
+    f"attacks.data_self_consistency_epochs = {a.data_self_consistency_epochs} must be >= 0 "
+    "(0 = eval.epochs)",
+  )
   require(
     0.0 <= a.data_crop_ratio <= 0.5, f"attacks.data_crop_ratio = {a.data_crop_ratio}: [0, 0.5]"
   )

@@ -374,7 +374,34 @@ def data_threats_markdown(data: dict) -> list[str]:
       f"| {name} score{who} | watermarked vs clean distilled set's images | "
       f"{_auc(d['set_auc'])} | |",
     ]
-  return lines
+  return lines + _cleansers_markdown(data)
+
+
+def _cleansers_markdown(data: dict) -> list[str]:
+  """One row per cleanser: its trigger slots' AUC, what its rule flags, and the networks
+  verified after each of its drops (data_suite._cleanser_summary)."""
+  table = data.get("cleansers") or {}
+  drops = list(dict.fromkeys(d for entry in table.values() for d in entry["after"]))
+  head = ["cleanser", "trigger slots' ROC AUC", "flagged (trigger slots; clean set)"]
+  head += [f"verified after {d}" for d in drops] + ["flag rule"]
+  lines = [
+    "",
+    "Cleansers (the pirate's view, no key): how well each score ranks the trigger slots, how "
+    "many images its rule flags (of them trigger slots; on the clean distilled set), and the "
+    "networks still verified after each drop (verdict).",
+    "",
+    "| " + " | ".join(head) + " |",
+    "|" + "---|" * len(head),
+  ]
+  for name, e in table.items():
+    flagged = f"{e['flagged']} ({e['flagged_trigger_slots']}/{data['trigger_slots']}; "
+    row = [name, _auc(e["trigger_slots_auc"]), f"{flagged}{e['flagged_clean_distilled']})"]
+    after = [e["after"].get(d) for d in drops]
+    row += [
+      "-" if a is None else f"{a['verified']}/{a['networks']} ({a['verdict']})" for a in after
+    ]
+    lines.append("| " + " | ".join(row + [e["rule"]]) + " |")
+  return lines if table else []
 
 
 def save_attacks_plot(path: pathlib.Path, attacks: dict) -> None:

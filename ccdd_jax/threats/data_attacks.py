@@ -1,8 +1,10 @@
 """Attacks on the distilled data itself: what a pirate holding the set (not a model) tries.
 
 The pirate never holds the key. Each cleansing score ranks the set's images
-from the images, their labels and a clean model of the pirate's own
-(data_suite trains it on its held-out data); `cleanse` drops the top k%:
+from the images, their labels, a clean model of the pirate's own (data_suite
+trains it on its held-out data) or models trained on the set itself;
+`cleanse` drops the top k%, and each cleanser's rule (`FLAG_RULES`, `flags`)
+says which images it flags outright (the pirate drops exactly those):
   spectral     spectral signatures (Tran, Li, Madry 2018): per class, the
                squared projection of centred features on their top singular
                vector;
@@ -10,7 +12,14 @@ from the images, their labels and a clean model of the pirate's own
                2-means; the smaller cluster first;
   corner       how far an image's top-left patch differs from the set's
                typical corner (no key);
-  disagreement 1 - the pirate's model's probability of the image's label.
+  disagreement 1 - the pirate's model's probability of the image's label;
+  ensemble_disagreement  the same over an ensemble of clean models of several
+               architectures (the mean probability of the label);
+  self_consistency  no real data: 1 - the probability of the image's label by
+               the model of a k-fold split of the set that held the image out;
+  perturbation crafted-perturbation statistics (high-frequency energy, distance
+               to the nearest real image) as robust z-scores against clean
+               distilled images, the larger of the two.
 Robust training: label smoothing (evaluate's trainer) or `strong_augment`
 (a corner cutout with probability `corner_prob`, random crop, flip) on top
 of DSA. data_suite.run measures each and judges it with the owner's key.
@@ -25,15 +34,44 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccdd_jax.method import augment
+from ccdd_jax.threats import detection
 from ccdd_jax.threats import suite
 
-CLEANSERS = ("spectral", "clustering", "corner", "disagreement")
+CLEANSERS = (
+  "spectral",
+  "clustering",
+  "corner",
+  "disagreement",
+  "ensemble_disagreement",
+  "self_consistency",
+  "perturbation",
+)
+
+Z_FLAG = 3.0  # Spectral, corner, perturbation: flag beyond 3 (robust) standard deviations.
+PROB_FLAG = 0.5  # Disagreement scores: flag an own-label probability below 1/2.
+CLUSTER_FLAG_SHARE = 1 / 3  # Clustering: flag a smaller cluster of at most this share.
+CHI2_1_MEDIAN = 0.454936423119572  # The median of chi^2 with one degree of freedom.
+
+# Which images each cleanser flags (`flags`), in words (attacks.json, report.md: no "|").
+FLAG_RULES = {
+  "spectral": "projection beyond 3 robust SDs of its class (SD^2 = median square / 0.455)",
+  "clustering": "in its class's smaller 2-means cluster, if that holds <= 1/3 of the class",
+  "corner": "corner distance's robust z > 3 (median, MAD of the set)",
+  "disagreement": "the clean model's probability of its label < 0.5",
+  "ensemble_disagreement": "the ensemble's mean probability of its label < 0.5",
+  "self_consistency": "the model of the fold that held it out predicts another class",
+  "perturbation": "robust z > 3 against the clean reference (either statistic)",
+}
 
 
 # name -> (what the strength is, its `attacks` field, description).
 DATA_ATTACKS = {
   **{
     f"cleanse_{c}": ("fraction", "data_drop_fractions", f"drop the top k% by {c} score")
+    for c in CLEANSERS
+  },
+  **{
+    f"flagged_{c}": ("flagged", "data_drop_flagged", f"drop exactly the images {c} flags")
     for c in CLEANSERS
   },
   "label_smoothing": ("smoothing", "data_label_smoothing", "train with label smoothing"),
@@ -115,12 +153,93 @@ def corner_scores(pixels: np.ndarray, patch: int) -> np.ndarray:
   return distance / max(np.sqrt(np.mean(distance**2)), 1e-12)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Softmax over the last axis, in float64."""
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return probs / probs.sum(axis=-1, keepdims=True)
+
+
 def disagreement_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """1 - softmax(logits)[label] per image: how little a clean model believes the label."""
-  logits = np.asarray(logits, np.float64)
-  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-  probs /= probs.sum(axis=1, keepdims=True)
-  return 1.0 - probs[np.arange(len(labels)), np.asarray(labels)]
+  labels = np.asarray(labels)
+  return 1.0 - softmax(logits)[np.arange(len(labels)), labels]
+
+
+def ensemble_disagreement_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """`logits` [M, N, K] of M models: 1 - the mean over models of the label's probability."""
+  labels = np.asarray(labels)
+  return 1.0 - softmax(logits)[:, np.arange(len(labels)), labels].mean(axis=0)
+
+
+def high_frequency_energy(pixels: np.ndarray) -> np.ndarray:
+  """Mean squared difference between each image and its 3x3 box blur (edges replicated): [N]."""
+  x = np.asarray(pixels, np.float64)
+  height, width = x.shape[1:3]
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+  blur = sum(padded[:, i : i + height, j : j + width] for i in range(3) for j in range(3)) / 9.0
+  return np.mean((x - blur) ** 2, axis=(1, 2, 3))
+
+
+def nearest_distance(pixels: np.ndarray, real: np.ndarray) -> np.ndarray:
+  """L2 distance in pixel space from each image to its nearest image of `real`: [N]."""
+  a = np.asarray(pixels, np.float64).reshape(len(pixels), -1)
+  b = np.asarray(real, np.float64).reshape(len(real), -1)
+  squares = (b**2).sum(axis=1)
+  out = [
+    ((chunk**2).sum(axis=1)[:, None] + squares[None] - 2.0 * chunk @ b.T).min(axis=1)
+    for chunk in np.array_split(a, max(1, -(-len(a) // 256)))
+  ]
+  return np.sqrt(np.maximum(np.concatenate(out), 0.0))
+
+
+def robust_z(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+  """(values - median) / (1.4826 MAD) of `reference` (a MAD of 0 counts as 1e-12)."""
+  reference = np.asarray(reference, np.float64)
+  median = np.median(reference)
+  mad = detection.MAD_CONSTANT * np.median(np.abs(reference - median))
+  return (np.asarray(values, np.float64) - median) / max(mad, 1e-12)
+
+
+def perturbation_scores(pixels: np.ndarray, real: np.ndarray, reference: np.ndarray) -> np.ndarray:
+  """A crafted-perturbation detector: each image's high-frequency energy and distance to its
+  nearest `real` image as robust z-scores against the `reference` images' (`robust_z`), the
+  larger of the two. `reference`: clean distilled images (data_suite: the run's clean set)."""
+  stats = lambda p: (high_frequency_energy(p), nearest_distance(p, real))
+  z = [robust_z(v, r) for v, r in zip(stats(pixels), stats(reference))]
+  return np.maximum(z[0], z[1])
+
+
+def flags(
+  name: str, scores: np.ndarray, labels: np.ndarray, predictions: np.ndarray | None = None
+) -> np.ndarray:
+  """The images cleanser `name`'s rule (`FLAG_RULES`) flags, from its `scores`: bool [N].
+
+  `predictions` (the held-out folds' classes) only for self_consistency.
+  """
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+  if name in ("disagreement", "ensemble_disagreement"):
+    return scores > 1.0 - PROB_FLAG
+  if name == "self_consistency":
+    if predictions is None:
+      raise ValueError("self_consistency's flags need the held-out folds' predictions")
+    return np.asarray(predictions) != labels
+  if name == "corner":
+    return robust_z(scores, scores) > Z_FLAG
+  if name == "perturbation":
+    return scores > Z_FLAG
+  if name not in ("spectral", "clustering"):
+    raise ValueError(f"unknown cleanser {name!r}")
+  out = np.zeros(len(scores), bool)
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if name == "spectral":  # A score is a square over the class mean: a robust z^2 > 9.
+      median = np.median(scores[idx])
+      out[idx] = (median > 0) & (scores[idx] > Z_FLAG**2 * median / CHI2_1_MEDIAN)
+    else:  # The strictly smaller cluster's members score 1 + a distance in (0, 1].
+      smaller = scores[idx] > 1.0
+      out[idx] = smaller & (smaller.mean() <= CLUSTER_FLAG_SHARE)
+  return out
 
 
 def cleanse(scores: np.ndarray, fraction: float) -> np.ndarray:
@@ -174,13 +293,34 @@ def cleansers(acfg) -> tuple:
   return suite.parse_list(acfg.data_cleansers)
 
 
-def image_scores(acfg, feats, logits, labels, pixels, patch) -> dict:
-  """Every cleansing score of one set's images: {name: [N]} (`feats`, `logits`: the
-  pirate's clean model's features and logits of the images)."""
+def image_scores(
+  acfg,
+  feats,
+  logits,
+  labels,
+  pixels,
+  patch,
+  *,
+  ensemble_logits=None,
+  held_out_logits=None,
+  real=None,
+  reference=None,
+) -> dict:
+  """Every cleansing score `acfg.data_cleansers` names of one set's images: {name: [N]}.
+
+  `feats`, `logits`: the pirate's clean model's features and logits of the
+  images; `ensemble_logits` [M, N, K]: its ensemble's (ensemble_disagreement);
+  `held_out_logits` [N, K]: each image's by the fold model that held it out
+  (self_consistency); `real` and `reference`: the pirate's real pixels and
+  clean distilled pixels (perturbation). Each is needed only by its cleanser.
+  """
   scorers = {
     "spectral": lambda: spectral_scores(feats, labels),
     "clustering": lambda: clustering_scores(feats, labels, acfg.data_cluster_dims),
     "corner": lambda: corner_scores(pixels, patch),
     "disagreement": lambda: disagreement_scores(logits, labels),
+    "ensemble_disagreement": lambda: ensemble_disagreement_scores(ensemble_logits, labels),
+    "self_consistency": lambda: disagreement_scores(held_out_logits, labels),
+    "perturbation": lambda: perturbation_scores(pixels, real, reference),
   }
   return {name: scorers[name]() for name in cleansers(acfg)}

@@ -10,8 +10,10 @@ owner then verifies the networks trained on what is left with the key
 (threats.Verifier, threats.judge: "removed" only with Acc down < 5 points).
 
   Dataset cleansing: each distilled image gets an outlier score and the top
-  k% are dropped (`cleanse`), then fresh networks train on the rest with
-  evaluate.py's trainer (the learned lr, eval.epochs, the run's DSA).
+  k% are dropped (`cleanse`), and each cleanser's rule drops exactly the
+  images it flags (data_attacks.FLAG_RULES; strength = how many); then fresh
+  networks train on the rest with evaluate.py's trainer (the learned lr,
+  eval.epochs, the run's DSA). The scores (cleansers.score_sets):
     spectral     spectral signatures (Tran, Li, Madry 2018, "Spectral
                  Signatures in Backdoor Attacks"): per class, the squared
                  projection of the centred features of a clean model on their
@@ -27,6 +29,13 @@ owner then verifies the networks trained on what is left with the key
     disagreement label noise as a backdoor's tell: 1 - the pirate's clean
                  model's probability of the image's own label (a stamped
                  carrier of another class's image scores high).
+    ensemble_disagreement  the same over an ensemble of clean models of
+                 several architectures (attacks.data_ensemble_models).
+    self_consistency  without real data: each image scored by a model trained
+                 on the set's other k-1 folds.
+    perturbation high-frequency energy and distance to the nearest real image,
+                 robust z-scores against clean distilled images (the run's
+                 clean set, as a proxy for one the pirate distils itself).
   Robust training: the same trainer with label smoothing (Szegedy et al.
   2016), or with strong augmentation on every batch (cutout of a patch-sized
   square that lands on the top-left corner with probability `corner_prob`,
@@ -48,7 +57,7 @@ owner then verifies the networks trained on what is left with the key
                  watermarked set's images against the clean distilled set's.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import functools
 import time
 from typing import Any
@@ -61,6 +70,7 @@ from ccdd_jax.log import log
 from ccdd_jax.method import evaluate
 from ccdd_jax.method import verify
 from ccdd_jax.method import watermark
+from ccdd_jax.threats import cleansers
 from ccdd_jax.threats import data_attacks
 from ccdd_jax.threats import detection
 from ccdd_jax.threats import suite
@@ -119,18 +129,21 @@ def _pirate_model(config, network, verifier, attacker, key: jax.Array) -> tuple[
   return jax.tree_util.tree_map(lambda x: x[0], stacked), summary
 
 
-def _attack_points(config, network, verifier, wm, scores, init, train_rng, before) -> dict:
-  """Every data attack at every strength: {name: [measured points]} (threats.measured_point)."""
-  acfg, ecfg, patch = config.attacks, config.eval, verifier.patch_size
-  from_trigger = np.asarray(wm["from_trigger"], bool)
-  trainers, points = {}, {}
+def _trainer(config, network, patch: int, wm: dict, init, train_rng) -> Callable:
+  """`train(keep, smoothing=0, corner_prob=None) -> stacked params` on `wm`'s images `keep`
+  with the evaluation's recipe (one compiled trainer per shape and change, one training per
+  kept set without a change). Nothing kept: the untrained `init` (no data, no training)."""
+  acfg, ecfg = config.attacks, config.eval
+  trainers, trained = {}, {}
 
-  def train(images, labels, smoothing=0.0, corner_prob=None):
-    spec = (len(labels), smoothing, corner_prob)
+  def train(keep, smoothing=0.0, corner_prob=None):
+    spec = (len(keep), smoothing, corner_prob)
+    if not len(keep):
+      return init
     if spec not in trainers:
       extra = None
       if corner_prob is not None:
-        shift = int(images.shape[1] * acfg.data_crop_ratio + 0.5)
+        shift = int(wm["images"].shape[1] * acfg.data_crop_ratio + 0.5)
         extra = functools.partial(
           data_attacks.strong_augment, patch=patch, corner_prob=corner_prob, max_shift=shift
         )
@@ -144,10 +157,29 @@ def _attack_points(config, network, verifier, wm, scores, init, train_rng, befor
         label_smoothing=smoothing,
         extra_augment=extra,
       )
-    return jax.device_get(trainers[spec](init, images, labels, float(wm["lr"]), train_rng))
+    cache_key = (np.asarray(keep).tobytes(), smoothing, corner_prob)
+    if cache_key not in trained:
+      images, labels, lr = wm["images"][keep], wm["labels"][keep], float(wm["lr"])
+      trained[cache_key] = jax.device_get(trainers[spec](init, images, labels, lr, train_rng))
+    return trained[cache_key]
 
-  def record(name, value, params, tick, **extra):
-    point = suite.measured_point(value, verifier.measure(params), before, time.time() - tick)
+  return train
+
+
+def _attack_points(config, network, verifier, wm, scores, flags, init, train_rng, before) -> dict:
+  """Every data attack at every strength: {name: [measured points]} (threats.measured_point).
+
+  Cleansing drops each cleanser's top k% and (attacks.data_drop_flagged) exactly
+  the images its rule flags (strength: how many); a flag rule that flags nothing
+  leaves the unattacked networks (`before`), one that flags everything untrained ones.
+  """
+  acfg, n = config.attacks, len(wm["labels"])
+  from_trigger = np.asarray(wm["from_trigger"], bool)
+  train = _trainer(config, network, verifier.patch_size, wm, init, train_rng)
+  points = {}
+
+  def record(name, value, measured, tick, **extra):
+    point = suite.measured_point(value, measured, before, time.time() - tick)
     points.setdefault(name, []).append({**point, **extra})
     slots = f", trigger slots dropped {extra['trigger_slots_dropped']}" if extra else ""
     log(
@@ -158,30 +190,34 @@ def _attack_points(config, network, verifier, wm, scores, init, train_rng, befor
     )
 
   for cleanser in data_attacks.cleansers(acfg):
-    for fraction in data_attacks.strengths(acfg, f"cleanse_{cleanser}"):
-      tick = time.time()
-      keep = data_attacks.cleanse(scores[cleanser], fraction)
-      params = train(wm["images"][keep], wm["labels"][keep])
-      dropped = np.setdiff1d(np.arange(len(from_trigger)), keep)
-      slots = int(from_trigger[dropped].sum())
-      record(
+    drops = [
+      (
         f"cleanse_{cleanser}",
-        fraction,
-        params,
-        tick,
-        dropped=len(dropped),
-        trigger_slots_dropped=slots,
+        f,
+        np.setdiff1d(np.arange(n), data_attacks.cleanse(scores[cleanser], f)),
       )
+      for f in data_attacks.strengths(acfg, f"cleanse_{cleanser}")
+    ]
+    if acfg.data_drop_flagged:
+      flagged = np.flatnonzero(flags[cleanser])
+      drops.append((f"flagged_{cleanser}", len(flagged), flagged))
+    for name, value, dropped in drops:
+      tick = time.time()
+      keep = np.setdiff1d(np.arange(n), dropped)
+      measured = verifier.measure(train(keep)) if len(dropped) else before
+      slots = int(from_trigger[dropped].sum())
+      record(name, value, measured, tick, dropped=len(dropped), trigger_slots_dropped=slots)
+  everything = np.arange(n)
   for smoothing in data_attacks.strengths(acfg, "label_smoothing"):
     tick = time.time()
-    record("label_smoothing", smoothing, train(wm["images"], wm["labels"], smoothing), tick)
+    record("label_smoothing", smoothing, verifier.measure(train(everything, smoothing)), tick)
   # On 8x8 digits the 4x4 trigger corner is a quarter of the image: a corner
   # cutout, crop and flip on every batch may destroy accuracy (an earlier
   # measurement: 46% Acc), which the verdict then counts as "destroyed".
   for corner_prob in data_attacks.strengths(acfg, "strong_augment"):
     tick = time.time()
-    params = train(wm["images"], wm["labels"], corner_prob=corner_prob)
-    record("strong_augment", corner_prob, params, tick)
+    params = train(everything, corner_prob=corner_prob)
+    record("strong_augment", corner_prob, verifier.measure(params), tick)
   return points
 
 
@@ -295,6 +331,36 @@ def _data_scores(verifier, sets, scores) -> dict:
   return result
 
 
+def _cleanser_summary(acfg, result: dict, flags: dict, from_trigger: np.ndarray) -> dict:
+  """Per cleanser: its flag rule, the trigger slots' ROC AUC, what it flags on the distilled
+  set, and the verified networks and verdict after each of its drops (attacks.json)."""
+  table = {}
+  for cleanser in data_attacks.cleansers(acfg):
+    flagged = np.asarray(flags[cleanser]["distilled"], bool)
+    entry = table[cleanser] = {
+      "rule": data_attacks.FLAG_RULES[cleanser],
+      "trigger_slots_auc": result["detection"]["data"][cleanser]["trigger_slots_auc"],
+      "flagged": int(flagged.sum()),
+      "flagged_trigger_slots": int((flagged & from_trigger).sum()),
+      "flagged_clean_distilled": int(np.sum(flags[cleanser]["clean_distilled"])),
+      "after": {},
+    }
+    for kind in ("cleanse", "flagged"):
+      for e in result["points"].get(f"{kind}_{cleanser}", []):
+        drop = "flagged" if kind == "flagged" else f"top {100 * e['strength']:g}%"
+        entry["after"][drop] = {
+          "verified": int(sum(e["verified"])),
+          "networks": len(e["verified"]),
+          "verdict": e["verdict"],
+        }
+    log(
+      f"[attacks] data {cleanser}: flags {entry['flagged']} images "
+      f"({entry['flagged_trigger_slots']}/{int(from_trigger.sum())} trigger slots; "
+      f"{entry['flagged_clean_distilled']} of the clean distilled set); rule: {entry['rule']}"
+    )
+  return table
+
+
 def run(
   config,
   *,
@@ -339,17 +405,20 @@ def run(
   )
   key = jax.random.PRNGKey(int(rng.integers(2**31)))
   pirate, result["clean_model"] = _pirate_model(config, network, verifier, attacker, key)
-  scores = {}  # scores[cleanser][set name]: [N]
-  for name, s in sets.items():
-    feats = data_attacks.features(network.apply, pirate, s["images"])
-    logits = np.asarray(network.apply(pirate, jnp.asarray(s["images"])))
-    for cleanser, values in data_attacks.image_scores(
-      acfg, feats, logits, s["labels"], s["pixels"], verifier.patch_size
-    ).items():
-      scores.setdefault(cleanser, {})[name] = values
-  distilled_scores = {c: by_set["distilled"] for c, by_set in scores.items()}
+  # scores[cleanser][set name]: [N]; flags likewise (data_attacks.flags).
+  scores, flags, result["cleanser_models"] = cleansers.score_sets(
+    config, network, verifier, sets, attacker, pirate, jax.random.fold_in(key, 3)
+  )
   result["points"] = _attack_points(
-    config, network, verifier, wm, distilled_scores, first(init_params), train_rng, before
+    config,
+    network,
+    verifier,
+    wm,
+    {c: by_set["distilled"] for c, by_set in scores.items()},
+    {c: by_set["distilled"] for c, by_set in flags.items()},
+    first(init_params),
+    train_rng,
+    before,
   )
   tick = time.time()
   images = attacker[0]
@@ -367,5 +436,6 @@ def run(
     jax.random.fold_in(key, 2),
   )
   result["detection"]["seconds"] = time.time() - tick
+  result["cleansers"] = _cleanser_summary(acfg, result, flags, from_trigger)
   result["seconds"] = time.time() - start
   return result
