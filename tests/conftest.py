@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs so jit compilation on 2 CPU cores stays cheap."""
 
 import atexit
+import hashlib
 import os
 import pathlib
 import shutil
@@ -11,6 +12,7 @@ import pytest
 
 from ccdd_jax.config import loader as config_loader
 from ccdd_jax.config import schema
+from ccdd_jax.method import watermark
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -54,20 +56,28 @@ def tiny_config():
   config.distill.max_start_epoch = 1
   config.distill.ipc = 2
   config.eval.num_seeds = 2
-  config.eval.epochs = 4
+  # 200 epochs on the 60 images and the digits' 30 queries per pattern: both networks
+  # trained on the distilled set are verified (p about 1e-10 over several keys, alpha
+  # 1e-6); at 4 epochs and 10 queries none was.
+  config.eval.epochs = 200
   config.eval.real_epochs = 2
   config.eval.real_lr = 0.1
-  config.watermark.queries_per_pattern = 10
+  config.watermark.queries_per_pattern = 30
   config.distill.triggers_per_pattern = 0  # ipc 2 cannot hold a random key's slots.
   return config
 
 
+# The tiny runs' key (keygen keeps a key it finds): a failing verdict replays exactly.
+TINY_KEY = hashlib.sha256(b"ccdd_jax tests: the tiny run's key").digest()
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-  """One whole tiny pipeline run, shared by the tests that inspect its outputs."""
+  """One whole tiny pipeline run with TINY_KEY, shared by the tests that inspect its outputs."""
   from ccdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path_factory.mktemp("tiny_run")
+  watermark.write_key_file(workdir / "owner.key", TINY_KEY)
   config = tiny_config()
   report = pipeline.run(config, str(workdir), "all")
   return workdir, config, report

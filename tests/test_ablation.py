@@ -151,6 +151,7 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
     ablation.main(_argv(tmp_path, "beta0") + ["--set", "distill.lr_img=50"])
 
 
+@pytest.mark.slow
 def test_one_tiny_variant_end_to_end(tiny_run, tmp_path):
   """Distil, evaluate and verify one variant over the shared tiny run's experts (reused).
 
@@ -168,6 +169,9 @@ def test_one_tiny_variant_end_to_end(tiny_run, tmp_path):
   assert row["variant"] == "default" and row["iterations"] == 2 and row["seeds"] == seeds
   assert 0.0 <= row["acc"]["mean"] <= 1.0 and row["twin_term_first"] > 0.0  # Form (b), β 0.5.
   assert row["real"]["seeds"] == seeds and row["num_images"] >= 10 * config.distill.ipc
+  # The tiny run's verdicts: all of the distilled set's networks verified, no clean or real one.
+  assert row["verified"] == seeds, row
+  assert row["clean_distilled"]["verified"] == row["real"]["verified"] == 0
   meta = dict.fromkeys(("command", "commit", "date", "machine", "python", "jax", "key"), "x")
   meta.update(eval_seeds=seeds, default_iterations=2, variant_iterations="matching 2")
   meta.update(iterations_scale=1.0)

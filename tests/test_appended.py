@@ -1,5 +1,6 @@
 """The "appended" embedding: the clean distilled set plus stamped carriers."""
 
+import conftest
 from conftest import config_section
 import jax
 import numpy as np
@@ -29,10 +30,10 @@ TINY_APPENDED = (
   "distill.ipc=2",
   "distill.carriers_per_pattern=4",
   "eval.num_seeds=2",
-  "eval.epochs=4",
+  "eval.epochs=200",
   "eval.real_epochs=2",
   "eval.real_lr=0.1",
-  "watermark.queries_per_pattern=10",
+  "watermark.queries_per_pattern=30",
 )
 
 
@@ -73,7 +74,8 @@ def test_appended_set_is_the_clean_set_plus_stamped_carriers(source):
 def test_expert_kinds_follow_the_embedding():
   appended = config_section("distill", watermark_embedding="appended", beta=0.5)
   assert embedding.expert_kinds(appended) == embedding.expert_kinds(appended, True) == ("clean",)
-  matching = config_section("distill", beta=0.5)
+  # The schema's default embedding is the shipped default's ("appended"): name the other.
+  matching = config_section("distill", watermark_embedding="matching", beta=0.5)
   assert embedding.expert_kinds(matching) == experts.KINDS
   assert embedding.expert_kinds(matching, True) == experts.KINDS
   matching.beta = 0.0  # The twins are trained but not read.
@@ -100,11 +102,13 @@ def test_appended_needs_carriers_and_hard_labels(overrides):
 @pytest.fixture(scope="module")
 def appended_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("appended_run")
+  watermark.write_key_file(workdir / "owner.key", conftest.TINY_KEY)
   config = config_loader.load("digits", list(TINY_APPENDED))
   report = pipeline.run(config, str(workdir), "all")
   return workdir, config, report
 
 
+@pytest.mark.slow
 def test_the_appended_run_trains_clean_experts_only_and_appends_its_carriers(appended_run):
   workdir, config, report = appended_run
   root = workdir_lib.trajectories_dir(workdir)
@@ -132,8 +136,14 @@ def test_the_appended_run_trains_clean_experts_only_and_appends_its_carriers(app
   assert entry["embedding"] == "appended" and entry["num_images"] == n_clean + n_carriers
   assert entry["trigger_visibility"]["trigger_slots"] == pytest.approx(1.0, abs=1e-3)
   assert report["distilled"]["acc"]["runs"] and len(report["distilled"]["verified"]) == 2
+  # The carriers carry the watermark: every network trained on the set is verified; none
+  # trained on the clean set or on real data is.
+  assert report["distilled"]["verified"] == [True, True], report["distilled"]["p_values"]
+  assert report["clean_distilled"]["verified"] == [False, False]
+  assert report["real"]["verified"] == [False, False]
 
 
+@pytest.mark.slow
 def test_clean_experts_do_not_depend_on_the_kinds_trained(appended_run, tiny_run):
   """A kind's PRNG stream is its place in KINDS: clean experts trained alone (appended)
   equal those trained before the watermarked kinds (the tiny matching run)."""

@@ -287,6 +287,7 @@ def test_params_from_config_dict_and_bad_settings():
     dsa.augment(jnp.zeros((8, 8, 3)), jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_gradients_match_finite_differences_to_second_order():
   # One jitted function for all families keeps the compile time down.
   with _enable_x64():
@@ -339,6 +340,7 @@ def _unrolled_distillation_loss(synthetic, key, weights0, target):
   return jnp.sum((weights - target) ** 2)
 
 
+@pytest.mark.slow
 def test_second_order_gradient_through_unrolled_sgd():
   with _enable_x64():
     synthetic = jnp.asarray(_images((2, 8, 8, 1)), jnp.float64)
@@ -358,6 +360,7 @@ def test_second_order_gradient_through_unrolled_sgd():
       np.testing.assert_allclose(jnp.vdot(grad, direction), finite_difference, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_jit_vmap_and_scan_agree_with_eager_calls():
   images = _images((2, 8, 8, 3))
   keys = jax.random.split(jax.random.key(10), 4)

@@ -19,6 +19,9 @@ from ccdd_jax.run import workdir as workdir_lib
 
 REPO = conftest.REPO
 
+# Every case starts from the tiny run (tiny_run) or runs the CLI in a child process.
+pytestmark = pytest.mark.slow
+
 
 def _snapshot(root):
   """Every file under `root` with its size and modification time."""

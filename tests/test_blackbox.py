@@ -147,6 +147,7 @@ def test_black_box_and_white_box_share_the_statistics(owner):
       assert black[field] == white[field], field
 
 
+@pytest.mark.slow
 def test_round_trip_from_a_model_trained_outside_the_package(owner, tmp_path):
   workdir, config, _, suspects = owner
   answers = tmp_path / "watermarked.npy"
@@ -180,6 +181,7 @@ def test_forged_keys_are_not_verified(owner):
       assert not r["verified"] and r["p_value_majority"] > 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "content,message",
   [
@@ -246,6 +248,7 @@ def test_queries_of_another_key_or_config_are_refused(owner, tmp_path):
     pipeline.run(config, str(other), "verify", predictions=str(answers))
 
 
+@pytest.mark.slow
 def test_commitment(owner, tmp_path):
   workdir, config, _, _ = owner
   # docs/watermark-spec.md, section 1: the fingerprint is the commitment's prefix.

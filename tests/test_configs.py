@@ -117,6 +117,7 @@ def test_invalid_config_is_a_one_line_error():
     validation.validate(config)
 
 
+@pytest.mark.slow
 def test_non_editable_install_finds_its_default_config(tmp_path):
   """`pip install .` into a fresh virtualenv; the default config loads from another folder."""
   if importlib.util.find_spec("setuptools") is None:

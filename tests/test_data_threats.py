@@ -151,6 +151,7 @@ def test_anomaly_index():
   assert detection_lib.anomaly_index([10, 11, 9, 10, 12, 8])[0] < 2
 
 
+@pytest.mark.slow
 def test_neural_cleanse_finds_a_planted_trigger():
   """A tiny digits network learns "white 2x2 top-left square -> 0"; Neural Cleanse finds class 0
   with a small mask on that corner, and its MAD anomaly index flags it.
@@ -215,6 +216,7 @@ def test_bad_data_threat_settings_fail_in_one_line(field, value, message):
     validation.validate(config)
 
 
+@pytest.mark.slow
 def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_path, capfd):
   workdir, config, _ = tiny_run
   run = tmp_path / "data_attacked"
@@ -234,10 +236,13 @@ def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_pa
   data = json.loads((run / "attacks.json").read_text())["data"]
   assert (run / "attacks_data.png").stat().st_size > 0
   assert set(data["points"]) == set(data_attacks.DATA_ATTACKS) - {"label_smoothing"}
-  for entries in data["points"].values():
+  # Unattacked, every network of the distilled set is verified (the tiny run's verdict), so
+  # every attacked point is judged: none is "n/a".
+  assert data["before"]["verified"] == [True] * config.eval.num_seeds, data["before"]
+  for name, entries in data["points"].items():
     for e in entries:
       assert len(e["verified"]) == config.eval.num_seeds
-      assert e["verdict"] in ("removed", "survived", "destroyed", "n/a")
+      assert e["verdict"] in ("removed", "survived", "destroyed"), (name, e)
   assert data["points"]["cleanse_corner"][0]["dropped"] == round(0.3 * data["num_images"])
   detection = data["detection"]
   assert set(detection["data"]) == {*data_attacks.CLEANSERS, "trigger_visibility"}

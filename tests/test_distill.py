@@ -1,7 +1,6 @@
 """Trajectory matching: the scan, the loss, and its gradient."""
 
 import chex
-import conftest
 from conftest import config_section
 import jax
 from jax.flatten_util import ravel_pytree
@@ -10,14 +9,12 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
-from ccdd_jax.config import validation
 from ccdd_jax.method import distill
 from ccdd_jax.method import distill as distill_lib
 from ccdd_jax.method import embedding
 from ccdd_jax.method import evaluate
 from ccdd_jax.method import inner_loop
 from ccdd_jax.method import models
-from ccdd_jax.method import watermark
 
 NO_AUG = config_section("dsa", strategy="none")
 
@@ -64,6 +61,7 @@ def distill_config(**kw):
   )
 
 
+@pytest.mark.slow
 def test_scan_student_equals_python_loop():
   apply_flat, w0, images, labels = tiny_problem()
   loss = lambda w, _: inner_loop.cross_entropy(apply_flat(w, images), labels)
@@ -90,6 +88,7 @@ def test_momentum_and_weight_decay_follow_torch_sgd():
   np.testing.assert_allclose(w_scan, w, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_matching_loss_is_zero_when_student_lands_on_target():
   apply_flat, w0, images, labels = tiny_problem()
   cfg = distill_config()
@@ -120,6 +119,7 @@ def test_beta_adds_the_twin_term():
   np.testing.assert_allclose(l1, l0 + 0.5 * l_twin, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_image_gradient_matches_finite_differences():
   with enable_x64():
     apply_flat, w0, images, labels = tiny_problem(jnp.float64)
@@ -139,6 +139,7 @@ def test_image_gradient_matches_finite_differences():
     np.testing.assert_allclose(g_lr, fd_lr, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_distill_reduces_matching_loss_and_checks_epochs():
   apply_flat, w0, images, labels = tiny_problem()
   loss_fn = lambda w, _: inner_loop.cross_entropy(apply_flat(w, images), labels)
@@ -172,37 +173,7 @@ def test_distill_reduces_matching_loss_and_checks_epochs():
     )
 
 
-def test_init_synthetic_real_images_and_trigger_slots():
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, size=(60, 8, 8, 1), dtype=np.uint8)
-  labels = np.repeat(np.arange(3), 20)
-  patterns = np.full((2, 4, 4, 1), 7, np.uint8)
-  imgs, labs, trig = embedding.init_synthetic(
-    images,
-    labels,
-    3,
-    4,
-    rng,
-    patterns=patterns,
-    pattern_labels=np.array([1, 1]),
-    triggers_per_pattern=1,
-  )
-  assert np.bincount(labs).tolist() == [4, 4, 4]
-  assert trig.sum() == 2 and set(labs[trig]) == {1}
-  assert np.all(imgs[trig][:, :4, :4] == 7)
-  with pytest.raises(CCDDError, match="ipc"):
-    embedding.init_synthetic(
-      images,
-      labels,
-      3,
-      1,
-      rng,
-      patterns=patterns,
-      pattern_labels=np.array([1, 1]),
-      triggers_per_pattern=1,
-    )
-
-
+@pytest.mark.slow
 def test_eq10_forms_equal_the_literal_form_at_beta_zero():
   apply_flat, w0, images, labels = tiny_problem()
   args = (images, jnp.float32(0.05), labels, w0, w0 + 0.02, w0 - 0.01, w0 - 0.03)
@@ -254,6 +225,7 @@ def _direct_pools(dtype):
   )
 
 
+@pytest.mark.slow
 def test_direct_objective_adds_the_student_cross_entropies():
   apply_flat, w0, images, labels = tiny_problem()
   aux, rng, lr = _direct_pools(jnp.float32), jax.random.PRNGKey(3), jnp.float32(0.1)
@@ -270,6 +242,7 @@ def test_direct_objective_adds_the_student_cross_entropies():
   assert 0.5 < float(direct) < 5.0
 
 
+@pytest.mark.slow
 def test_direct_objective_gradient_matches_finite_differences():
   with enable_x64():
     apply_flat, w0, images, labels = tiny_problem(jnp.float64)
@@ -293,6 +266,7 @@ def test_direct_objective_gradient_matches_finite_differences():
       np.testing.assert_allclose(grad[idx], fd, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_soft_labels_one_hot_targets_equal_hard_labels_and_their_gradient_is_exact():
   """Soft targets that are one-hot give the hard-label loss; the meta-loss gradient with respect
   to the learned label logits (through the softmax and the N student steps) matches finite
@@ -321,6 +295,7 @@ def test_soft_labels_one_hot_targets_equal_hard_labels_and_their_gradient_is_exa
       np.testing.assert_allclose(grad[idx], fd, rtol=1e-4, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_soft_labels_are_learned_and_frozen_on_trigger_slots():
   apply_flat, w0, images, labels = tiny_problem()
   expert = _chained_expert(apply_flat, w0, images, labels, 0.05)
@@ -356,6 +331,7 @@ def test_soft_labels_are_learned_and_frozen_on_trigger_slots():
   np.testing.assert_allclose(expert_init, apply_flat(expert[0, -1], init))
 
 
+@pytest.mark.slow
 def test_evaluation_trains_on_the_softmax_of_learned_label_logits():
   net = models.ConvNet(num_classes=3, width=4, depth=1, conv_impl="lax")
   apply = lambda p, x: net.apply({"params": p}, x)
@@ -389,6 +365,7 @@ def _chained_expert(apply_flat, w0, images, labels, lr):
   return np.stack([np.stack([w0, w1])])
 
 
+@pytest.mark.slow
 def test_clean_expert_pool_matches_the_clean_expert_when_always_drawn():
   apply_flat, w0, images, labels = tiny_problem()
   wm = _chained_expert(apply_flat, w0, images, labels, 0.05)
@@ -404,122 +381,3 @@ def test_clean_expert_pool_matches_the_clean_expert_when_always_drawn():
   np.testing.assert_allclose(always[0], on_clean[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(never[0], on_wm[0])
   assert np.abs(always[2][:, 1] - on_wm[2][:, 1]).max() > 1e-3
-
-
-def test_split_roles_update_trigger_slots_on_watermarked_iterations_only():
-  """distill.split_roles: a clean expert's iteration moves only the class images, a watermarked
-  one's only the trigger slots; with a pool of both, both move, each only on its own draws."""
-  apply_flat, w0, images, labels = tiny_problem()
-  wm = _chained_expert(apply_flat, w0, images, labels, 0.05)
-  clean = _chained_expert(apply_flat, w0 + 0.01, images, labels, 0.08)
-  from_trigger = np.array([False, True, False, False, True, False])
-  init = np.asarray(images)
-
-  def run(fraction):
-    cfg = distill_config(
-      iterations=4, lr_img=10.0, clean_expert_fraction=fraction, split_roles=True
-    )
-    aux = embedding.aux_inputs(cfg, from_trigger, 2, {"train_images": init})
-    chex.assert_shape(aux.trigger_slots, (6, 1, 1, 1))
-    run = distill.distill(
-      cfg,
-      apply_flat,
-      NO_AUG,
-      init,
-      np.asarray(labels),
-      (wm, wm, clean),
-      jax.random.PRNGKey(0),
-      aux=aux,
-    )
-    return run[0]
-
-  moved = lambda out: np.abs(out - init).max(axis=(1, 2, 3)) > 1e-5
-  np.testing.assert_array_equal(moved(run(1.0)), ~from_trigger)  # Clean draws only.
-  np.testing.assert_array_equal(moved(run(0.0)), from_trigger)  # Watermarked draws only.
-  assert moved(run(0.5)).all()
-  # The direct watermark term counts on watermarked iterations only ("beta_weight" 1).
-  cfg = distill_config(gamma_wm=1.0, objective_batch=4, split_roles=True)
-  meta = distill.make_meta_loss(cfg, apply_flat, NO_AUG, num_syn=6, with_terms=True)
-  pools = distill.Aux(wm_images=images, wm_labels=labels)
-  args = (images, jnp.float32(0.05), labels, w0, w0 + 0.02, w0, w0 + 0.02, jax.random.PRNGKey(3))
-  assert float(meta(*args, pools._replace(beta_weight=0.0))[1][2]) == 0.0
-  assert float(meta(*args, pools._replace(beta_weight=1.0))[1][2]) > 0.1
-  config = conftest.tiny_config()
-  config.distill.split_roles = True
-  with pytest.raises(CCDDError, match="split_roles needs a pool of both kinds"):
-    validation.validate(config)
-
-
-def test_frozen_trigger_corner_is_never_updated():
-  apply_flat, w0, images, labels = tiny_problem()
-  expert = _chained_expert(apply_flat, w0, images, labels, 0.05)
-  noisy = np.asarray(images + 0.5 * jax.random.normal(jax.random.PRNGKey(9), images.shape))
-  from_trigger = np.array([False, True, False, False, True, False])
-  cfg = distill_config(iterations=5, lr_img=10.0, freeze_trigger=True)
-  aux = embedding.aux_inputs(cfg, from_trigger, 2, {"train_images": noisy})
-  chex.assert_shape(aux.grad_mask, (6, 4, 4, 1))
-  out, *_ = distill.distill(
-    cfg,
-    apply_flat,
-    NO_AUG,
-    noisy,
-    np.asarray(labels),
-    (expert, expert),
-    jax.random.PRNGKey(0),
-    aux=aux,
-  )
-  np.testing.assert_array_equal(out[from_trigger, :2, :2], noisy[from_trigger, :2, :2])
-  assert np.abs(out[from_trigger, 2:] - noisy[from_trigger, 2:]).max() > 1e-4
-  assert np.abs(out[~from_trigger, :2, :2] - noisy[~from_trigger, :2, :2]).max() > 1e-4
-
-
-def test_trigger_safe_dsa_in_the_student_keeps_the_corner():
-  apply_flat, w0, images, labels = tiny_problem()
-  from_trigger = np.array([True] * 6)
-  cfg = distill_config(trigger_safe_dsa=True)
-  aux = embedding.aux_inputs(cfg, from_trigger, 4, {"train_images": np.asarray(images)})
-  args = (images, jnp.float32(0.05), labels, w0, w0 + 0.02, w0, w0 + 0.02, jax.random.PRNGKey(3))
-  cutout = config_section("dsa", strategy="cutout")
-  # The keep mask covers every pixel of the 4x4 images: DSA then changes nothing.
-  safe = distill.make_meta_loss(cfg, apply_flat, cutout, 6)(*args, aux)
-  plain = distill.make_meta_loss(distill_config(), apply_flat, NO_AUG, 6)(*args)
-  augmented = distill.make_meta_loss(distill_config(), apply_flat, cutout, 6)(*args)
-  np.testing.assert_allclose(safe, plain, rtol=1e-6)
-  assert abs(float(augmented) - float(plain)) > 1e-6
-
-
-def test_carriers_are_added_beyond_ipc():
-  rng = np.random.default_rng(0)
-  train = rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8)
-  train_labels = np.arange(60) % 3
-  patterns, pattern_labels = watermark.expand_key(bytes(32), 2, 4, 1, 3)
-  for source in ("train", "set"):
-    cfg = distill_config(ipc=2, carriers_per_pattern=3, carrier_source=source)
-    images, labels, trig = embedding.initial_set(
-      cfg,
-      train,
-      train_labels,
-      3,
-      patterns,
-      pattern_labels,
-      np.random.default_rng(1),
-      np.random.default_rng(2),
-    )
-    assert len(images) == 6 + 2 * 3 and trig.sum() == 6 and not trig[:6].any()
-    np.testing.assert_array_equal(labels[6:], np.repeat(pattern_labels, 3))
-    for j, i in enumerate(np.repeat([0, 1], 3)):
-      np.testing.assert_array_equal(images[6 + j, :4, :4], patterns[i])
-      rest = images[6 + j, 4:]
-      pool = images[:6] if source == "set" else train
-      match = [k for k in range(len(pool)) if np.array_equal(pool[k, 4:], rest)]
-      assert match and all(
-        (labels[:6] if source == "set" else train_labels)[k] != pattern_labels[i] for k in match
-      )
-
-
-def test_clean_set_config_switches_the_watermark_levers_off():
-  cfg = distill_config(beta=0.5, carriers_per_pattern=2, gamma_wm=1.0, trigger_safe_dsa=True)
-  clean = embedding.set_config(cfg, watermarked=False)
-  assert clean.beta == 0 and clean.carriers_per_pattern == 0 and clean.gamma_wm == 0
-  assert not clean.trigger_safe_dsa and clean.ipc == cfg.ipc
-  assert embedding.set_config(cfg, watermarked=True).to_dict() == cfg.to_dict()

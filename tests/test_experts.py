@@ -7,6 +7,7 @@ from conftest import config_section
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ccdd_jax.devices import parallel
 from ccdd_jax.method import augment
@@ -40,6 +41,7 @@ def setup():
   return apply, params, batch, cfg
 
 
+@pytest.mark.slow
 def test_losses_are_eq6_and_eq8():
   apply, params, batch, cfg = setup()
   ce_clean = inner_loop.cross_entropy(apply(params, batch["images"]), batch["labels"])
@@ -63,6 +65,7 @@ def test_prune_mask_removes_least_active_channels():
   np.testing.assert_array_equal(mask, [1, 0, 1, 0, 1])
 
 
+@pytest.mark.slow
 def test_expert_kinds_share_their_initial_parameters(tiny_run):
   workdir, config, _ = tiny_run
   root = workdir / "trajectories"
@@ -83,6 +86,7 @@ def test_expert_kinds_share_their_initial_parameters(tiny_run):
     assert 0.0 <= meta["acc_w"] <= 1.0 and 0.0 <= meta["test_acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_expert_groups_and_concurrency():
   # Concurrency never changes a bit; the group size only the float rounding.
   net = models.ConvNet(num_classes=3, width=4, depth=2, conv_impl="shift")
@@ -125,6 +129,7 @@ def test_expert_groups_and_concurrency():
   assert parallel.resolve_concurrency(0) == (os.cpu_count() or 1)  # CPU backend here.
 
 
+@pytest.mark.slow
 def test_trigger_safe_dsa_shows_the_network_the_unaugmented_trigger():
   apply, params, batch, cfg = setup()
   cutout = config_section("dsa", strategy="cutout")
@@ -169,6 +174,7 @@ def _fp_problem():
   return train
 
 
+@pytest.mark.slow
 def test_last_k_epochs_normal_equal_the_normal_watermarked_trainer_there():
   train = _fp_problem()
   # All epochs "normal": exactly the eq. 6 (watermarked) trainer.

@@ -39,6 +39,7 @@ def init(net):
   return jax.jit(lambda rng: models.init_params(net, IMAGE_SHAPE, rng))(jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vgg11_batch_lax", "alexnet"])
 def test_logits_features_and_channel_mask(name):
   net = ZOO[name]()
@@ -90,6 +91,7 @@ def test_conv3x3_without_bias_matches_between_implementations():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vgg11", "alexnet"])
 def test_meta_loss_gradient_reaches_the_images(name):
   net = NARROW[name]()
@@ -110,6 +112,7 @@ def test_meta_loss_gradient_reaches_the_images(name):
   assert float(jnp.max(jnp.abs(grad))) > 0
 
 
+@pytest.mark.slow
 def test_registry_builds_every_architecture_and_rejects_bad_names():
   model_cfg = config_section("model", conv_impl="lax")
   for arch, cls in [
@@ -143,6 +146,7 @@ def test_registry_builds_every_architecture_and_rejects_bad_names():
   np.testing.assert_allclose(net.apply_flat(flat, images), net.apply(params, images), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_convnet_depth4_on_64x64():
   cfg = config_section("model", width=8, depth=4, norm="instance", conv_impl="lax")
   net = models.build("convnet", 10, cfg)

@@ -10,8 +10,16 @@ from ccdd_jax import CCDDError
 from ccdd_jax.method import models
 
 
-@pytest.mark.parametrize("conv_impl", ["im2col", "shift"])
-@pytest.mark.parametrize("shape,depth", [((8, 8, 1), 2), ((12, 12, 1), 3), ((32, 32, 3), 3)])
+# im2col's compilations and the larger shapes take 4-12 s each on 2 CPU cores: slow.
+@pytest.mark.parametrize("conv_impl", [pytest.param("im2col", marks=pytest.mark.slow), "shift"])
+@pytest.mark.parametrize(
+  "shape,depth",
+  [
+    ((8, 8, 1), 2),
+    pytest.param((12, 12, 1), 3, marks=pytest.mark.slow),
+    pytest.param((32, 32, 3), 3, marks=pytest.mark.slow),
+  ],
+)
 def test_convnet_shapes_and_matmul_convolutions_match_lax(shape, depth, conv_impl):
   x = jax.random.normal(jax.random.PRNGKey(1), (4,) + shape)
   lax_net = models.ConvNet(num_classes=10, width=8, depth=depth, conv_impl="lax")

@@ -1,4 +1,5 @@
-"""Speed and memory options change no numbers; the distillation step compiles once."""
+"""Speed and memory options change no numbers; the distillation step and the experts' epoch
+program compile once, without transfers (distillation: donating its state)."""
 
 import functools
 
@@ -14,10 +15,13 @@ import pytest
 from ccdd_jax import CCDDError
 from ccdd_jax.config import validation
 from ccdd_jax.method import distill
+from ccdd_jax.method import experts
 from ccdd_jax.method import inner_loop
 from ccdd_jax.method import models
+from ccdd_jax.method import trajectory_pairs
 
 FLIP = config_section("dsa", strategy="flip")
+NO_AUG = config_section("dsa", strategy="none")
 
 
 def problem(conv_impl="lax", num=6):
@@ -73,6 +77,7 @@ def assert_same(a, b):
   np.testing.assert_allclose(a[2], b[2], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_unroll_and_conv_impl_give_the_same_meta_gradient():
   reference = meta_gradient("lax", unroll=1)
   assert float(jnp.abs(reference[1]).max()) > 0
@@ -80,6 +85,7 @@ def test_unroll_and_conv_impl_give_the_same_meta_gradient():
     assert_same(meta_gradient(conv_impl, unroll), reference)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_meta_gradient():
   for remat in ("full", "dots", "nested"):  # "nested": 2 segments of 2 steps.
     assert_same(meta_gradient(remat=remat), meta_gradient(remat="none"))
@@ -136,6 +142,7 @@ def temp_bytes(remat, syn_steps):
   return None if stats is None else stats.temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_auto_remat_nests_where_the_params_outweigh_a_steps_activations():
   def choice(width, num):
     net = models.ConvNet(num_classes=10, width=width, depth=2, conv_impl="shift")
@@ -152,6 +159,7 @@ def test_auto_remat_nests_where_the_params_outweigh_a_steps_activations():
   assert inner_loop.resolve_remat("dots", None, None, None) == "dots"
 
 
+@pytest.mark.slow
 def test_remat_reduces_the_memory_of_80_steps():
   none = temp_bytes("none", 80)
   if none is None:
@@ -159,6 +167,26 @@ def test_remat_reduces_the_memory_of_80_steps():
   full = temp_bytes("full", 80)
   assert full < none / 2
   assert temp_bytes("nested", 80) < full  # ~2 sqrt(N) stored params vectors, not N.
+
+
+def counting(fn):
+  """`fn` and a list that grows by one each time a trace (or an eager call) runs it."""
+  calls = []
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return fn(*args, **kwargs)
+
+  return counted, calls
+
+
+def assert_donated(states):
+  """Every state but the last was donated (its buffers reused); the last is alive."""
+  for old in states[:-1]:
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old)), (
+      "donated state buffers were not reused"
+    )
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(states[-1]))
 
 
 def test_distill_step_compiles_once_without_transfers_and_donates_its_state():
@@ -179,8 +207,116 @@ def test_distill_step_compiles_once_without_transfers_and_donates_its_state():
       states.append(state)
       losses.append(loss)
   assert np.all(np.isfinite(jax.device_get(losses)))
-  for old in states[:-1]:
-    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old)), (
-      "donated state buffers were not reused"
+  assert_donated(states)
+
+
+def test_the_pipelines_distill_step_compiles_once_without_transfers_and_donates_its_state():
+  """distill.make_distill_step, the step distill.distill runs: one trace for every iteration.
+
+  Each iteration gets its own (expert, epoch) pair from trajectory_pairs.pair_feeder, as
+  in distill.distill; a retrace (a new shape, dtype or weak type in some iteration)
+  would run the function passed in again.
+  """
+  apply_flat, flat, images, labels, _ = problem("lax")
+  trajectory = np.asarray(jnp.stack([flat, flat + 0.01, flat + 0.03]))
+  trajectories = (np.stack([trajectory, trajectory + 0.02]), np.stack([trajectory - 0.01] * 2))
+  cfg = distill_config(remat="full", iterations=4)
+  counted, traced = counting(apply_flat)
+  step = distill.make_distill_step(cfg, counted, FLIP, images.shape[0])
+  state = distill.init_state(cfg, np.asarray(images), np.asarray(labels))
+  keys = jax.random.split(jax.random.PRNGKey(4), cfg.iterations)
+  pair_at = trajectory_pairs.pair_feeder(cfg, trajectories, keys, None)
+  pairs = [pair_at(it) for it in range(cfg.iterations)]
+  starts = {np.asarray(p["start"]).tobytes() for p in pairs}
+  assert len(starts) > 1  # The iterations match different pairs.
+  rngs = list(keys)
+  aux = distill.Aux()  # Every lever off, as distill.distill passes it.
+  states, losses, traces = [state], [], []
+  with jax.transfer_guard("disallow"):  # Raises on an implicit host-device transfer.
+    for rng, pair in zip(rngs, pairs):
+      state, loss = step(state, pair, rng, aux)
+      states.append(state)
+      losses.append(loss)
+      traces.append(len(traced))
+  assert traces[0] > 0 and traces == [traces[0]] * cfg.iterations, traces
+  assert np.all(np.isfinite(jax.device_get(losses)))
+  assert_donated(states)
+
+
+class MemoryExpertStore:
+  """experts.ExpertStore in memory: every epoch and finished trajectory, by (kind, start)."""
+
+  def __init__(self):
+    self.epochs, self.trajectories = {}, {}
+
+  def finished(self, kind, start, size):
+    del size
+    return (kind, start) in self.trajectories
+
+  def epochs_done(self, kind, start, size):
+    del size
+    return list(self.epochs.get((kind, start), []))
+
+  def save_epoch(self, kind, start, epoch, params):
+    saved = self.epochs.setdefault((kind, start), [])
+    assert epoch == len(saved) + 1
+    saved.append(params)
+
+  def finish(self, kind, start, trajectory):
+    self.trajectories[kind, start] = trajectory
+
+  def final_params(self, kind):
+    raise NotImplementedError
+
+
+def test_resumable_experts_compile_one_epoch_program_for_every_group_and_epoch():
+  """experts.train_experts_resumable, the experts stage's path, traces its epoch program once.
+
+  One group for one epoch traces it once by construction; two groups of that size
+  for three epochs must trace it no more: a retrace per epoch or per group
+  (a new shape, dtype or Python value among the epoch's arguments) would run the
+  `apply_fn` passed in again.
+  """
+  net = models.ConvNet(num_classes=3, width=4, depth=1, conv_impl="lax")
+  apply = models.make_apply(net)
+  rng = np.random.default_rng(5)  # NumPy inputs: no eager JAX op to compile.
+  data = {
+    "train_images": rng.normal(size=(12, 6, 6, 1)).astype(np.float32),
+    "train_labels": np.arange(12, dtype=np.int32) % 3,
+    "wm_images": rng.normal(size=(4, 6, 6, 1)).astype(np.float32),
+    "wm_labels": np.array([1, 1, 2, 2], np.int32),
+    "prune_images": np.zeros((4, 6, 6, 1), np.float32),
+  }
+  init_all = jax.jit(jax.vmap(lambda r: models.init_params(net, (6, 6, 1), r)))(
+    jax.random.split(jax.random.PRNGKey(0), 4)
+  )
+
+  def train(num_experts, epochs):
+    init = jax.tree_util.tree_map(lambda x: x[:num_experts], init_all)
+    cfg = config_section(
+      "experts", epochs=epochs, lr=0.05, batch_size=6, wm_batch_size=2, group_size=2
     )
-  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(states[-1]))
+    counted, traced = counting(apply)
+    store = MemoryExpertStore()
+    experts.train_experts_resumable(
+      "clean",
+      cfg,
+      counted,
+      NO_AUG,
+      init,
+      init,
+      jax.random.PRNGKey(1),
+      data,
+      store,
+      concurrency=2,
+    )
+    assert sorted(store.trajectories) == [("clean", s) for s in range(0, num_experts, 2)]
+    assert [len(saved) for saved in store.epochs.values()] == [epochs] * (num_experts // 2)
+    for trajectory in store.trajectories.values():
+      chex.assert_tree_shape_prefix(trajectory, (2, epochs + 1))
+    return len(traced)
+
+  once = train(num_experts=2, epochs=1)
+  assert once > 0
+  twice = train(num_experts=4, epochs=3)
+  assert twice == once, f"the epoch program traced {twice // once} times, not once"

@@ -25,6 +25,7 @@ from ccdd_jax.run import workdir as workdir_lib
 REPO = conftest.REPO
 
 
+@pytest.mark.slow
 def test_outputs_and_report(tiny_run):
   workdir, config, report = tiny_run
   for name in (
@@ -60,6 +61,14 @@ def test_outputs_and_report(tiny_run):
     assert len(entry["verified"]) == config.eval.num_seeds
   # Trained on real data, the networks beat chance.
   assert on_disk["real"]["acc"]["mean"] > 0.3
+  # The verdicts: every network trained on the watermarked set is verified at alpha; none
+  # trained on the clean distilled set or on real data is (conftest.tiny_config, TINY_KEY).
+  distilled = on_disk["distilled"]
+  assert distilled["verified"] == [True] * config.eval.num_seeds, distilled["p_values"]
+  assert all(p <= config.watermark.alpha for p in distilled["p_values"])
+  for name in ("clean_distilled", "real"):
+    assert on_disk[name]["verified"] == [False] * config.eval.num_seeds, on_disk[name]
+  assert report["distilled"]["verified"] == distilled["verified"]
   for key in ("alpha", "n_patterns", "num_classes", "wall_seconds", "config"):
     assert key in on_disk
   assert set(stages.IN_ALL) <= set(on_disk["wall_seconds"])
@@ -69,6 +78,7 @@ def test_outputs_and_report(tiny_run):
     assert (workdir / "trajectories" / kind / "0001" / "meta.json").is_file()
 
 
+@pytest.mark.slow
 def test_cross_architecture_evaluation_merges_into_the_report(tiny_run, tmp_path):
   """--stage=evaluate with eval.models adds architectures; verify covers them all.
 
@@ -113,6 +123,7 @@ def test_bad_eval_models_fail_before_any_work(tmp_path, models, message):
     pipeline.run(config, str(tmp_path), "keygen")
 
 
+@pytest.mark.slow
 def test_key_file_is_private_and_key_appears_nowhere_else(tiny_run):
   workdir, _, _ = tiny_run
   key_path = workdir / "owner.key"
@@ -125,6 +136,7 @@ def test_key_file_is_private_and_key_appears_nowhere_else(tiny_run):
       assert not any(n in content for n in needles), path
 
 
+@pytest.mark.slow
 def test_networks_that_never_saw_a_key_are_not_verified(tiny_run):
   """Zero claims at alpha = 1e-6 over 60 random keys, for every evaluated network."""
   workdir, config, _ = tiny_run
@@ -183,6 +195,7 @@ def run_main(*args):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "args,message",
   [
@@ -201,6 +214,7 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
   assert len(error_lines) == 1 and message in error_lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_cli_unwritable_workdir(tmp_path):
   locked = tmp_path / "locked"
   locked.mkdir()

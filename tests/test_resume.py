@@ -1,5 +1,6 @@
 """Resume: distillation from its Orbax state, experts per epoch, the manifest, SIGKILL reruns."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -42,6 +43,7 @@ class _Interrupt(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_distill_resumes_bitwise_from_its_checkpoint(tmp_path):
   apply_flat, images, labels, trajectories = _expert_problem()
   cfg = distill_config(iterations=7, lr_img=10.0, expert_epochs=1, checkpoint_every=3)
@@ -85,6 +87,7 @@ def test_distill_resumes_bitwise_from_its_checkpoint(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_names_the_iteration_and_keeps_the_last_good_state(tmp_path):
   apply_flat, images, labels, trajectories = _expert_problem()
   cfg = distill_config(iterations=8, lr_img=1e12, lr_lr=1e3, expert_epochs=1, checkpoint_every=2)
@@ -125,10 +128,10 @@ TINY = (
   "distill.ipc=2",
   "distill.triggers_per_pattern=0",
   "eval.num_seeds=2",
-  "eval.epochs=4",
+  "eval.epochs=200",
   "eval.real_epochs=2",
   "eval.real_lr=0.1",
-  "watermark.queries_per_pattern=10",
+  "watermark.queries_per_pattern=30",
 )
 
 
@@ -187,16 +190,30 @@ def _figures(workdir):
   return figures, arrays
 
 
-def test_sigkill_in_each_stage_then_rerun_gives_the_uninterrupted_results(tiny_run, tmp_path):
+def kill_seed(test_name):
+  """The seed of a test's kill points: $CCDD_TEST_KILL_SEED replays a run, else its name's hash."""
+  if os.environ.get("CCDD_TEST_KILL_SEED"):
+    return int(os.environ["CCDD_TEST_KILL_SEED"])
+  return int.from_bytes(hashlib.sha256(test_name.encode()).digest()[:4], "big")
+
+
+@pytest.mark.slow
+def test_sigkill_in_each_stage_then_rerun_gives_the_uninterrupted_results(
+  tiny_run, tmp_path, request
+):
   reference, key = tiny_run[0], tiny_run[0] / "owner.key"
-  rng = random.Random(int(time.time()))
+  seed = kill_seed(request.node.name)
+  rng = random.Random(seed)
+  print(f"kill points seeded with {seed} (replay: CCDD_TEST_KILL_SEED={seed})")
   killed = tmp_path / "killed"
   for stage, under_way in UNDER_WAY.items():
     proc, log = cli(killed, key)
     while not under_way(killed) and proc.poll() is None:
       time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.5))  # A random point of the stage.
-    assert proc.poll() is None, f"the run ended before the kill in {stage}"
+    delay = rng.uniform(0.0, 0.5)  # A point of the stage, drawn from the seed.
+    print(f"SIGKILL in {stage}, {delay:.3f} s after it was under way")
+    time.sleep(delay)
+    assert proc.poll() is None, f"the run ended before the kill in {stage} (seed {seed})"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
   again, log = cli(killed, key)

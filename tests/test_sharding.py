@@ -16,6 +16,7 @@ from ccdd_jax.devices import sharding
 REPO = conftest.REPO
 
 
+@pytest.mark.slow
 def test_four_simulated_devices_equal_one_for_experts_distillation_and_evaluation():
   # The device count is fixed when JAX starts: a subprocess with 4 CPU devices
   # runs each stage on a mesh of 1 and of 4 and compares (tests/sharding_worker.py).
@@ -65,6 +66,7 @@ def test_distributed_modes(monkeypatch):
   assert sharding.maybe_initialize_distributed("off") is False  # Off wins over a launcher.
 
 
+@pytest.mark.slow
 def test_distributed_on_without_a_cluster_fails_in_one_line():
   # A fresh process: jax.distributed.initialize() must come before any JAX work.
   code = (
@@ -82,6 +84,7 @@ def test_distributed_on_without_a_cluster_fails_in_one_line():
   assert out.stdout.strip() == "CCDDError 0", out.stdout + out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_main_refuses_a_bad_distributed_value_in_one_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   out = subprocess.run(
@@ -96,6 +99,7 @@ def test_main_refuses_a_bad_distributed_value_in_one_line(tmp_path):
   assert not any(tmp_path.iterdir())  # Nothing written.
 
 
+@pytest.mark.slow
 def test_main_refuses_more_devices_than_there_are_in_one_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)

@@ -24,6 +24,9 @@ from benchmarks import torch_mtt  # noqa: E402  (imports torch: after the skip)
 
 TINY = dict(image_size=8, channels=1, num_classes=10, width=8, depth=2)
 
+# The optional PyTorch baseline: several seconds a test (a torch and a JAX program each).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
