@@ -230,6 +230,9 @@ def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_pa
   # as one more compiled trainer.
   a.sets, a.data_drop_fractions, a.data_label_smoothing = "distilled", "0.3", ""
   a.data_clean_model_epochs, a.data_nc_steps, a.data_nc_images = 2, 3, 16
+  # Two cheap ensemble members and short fold models: test_cleansers.py covers the cleansers.
+  a.data_ensemble_models, a.data_ensemble_seeds = "convnet,convnet:none", 1
+  a.data_self_consistency_epochs = 20
   capfd.readouterr()
   pipeline.run(config, str(run), "attacks")
   out, err = capfd.readouterr()
