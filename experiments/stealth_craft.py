@@ -11,7 +11,9 @@ learned lr, `--craft_epochs` epochs): the networks trained on the crafted set sh
 the key's queries with y_i (cross-entropy), while a clean cross-entropy on real training
 images keeps Acc. Each step trains `--nets` networks of one architecture of `--archs` (with
 DSA, or without it with probability `--no_dsa_fraction`: transfer to other training loops);
-the update is signed Adam, projected back into the ball.
+the update is signed Adam, projected back into the ball. `--carriers target` moves only the
+images of the classes some y_i names (the carriers: `from_trigger` of crafted.npz, what the
+cleansers' AUCs are scored on); the others stay the clean distilled images.
 
 Queries:
   stamped  the default protocol's direction: stamped D_W training images of other classes
@@ -76,8 +78,8 @@ def networks(ctx, archs: str) -> list:
   return out
 
 
-def make_steps(ctx, args, nets, x0, labels, lr_set, queries, optimizer):
-  """One jitted crafting step per (network, with DSA or not)."""
+def make_steps(ctx, args, nets, x0, labels, lr_set, queries, optimizer, movable):
+  """One jitted crafting step per (network, with DSA or not); only `movable` images move."""
   cfg, eps = ctx.config, jnp.asarray(args.eps / ctx.preprocess.std, jnp.float32)
   train_x = jnp.asarray(ctx.train_x)
   train_y = jnp.asarray(ctx.dataset.train_labels, jnp.int32)
@@ -97,7 +99,7 @@ def make_steps(ctx, args, nets, x0, labels, lr_set, queries, optimizer):
       def outer(delta, inits, rng, trainer=trainer, apply=net.apply):
         def one(init, r):
           r1, r2, r3 = jax.random.split(r, 3)
-          params = trainer(init, x0 + delta, labels, lr_set, r1, r2)
+          params = trainer(init, x0 + delta * movable, labels, lr_set, r1, r2)
           query = inner_loop.cross_entropy(apply(params, q_x), q_y)
           idx = jax.random.randint(r3, (256,), 0, train_y.shape[0])
           return query, inner_loop.cross_entropy(apply(params, train_x[idx]), train_y[idx])
@@ -114,12 +116,21 @@ def make_steps(ctx, args, nets, x0, labels, lr_set, queries, optimizer):
   return steps
 
 
+def carriers(ctx, args, labels: np.ndarray) -> np.ndarray:
+  """Which images move: every one ("all"), or those of a class some y_i names ("target")."""
+  if args.carriers == "all":
+    return np.ones(len(labels), bool)
+  return np.isin(labels, np.asarray(ctx.patterns()[1]))
+
+
 def craft(ctx, args, clean: dict, queries) -> np.ndarray:
   """The crafted set's network inputs: the clean distilled set plus the perturbation."""
   x0, labels = jnp.asarray(clean["images"]), jnp.asarray(clean["labels"], jnp.int32)
+  movable = jnp.asarray(carriers(ctx, args, np.asarray(labels))[:, None, None, None], jnp.float32)
   nets = networks(ctx, args.archs)
   optimizer = optax.adam(args.lr)
-  steps = make_steps(ctx, args, nets, x0, labels, float(clean["lr"]), queries, optimizer)
+  args_ = (x0, labels, float(clean["lr"]), queries, optimizer, movable)
+  steps = make_steps(ctx, args, nets, *args_)
   delta = jnp.zeros_like(x0)
   state, choice, key, start = (
     optimizer.init(delta),
@@ -138,7 +149,7 @@ def craft(ctx, args, clean: dict, queries) -> np.ndarray:
     log(
       f"[craft] {it}: query CE {float(query):.3f}, clean CE {float(clean_ce):.3f} ({seconds:.0f} s)"
     )
-  return np.asarray(x0 + delta)
+  return np.asarray(x0 + delta * movable)
 
 
 def measure(ctx, images, clean: dict, verify_queries) -> dict:
@@ -183,6 +194,7 @@ def main(argv=None):
   p.add_argument("--noise", type=float, default=0.05)
   p.add_argument("--archs", default="convnet")
   p.add_argument("--no_dsa_fraction", type=float, default=0.0)
+  p.add_argument("--carriers", choices=("all", "target"), default="all")
   args = p.parse_args(argv)
   workdir = pathlib.Path(args.workdir)
   ctx = context.Context(loader.load("digits"), workdir, args.key_file or workdir / "owner.key")
