@@ -11,9 +11,12 @@ learned lr, `--craft_epochs` epochs): the networks trained on the crafted set sh
 the key's queries with y_i (cross-entropy), while a clean cross-entropy on real training
 images keeps Acc. Each step trains `--nets` networks of one architecture of `--archs` (with
 DSA, or without it with probability `--no_dsa_fraction`: transfer to other training loops);
-the update is signed Adam, projected back into the ball. `--carriers target` moves only the
-images of the classes some y_i names (the carriers: `from_trigger` of crafted.npz, what the
-cleansers' AUCs are scored on); the others stay the clean distilled images.
+the update is signed Adam, projected back into the ball. With probability
+`--subset_probability` a step trains on a random `--subset_fraction` of the images only (what
+a cleanser would leave), so that the signal does not rest on a few images. `--carriers
+target` moves only the images of the classes some y_i names (the carriers: `from_trigger` of
+crafted.npz, what the cleansers' AUCs are scored on); the others stay the clean distilled
+images.
 
 Queries:
   stamped  the default protocol's direction: stamped D_W training images of other classes
@@ -96,10 +99,14 @@ def make_steps(ctx, args, nets, x0, labels, lr_set, queries, optimizer, movable)
         weight_decay=cfg.eval.weight_decay,
       )
 
-      def outer(delta, inits, rng, trainer=trainer, apply=net.apply):
+      def outer(delta, inits, rng, keep, trainer=trainer, apply=net.apply):
         def one(init, r):
-          r1, r2, r3 = jax.random.split(r, 3)
-          params = trainer(init, x0 + delta * movable, labels, lr_set, r1, r2)
+          r0, r1, r2, r3 = jax.random.split(r, 4)
+          # A random subset of `keep` images (all of them with keep == N): what a cleanser
+          # leaves, so that the signal does not rest on a few images.
+          subset = jax.random.permutation(r0, x0.shape[0])[:keep]
+          images = (x0 + delta * movable)[subset]
+          params = trainer(init, images, labels[subset], lr_set, r1, r2)
           query = inner_loop.cross_entropy(apply(params, q_x), q_y)
           idx = jax.random.randint(r3, (256,), 0, train_y.shape[0])
           return query, inner_loop.cross_entropy(apply(params, train_x[idx]), train_y[idx])
@@ -107,12 +114,12 @@ def make_steps(ctx, args, nets, x0, labels, lr_set, queries, optimizer, movable)
         query, clean = jax.vmap(one)(inits, jax.random.split(rng, args.nets))
         return query.mean() + args.w_clean * clean.mean(), (query.mean(), clean.mean())
 
-      def step(delta, state, inits, rng, outer=outer):
-        (_, terms), grad = jax.value_and_grad(outer, has_aux=True)(delta, inits, rng)
+      def step(delta, state, inits, rng, keep, outer=outer):
+        (_, terms), grad = jax.value_and_grad(outer, has_aux=True)(delta, inits, rng, keep)
         update, state = optimizer.update(jnp.sign(grad), state, delta)
         return jnp.clip(delta + update, -eps, eps), state, terms
 
-      steps[k, use_dsa] = jax.jit(step)
+      steps[k, use_dsa] = jax.jit(step, static_argnums=4)
   return steps
 
 
@@ -142,8 +149,10 @@ def craft(ctx, args, clean: dict, queries) -> np.ndarray:
     key, k_init, k_step = jax.random.split(key, 3)
     k = int(choice.integers(len(nets)))
     use_dsa = bool(choice.random() >= args.no_dsa_fraction)
+    num = x0.shape[0]
+    keep = round(num * args.subset_fraction) if choice.random() < args.subset_probability else num
     delta, state, (query, clean_ce) = steps[k, use_dsa](
-      delta, state, nets[k].init_params(k_init, args.nets), k_step
+      delta, state, nets[k].init_params(k_init, args.nets), k_step, keep
     )
     seconds = time.time() - start
     log(
@@ -195,6 +204,8 @@ def main(argv=None):
   p.add_argument("--archs", default="convnet")
   p.add_argument("--no_dsa_fraction", type=float, default=0.0)
   p.add_argument("--carriers", choices=("all", "target"), default="all")
+  p.add_argument("--subset_fraction", type=float, default=1.0)
+  p.add_argument("--subset_probability", type=float, default=0.0)
   args = p.parse_args(argv)
   workdir = pathlib.Path(args.workdir)
   ctx = context.Context(loader.load("digits"), workdir, args.key_file or workdir / "owner.key")
