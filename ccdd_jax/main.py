@@ -16,11 +16,21 @@ r"""Runs the CCDD pipeline: python -m ccdd_jax.main --workdir runs/demo [--stage
                     0 = every device of every process); see devices/sharding.py
 --distributed auto|on|off  jax.distributed.initialize() before any other JAX
                     work: auto = when launched by Slurm, Open MPI or on a TPU
-                    pod (launch/README.md); only process 0 writes files
+                    pod, or given the flags below (launch/README.md); only
+                    process 0 writes files
+--coordinator_address HOST:PORT --num_processes N --process_id I
+                    a multi-process run by hand (e.g. two processes on one
+                    machine); they win over what a launcher says
+--join_timeout S (300)  every process must join within S seconds
+--heartbeat_timeout S (60)  a process silent for S seconds is dead: the others
+                    stop with one line (devices/supervisor.py, devices/hosts.py)
+--dry_run  print the command line and what would reach
+           jax.distributed.initialize as one JSON line, and exit (no JAX)
 """
 
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -30,11 +40,21 @@ from ccdd_jax.config import loader as config_loader
 from ccdd_jax.run import stages
 
 
-def one_line_exit(error: Exception) -> None:
-  """Prints an error as one line and exits 1 (no traceback for users' mistakes)."""
+def one_line_exit(error: Exception, before_exit=None) -> None:
+  """Prints an error as one line, calls `before_exit`, exits 1 (no traceback: users' mistakes)."""
   message = " ".join(str(error).replace("\\n", " ").split())
-  print(f"error: {message}", file=sys.stderr)
+  close_progress_bars()
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  if before_exit is not None:
+    before_exit()
   sys.exit(1)
+
+
+def close_progress_bars() -> None:
+  """Clears an unfinished progress bar, so that what follows starts its own line."""
+  bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
+  for bar in list(getattr(bars, "_instances", ())):
+    bar.close()
 
 
 def config_error_exit(argv: list[str], error: Exception) -> None:
@@ -97,6 +117,20 @@ _DISTRIBUTED = flags.DEFINE_string(
   "auto",
   "auto | on | off: call jax.distributed.initialize() (auto: under Slurm, Open MPI, TPU pods).",
 )
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "HOST:PORT of process 0 in a multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to N - 1.")
+_JOIN_TIMEOUT = flags.DEFINE_integer(
+  "join_timeout", None, "Seconds every process has to join a multi-process run (300)."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+  "heartbeat_timeout", None, "Seconds after which a silent process is dead (60)."
+)
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run", False, "Print the command line and jax.distributed's arguments as JSON; exit."
+)
 _COMMITMENT = flags.DEFINE_string(
   "commitment", None, "A published key commitment (owner.commitment); other keys are refused."
 )
@@ -105,18 +139,31 @@ _COMMITMENT = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from ccdd_jax.devices import sharding  # Imported late: flags first, then jax.
-
-  try:  # Before any other JAX work.
-    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
-  except CCDDError as e:
-    one_line_exit(e)
-  from ccdd_jax.method import verify
-  from ccdd_jax.run import blackbox
-  from ccdd_jax.run import pipeline
-  from ccdd_jax.run import reporting
+  from ccdd_jax.devices import hosts  # No JAX in the dry run and the supervisor.
+  from ccdd_jax.devices import supervisor
 
   try:
+    ids = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    waits = (_JOIN_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
+    settings = hosts.resolve(_DISTRIBUTED.value, *ids, *waits)
+  except CCDDError as e:
+    one_line_exit(e)
+  if _DRY_RUN.value:
+    print(hosts.dry_run_line(settings))
+  elif settings is not None and not supervisor.supervised():
+    sys.exit(supervisor.run(settings))  # This command as its child: JAX's fatal errors in one line.
+  else:
+    run_stages(settings)
+
+
+def run_stages(settings) -> None:
+  """jax.distributed (for `settings`), then the stage(s); prints the result."""
+  from ccdd_jax.devices import sharding  # Imported late: flags first, then jax.
+
+  try:
+    sharding.initialize_distributed(settings)  # Before any other JAX work.
+    from ccdd_jax.run import pipeline
+
     config = config_loader.materialize(_CONFIG, flags.FLAGS["config"].serialize().split("=", 1)[-1])
     if _NUM_DEVICES.value is not None:
       config.num_devices = _NUM_DEVICES.value
@@ -130,15 +177,41 @@ def main(argv):
       fresh=_FRESH.value,
     )
   except CCDDError as e:
-    one_line_exit(e)
+    one_line_exit(e, sharding.shutdown_distributed)
+  except Exception as e:  # In a multi-process run: one line when another process is gone.
+    if not sharding.multi_process():
+      raise
+    close_progress_bars()
+    if why := sharding.peer_failure(e):
+      print(f"error: {why}", file=sys.stderr)
+    else:
+      traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # Not waiting at the shutdown barrier for a process that is gone.
+  print_result(report, sharding.is_writer())
+  sharding.shutdown_distributed()
+
+
+def print_result(report: dict, wrote: bool = True) -> None:
+  """What a finished stage prints: the verdict, the queries written, or the report
+  (the files "wrote" names only where this process wrote them: process 0)."""
+  from ccdd_jax.method import verify
+  from ccdd_jax.run import blackbox
+  from ccdd_jax.run import reporting
+
   if _PREDICTIONS.value:
     print(verify.verdict_line(report))
-    print(f"wrote {os.path.join(_WORKDIR.value, blackbox.RESULT_FILE)}")
+    written = os.path.join(_WORKDIR.value, blackbox.RESULT_FILE)
   elif _STAGE.value == "queries":
-    print(f"wrote {report['path']} ({report['n_queries']} queries)")
+    written = f"{report['path']} ({report['n_queries']} queries)"
   elif _STAGE.value in ("all", "verify", "attacks"):
     print(reporting.report_markdown(report))
-    print(f"wrote {os.path.join(_WORKDIR.value, 'report.md')}")
+    written = os.path.join(_WORKDIR.value, "report.md")
+  else:
+    return
+  if wrote:
+    print(f"wrote {written}")
 
 
 def parse_flags(argv):

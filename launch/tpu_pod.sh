@@ -10,6 +10,11 @@
 # jax[tpu]), and WORKDIR (and DATA, if any) on a file system mounted at the
 # same path on every worker (Filestore NFS or a gcsfuse mount): TPU VMs do not
 # share disks, and every process reads the checkpoints.
+#
+# DRY_RUN=1 runs the same commands on the workers with --dry_run: each prints
+# its command line and what reaches jax.distributed.initialize (one JSON line;
+# from TPU_WORKER_HOSTNAMES / TPU_WORKER_ID where the workers set them, else
+# JAX's own detection from the TPU metadata); no JAX starts, nothing is written.
 set -euo pipefail
 : "${TPU:?set TPU to the name of the pod}"
 : "${ZONE:?set ZONE to its zone}"
@@ -21,8 +26,12 @@ DATA_FLAG=""
 if [[ -n "${DATA:-}" ]]; then
   DATA_FLAG="--config.data.root=$DATA"
 fi
+DRY=""
+if [[ -n "${DRY_RUN:-}" ]]; then
+  DRY="--dry_run"
+fi
 COMMON="cd $REMOTE_DIR && PYTHONPATH=\$PWD python -m ccdd_jax.main --workdir $WORKDIR \
---config $CONFIG $DATA_FLAG $EXTRA"
+--config $CONFIG $DATA_FLAG $EXTRA $DRY"
 run_on() {
   gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker="$1" --command "$2"
 }
@@ -31,5 +40,8 @@ run_on() {
 run_on 0 "test -f $WORKDIR/owner.key || (export JAX_PLATFORMS=cpu; $COMMON --stage=keygen \
 --distributed=off)"
 # 2. Every stage on every worker at once. Rerunning resumes where a run stopped.
+#    A worker that dies stops the others within --heartbeat_timeout (60 s).
 run_on all "$COMMON --distributed=on"
-echo "results in $WORKDIR on the shared mount (written by process 0, worker 0)"
+if [[ -z "${DRY_RUN:-}" ]]; then
+  echo "results in $WORKDIR on the shared mount (written by process 0, worker 0)"
+fi

@@ -109,6 +109,10 @@ def _experts() -> ml_collections.ConfigDict:
   c.fp_normal_last_epochs = 0
   # Experts per vmapped program (0 = all): it sets the float rounding, and memory grows with it.
   c.group_size = 0
+  # TensorBoard (run/tensorboard.py): the experts' Acc and Acc_W every this many epochs
+  # too; 0 = the last epoch's only, which experts.json measures anyway (each measurement
+  # costs about 2 epochs of digits' experts). Never changes a result.
+  c.tensorboard_every = 0
   return c
 
 
@@ -186,6 +190,9 @@ def _distill() -> ml_collections.ConfigDict:
   # saved every this many iterations (Orbax, <workdir>/resume/); 0 = only at the end.
   # Checkpoints never change a result; a non-finite loss is caught at each one.
   c.checkpoint_every = 50
+  # TensorBoard (<workdir>/tensorboard/, run/tensorboard.py): the set's images every this
+  # many iterations and at the last (0 = never). Never changes a result.
+  c.tensorboard_images_every = 100
   return c
 
 

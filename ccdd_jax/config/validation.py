@@ -68,6 +68,9 @@ def _validate_sizes(config: ml_collections.ConfigDict) -> None:
   )
   require(e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and epochs must be >= 1")
   require(e.group_size >= 0, f"experts.group_size = {e.group_size} must be >= 0 (0 = all)")
+  require(
+    e.tensorboard_every >= 0, f"experts.tensorboard_every = {e.tensorboard_every} must be >= 0"
+  )
   require(config.concurrency >= 0, f"concurrency = {config.concurrency} must be >= 0 (0 = auto)")
   require(config.num_devices >= 0, f"num_devices = {config.num_devices} must be >= 0 (0 = all)")
   require(w.n_patterns >= 1, f"watermark.n_patterns = {w.n_patterns} must be >= 1")
@@ -82,6 +85,8 @@ def _validate_sizes(config: ml_collections.ConfigDict) -> None:
     f"watermark.patch_size = {w.patch_size} exceeds data.image_size = {config.data.image_size}",
   )
   require(d.checkpoint_every >= 0, f"distill.checkpoint_every = {d.checkpoint_every} must be >= 0")
+  images = d.tensorboard_images_every
+  require(images >= 0, f"distill.tensorboard_images_every = {images} must be >= 0")
   require(0.0 < w.alpha < 1.0, f"watermark.alpha = {w.alpha} must be in (0, 1)")
   require(v.num_seeds >= 1 and v.epochs >= 1, "eval.num_seeds and eval.epochs must be >= 1")
 

@@ -14,15 +14,18 @@ computation exactly as it was: the same programs, bit for bit. With more,
 results equal the one-device ones to float32 rounding (reductions are summed
 in another order), which tests/test_sharding.py checks on simulated devices.
 
-Multi-host runs call `jax.distributed.initialize()` first: auto-detected on
-Slurm, TPU pods and Open MPI (`maybe_initialize_distributed("auto")`), or
-forced with `--distributed=on`. Only process 0 writes files (`is_writer`);
-`barrier` keeps the processes in step between stages. docs/scaling.md has
-the measured figures; launch/ the launch scripts.
+Multi-process runs call `jax.distributed.initialize()` first
+(`initialize_distributed`, with the `hosts.Settings` of --distributed and
+--coordinator_address / --num_processes / --process_id, or of Slurm, Open MPI
+or a TPU pod; CPU collectives over gloo), then check that every process has
+the same key and flags (`check_same_run`). Only process 0 writes files
+(`is_writer`); `barrier` keeps the processes in step between stages.
+docs/scaling.md has the measured figures; launch/ the launch scripts.
 """
 
+import hashlib
 import math
-import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -32,45 +35,108 @@ from jax.sharding import PartitionSpec
 import numpy as np
 
 from ccdd_jax import CCDDError
+from ccdd_jax.devices import hosts
 
 AXIS = "devices"
 
-# Environment variables that a multi-process launcher sets, and the count they carry.
-_LAUNCHERS = {
-  "Slurm": "SLURM_NTASKS",
-  "Open MPI": "OMPI_COMM_WORLD_SIZE",
-}
+detected_launcher = hosts.detected_launcher
 
 
-def detected_launcher() -> str | None:
-  """The multi-process launcher this process runs under, if any (Slurm, Open MPI, TPU pod)."""
-  for name, variable in _LAUNCHERS.items():
-    if int(os.environ.get(variable, "1") or "1") > 1:
-      return name
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if len([h for h in hosts.split(",") if h.strip()]) > 1:
-    return "TPU pod"
-  return None
+def initialize_distributed(settings: hosts.Settings | None) -> bool:
+  """`jax.distributed.initialize(**settings.initialize_kwargs())`, CPU collectives over gloo.
+
+  Returns whether this is a multi-process run (None: one process, nothing to
+  do). Must run before any other JAX call. Then every process checks that all
+  were started with the same process count (one-line CCDDError on each otherwise).
+  """
+  if settings is None:
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**settings.initialize_kwargs())
+  except Exception as e:  # JAX raises assorted types when the cluster is not reachable.
+    lines = str(e).strip().splitlines()
+    busy = "Failed to start RPC server" in str(e)  # Process 0 could not listen on the port.
+    raise CCDDError(
+      f"jax.distributed.initialize() failed ({settings.source}): "
+      f"{lines[0] if lines else type(e).__name__}"
+      + (f" (is {settings.coordinator_address} this host, its port free?)" if busy else "")
+    ) from e
+  _agree(["process counts"], [str(settings.num_processes or jax.process_count())])
+  return multi_process()
 
 
 def maybe_initialize_distributed(mode: str) -> bool:
-  """Calls `jax.distributed.initialize()` for mode "on", or for "auto" under a launcher.
+  """`initialize_distributed` for --distributed=`mode` and the launcher's environment alone."""
+  return initialize_distributed(hosts.resolve(mode))
 
-  Returns whether this is a multi-process run. Must run before any other JAX call.
-  """
-  if mode not in ("auto", "on", "off"):
-    raise CCDDError(f"--distributed={mode!r}: use auto, on or off")
-  if mode == "off" or (mode == "auto" and detected_launcher() is None):
-    return False
-  try:
-    jax.distributed.initialize()
-  except Exception as e:  # JAX raises assorted types when the cluster is not reachable.
-    lines = str(e).strip().splitlines()
+
+def shutdown_distributed() -> None:
+  """Leaves the run (all processes wait for each other, at most the heartbeat timeout)."""
+  if jax.distributed.is_initialized():
+    jax.distributed.shutdown()
+
+
+def _digests(values: list[str | bytes | None]) -> np.ndarray:
+  """[len(values), 32] uint8 SHA-256 digests; zeros for None (absent)."""
+  rows = [
+    np.zeros(32, np.uint8)
+    if v is None
+    else np.frombuffer(hashlib.sha256(v if isinstance(v, bytes) else v.encode()).digest(), np.uint8)
+    for v in values
+  ]
+  return np.stack(rows)
+
+
+def _gather(values: list[str | bytes | None]) -> np.ndarray:
+  """[processes, len(values), 32]: every process's digests of its `values`."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return np.asarray(multihost_utils.process_allgather(_digests(values), tiled=False))
+
+
+def _agree(names: list[str], values: list[str | bytes]) -> None:
+  """A one-line CCDDError on every process unless all processes hold the same `values`."""
+  table = _gather(values)
+  for j, name in enumerate(names):
+    odd = [p for p in range(len(table)) if not np.array_equal(table[p, j], table[0, j])]
+    if odd:
+      raise CCDDError(
+        f"the {len(table)} processes were started with different {name} (process {odd[0]} "
+        "differs from process 0): start every process with the same flags"
+      )
+
+
+def check_same_run(key_file: pathlib.Path, **facts: str) -> None:
+  """In a multi-process run: a one-line CCDDError on every process unless each has
+  `key_file` holding the same key, and the same `facts` (the config, the stage, ...)."""
+  if not multi_process():
+    return
+  key_file = pathlib.Path(key_file)
+  table = _gather([key_file.read_bytes() if key_file.is_file() else None])
+  n, missing = len(table), [p for p in range(len(table)) if not table[p, 0].any()]
+  how = "make it first with one process (--stage=keygen --distributed=off), launch/README.md"
+  if jax.process_index() in missing:
+    raise CCDDError(f"no key file at {key_file}: a run of {n} processes reads one key; {how}")
+  if missing:
     raise CCDDError(
-      f"jax.distributed.initialize() failed ({detected_launcher() or 'forced'}): "
-      f"{lines[0] if lines else type(e).__name__}"
-    ) from e
-  return jax.process_count() > 1
+      f"process {missing[0]} of {n} has no key file (its --key_file or <workdir>/owner.key): "
+      f"every process reads the same key; {how}"
+    )
+  _agree(["keys", *facts], [key_file.read_bytes(), *facts.values()])
+
+
+def peer_failure(error: BaseException) -> str | None:
+  """How an exception says that another process of the run is gone (None if it does not)."""
+  text = str(error).strip()
+  signs = ("Gloo", "Connection closed by peer", "Connection reset by peer", "UNAVAILABLE")
+  if not multi_process() or not any(sign in text for sign in signs):
+    return None
+  first = text.splitlines()[0] if text else type(error).__name__
+  return (
+    f"process {jax.process_index()} of {jax.process_count()}: another process of this run "
+    f"stopped ({first[:200]}); this one stops too"
+  )
 
 
 def multi_process() -> bool:

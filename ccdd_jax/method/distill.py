@@ -360,6 +360,7 @@ def distill(
   store: Any = None,
   mesh: Any = None,
   label_logits: np.ndarray | None = None,
+  monitor: Callable[[int, jax.Array, dict], None] | None = None,
 ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
   """Runs all distillation iterations; returns images, learned lr, history [it, 4], label logits.
 
@@ -379,6 +380,7 @@ def distill(
   put there while the previous iteration runs. With a `mesh` of several
   devices the state is replicated and each student step's minibatch split
   over the devices (make_meta_loss); the synthetic minibatch must split evenly.
+  `monitor(it, history row, state)` sees device arrays; the next step donates `state`.
   """
   needed = trajectory_pairs.trajectory_epochs(distill_config) - 1
   available = trajectories[0].shape[1] - 1
@@ -414,6 +416,8 @@ def distill(
     losses.append(loss)
     if progress is not None:
       progress(it, loss[0])  # A device scalar: the callback decides when to fetch it.
+    if monitor is not None:
+      monitor(it, loss, state)  # It copies what it keeps and fetches in batches.
     if store is not None and ((every and (it + 1) % every == 0) or it + 1 == len(rngs)):
       _check_finite(losses, checked, store)
       store.save(it + 1, _saved(state, losses, rng))

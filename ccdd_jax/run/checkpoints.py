@@ -225,14 +225,16 @@ def save_trajectory(
     },
     name,
   )
-  if expert_dir.exists():
-    if not overwrite:
-      raise ValueError(
-        f"trajectory for expert {name} already exists in {expert_dir}: "
-        "delete it or save with overwrite=True"
-      )
-    shutil.rmtree(expert_dir)
-  expert_dir.mkdir(parents=True)
+  if expert_dir.exists() and not overwrite:
+    raise ValueError(
+      f"trajectory for expert {name} already exists in {expert_dir}: "
+      "delete it or save with overwrite=True"
+    )
+  sharding.barrier(f"ccdd checked {name}")  # Every process looked before process 0 replaces it.
+  if sharding.is_writer():
+    shutil.rmtree(expert_dir, ignore_errors=True)
+    expert_dir.mkdir(parents=True)
+  sharding.barrier(f"ccdd made {name}")
   item = {_epoch_key(e): params for e, params in enumerate(epochs)}
   ckptr = _checkpointer()
   try:
@@ -426,9 +428,10 @@ def load_flat_trajectories(root: PathLike, kind: str, like: PyTree, epochs: int)
 def save_networks(path: PathLike, stacked_params: PyTree) -> None:
   """Saves stacked evaluation networks (leading axis = seeds) as one Orbax checkpoint."""
   path = pathlib.Path(path)
-  if path.exists():
-    shutil.rmtree(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  if sharding.is_writer():  # Orbax writes the checkpoint from every process itself.
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+  sharding.barrier(f"ccdd cleared {path.name} networks")
   _quiet_orbax()
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path.absolute(), stacked_params)

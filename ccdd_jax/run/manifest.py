@@ -38,6 +38,8 @@ IGNORED = (
   "data.cache_dir",
   "data.tfds_data_dir",
   "distill.checkpoint_every",
+  "distill.tensorboard_images_every",
+  "experts.tensorboard_every",
 )
 
 

@@ -30,11 +30,13 @@ from ccdd_jax.method import watermark
 from ccdd_jax.run import blackbox
 from ccdd_jax.run import checkpoints
 from ccdd_jax.run import context
+from ccdd_jax.run import lock as run_lock
 from ccdd_jax.run import manifest
 from ccdd_jax.run import reporting
 from ccdd_jax.run import resume
 from ccdd_jax.run import sets
 from ccdd_jax.run import stages
+from ccdd_jax.run import tensorboard
 from ccdd_jax.run import workdir as workdir_lib
 from ccdd_jax.threats import data_suite
 from ccdd_jax.threats import suite
@@ -69,6 +71,7 @@ def stage_experts(ctx: Context) -> dict:
   inputs, num_wm = ctx.expert_inputs, len(ctx.watermark_set[1])
   args = (ctx.fingerprint("experts"), ctx.net.like_params(), e.num_experts, e.epochs)
   store = resume.ExpertStore(ctx.workdir, *args, ctx.accuracy_and_acc_w)
+  store = tensorboard.watch_experts(store, ctx.workdir, ctx.accuracy_and_acc_w, e.tensorboard_every)
   if done := store.describe(e.num_experts):
     log(f"[experts] resuming: {done}")
   kinds = embedding.expert_kinds(cfg.distill)  # Clean only for the "appended" embedding.
@@ -189,6 +192,7 @@ def stage_attacks(ctx: Context) -> dict:
   return result
 
 
+@run_lock.released_at_return
 def run(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -208,10 +212,15 @@ def run(
   if predictions and stage != "verify":
     raise CCDDError("--predictions goes with --stage=verify")
   validation.validate(config)
+  key_path = pathlib.Path(key_file) if key_file else pathlib.Path(workdir) / "owner.key"
+  # Several processes: each must read the same key, with the same flags; before any write.
+  facts = {"configs": config.to_json_best_effort(sort_keys=True), "stages": stage}
+  sharding.check_same_run(key_path, **facts, **{"--fresh flags": str(fresh)})
   workdir = workdir_lib.prepare(workdir)
-  if fresh and (removed := workdir_lib.clear_outputs(workdir)):
+  run_lock.hold(workdir, stage)  # One run per workdir (run.lock) from here; before any write.
+  if fresh and sharding.is_writer() and (removed := workdir_lib.clear_outputs(workdir)):
     log(f"--fresh: removed {', '.join(removed)} from {workdir}")
-  key_path = pathlib.Path(key_file) if key_file else workdir / "owner.key"
+  sharding.barrier("ccdd start")  # The others read the workdir once process 0 made and cleared it.
   if (stage not in ("all", "keygen") or sharding.multi_process()) and not key_path.exists():
     raise CCDDError(f"no key file at {key_path}: run --stage=keygen first or pass --key_file")
   blackbox.check_commitment(commitment, key_path)
@@ -227,6 +236,7 @@ def run(
       manifest.write(workdir, ctx.fields())
     function = globals()[f"stage_{name}"]  # Every row of stages.TABLE has one.
     result = verify_predictions(ctx, predictions) if predictions else function(ctx)
+    tensorboard.stage_done(workdir, name, None if predictions else result)
     sharding.barrier(f"ccdd stage {name}")  # Process 0's files are written (sharding.is_writer).
     timings[name] = time.time() - start
     reporting.write_json(workdir / "timings.json", timings)

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ccdd_jax import CCDDError
+from ccdd_jax.devices import sharding
 from ccdd_jax.method import distill
 from ccdd_jax.method import evaluate
 from ccdd_jax.method.experts import KINDS
@@ -44,11 +45,12 @@ def stage_dir(workdir: pathlib.Path, stage: str, fingerprint: str) -> tuple[path
   path = workdir_lib.resume_dir(workdir, stage)
   tag = path / FINGERPRINT_FILE
   kept = tag.is_file() and tag.read_text().strip() == fingerprint
-  if path.exists() and not kept:
-    shutil.rmtree(path)
-  if not kept:
+  sharding.barrier(f"ccdd read {stage} state")  # Every process read the tag before it changes.
+  if sharding.is_writer() and not kept:
+    shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     reporting.write_text(tag, fingerprint + "\n")
+  sharding.barrier(f"ccdd made {stage} state")
   return path, kept
 
 
@@ -108,8 +110,9 @@ class ExpertStore:
     self.lock = threading.Lock()
     for kind in KINDS:  # Experts of another config (or beyond num_experts) are dropped.
       for i in checkpoints.list_experts(self.root, kind):
-        if not kept or i >= num_experts or not self._current(kind, i):
+        if (not kept or i >= num_experts or not self._current(kind, i)) and sharding.is_writer():
           shutil.rmtree(self.root / kind / f"{i:04d}")
+    sharding.barrier("ccdd dropped experts")
 
   def _current(self, kind: str, index: int) -> bool:
     meta = checkpoints.read_meta(self.root, kind, index)
@@ -158,7 +161,9 @@ class ExpertStore:
         {"test_acc": a, "acc_w": w, "fingerprint": self.fingerprint} for a, w in zip(acc, acc_w)
       ]
       checkpoints.save_stacked(self.root, kind, trajectory, start, meta, overwrite=True)
-      shutil.rmtree(self._group_dir(kind, start), ignore_errors=True)
+      if sharding.is_writer():
+        shutil.rmtree(self._group_dir(kind, start), ignore_errors=True)
+      sharding.barrier(f"ccdd finished {kind} {start}")  # The others read its meta.json next.
 
   def final_params(self, kind: str) -> Any:
     """The last epoch of every saved expert of `kind`, stacked."""
@@ -251,6 +256,8 @@ def drop_stale(workdir: pathlib.Path, before: str) -> None:
   """After distilling: if the sets changed, drops what was measured on the old ones."""
   if sets_digest(workdir) == before:
     return  # Resumed from finished states: the same sets, bit for bit.
+  if not sharding.is_writer():
+    return  # Process 0 deletes; the next stage reads after pipeline.run's barrier.
   for stale in ("evaluation.json", "verification.json", "attacks.json"):
     (pathlib.Path(workdir) / stale).unlink(missing_ok=True)
   shutil.rmtree(workdir_lib.resume_dir(workdir, "evaluate"), ignore_errors=True)

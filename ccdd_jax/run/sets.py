@@ -21,6 +21,7 @@ from ccdd_jax.method import watermark
 from ccdd_jax.run import context
 from ccdd_jax.run import reporting
 from ccdd_jax.run import resume
+from ccdd_jax.run import tensorboard
 from ccdd_jax.run import workdir as workdir_lib
 
 
@@ -63,6 +64,9 @@ def distill_set(
     store,
     ctx.mesh,
     label_logits=init_logits,
+    monitor=tensorboard.distill_monitor(
+      ctx.workdir, name, set_cfg, ctx.preprocess.to_pixels, labels, from_trigger
+    ),
   )
   arrays = (images, labels, lr, from_trigger, losses, label_logits)
   return save(ctx, name, set_cfg, arrays, start)

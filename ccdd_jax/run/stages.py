@@ -83,8 +83,9 @@ TABLE = (
 
 NAMES = tuple(stage.name for stage in TABLE)
 IN_ALL = tuple(stage.name for stage in TABLE if stage.in_all)
-# What every stage keeps beside its outputs: resume state, the manifest, the timings.
-BOOKKEEPING = ("resume", "manifest.json", "timings.json")
+# What every stage keeps beside its outputs: resume state, the manifest, the timings, the
+# TensorBoard event files (tensorboard.py). Never run.lock: --fresh runs under it (lock.py).
+BOOKKEEPING = ("resume", "manifest.json", "timings.json", "tensorboard")
 # Everything --fresh removes (never the key file).
 OUTPUTS = BOOKKEEPING + tuple(entry for stage in TABLE for entry in stage.writes)
 

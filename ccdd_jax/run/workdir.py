@@ -14,6 +14,8 @@ attacks_data.png                its attacks on the distilled data (threats/data_
 *.json, report.md, *.png        figures and pictures (reporting.py)
 manifest.json                   the config and key the outputs were made with (manifest.py)
 resume/<stage>/                 in-progress state of experts, distill, evaluate (resume.py)
+tensorboard/<run>/              TensorBoard event files of each stage (tensorboard.py)
+run.lock                        the running run's host, pid and start (lock.py; not an output)
 """
 
 import os
@@ -30,8 +32,10 @@ from ccdd_jax.run import stages
 
 
 def prepare(workdir: str | os.PathLike) -> pathlib.Path:
-  """Creates the workdir, or fails in one line when it cannot be written."""
+  """Creates the workdir, or fails in one line when it cannot be written (process 0 only)."""
   path = pathlib.Path(workdir)
+  if not sharding.is_writer():
+    return path  # The others read it after pipeline.run's first barrier.
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -92,6 +96,7 @@ def save_distilled(
   """
   path = pathlib.Path(workdir) / f"{name}.npz"
   if not sharding.is_writer():  # Process 0 writes; the others computed the same set.
+    sharding.barrier(f"ccdd saved {name}")
     return path
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   with open(tmp, "wb") as f:
@@ -107,6 +112,7 @@ def save_distilled(
       **({} if label_logits is None else {"label_logits": np.asarray(label_logits, np.float32)}),
     )
   os.replace(tmp, path)
+  sharding.barrier(f"ccdd saved {name}")  # Read back at once (the "appended" set, the digest).
   return path
 
 
