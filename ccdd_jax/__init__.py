@@ -9,8 +9,22 @@ dtype, an unknown internal option, a function called out of order) raises
 `ValueError` or `TypeError`, with a traceback, as any Python library does.
 Config values are validated up front (`settings.validate`), so a user's bad
 value is reported as a CCDDError before it can reach an API check.
+`Preempted` is no error: a run stopped by a signal with its state saved.
 """
 
 
 class CCDDError(Exception):
   """A user-facing error; `main` prints its one-line message and exits 1."""
+
+
+class Preempted(Exception):
+  """A stage stopped by SIGTERM or SIGINT at a step boundary, its state saved there.
+
+  `point` says where in the stage ("at iteration 37 of 200"; "" between stages);
+  the run fills in `stage` and `signal`. `python -m ccdd_jax.main` logs one line
+  and exits with run/preemption.py's EXIT_CODE, not 1: nothing is wrong, rerun to resume.
+  """
+
+  def __init__(self, point: str, stage: str | None = None):
+    super().__init__(point)
+    self.point, self.stage, self.signal = point, stage, None

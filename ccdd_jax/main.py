@@ -26,6 +26,10 @@ r"""Runs the CCDD pipeline: python -m ccdd_jax.main --workdir runs/demo [--stage
                     stop with one line (devices/supervisor.py, devices/hosts.py)
 --dry_run  print the command line and what would reach
            jax.distributed.initialize as one JSON line, and exit (no JAX)
+
+Exit status: 0 done; 1 an error (one `error: ...` line); run/preemption.py's
+EXIT_CODE: stopped by SIGTERM or SIGINT with the state saved (one line says
+where; the same command resumes).
 """
 
 import os
@@ -36,6 +40,7 @@ from absl import app
 from absl import flags
 
 from ccdd_jax import CCDDError
+from ccdd_jax import Preempted
 from ccdd_jax.config import loader as config_loader
 from ccdd_jax.run import stages
 
@@ -51,10 +56,12 @@ def one_line_exit(error: Exception, before_exit=None) -> None:
 
 
 def close_progress_bars() -> None:
-  """Clears an unfinished progress bar, so that what follows starts its own line."""
-  bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
-  for bar in list(getattr(bars, "_instances", ())):
+  """Clears unfinished progress bars, so that what follows starts its own line."""
+  bars = list(getattr(getattr(sys.modules.get("tqdm.std"), "tqdm", None), "_instances", ()))
+  for bar in bars:
     bar.close()
+  if len(bars) > 1:  # Closing stacked bars ends with a cursor-up escape: start a fresh line.
+    print(file=sys.stderr, flush=True)
 
 
 def config_error_exit(argv: list[str], error: Exception) -> None:
@@ -178,6 +185,13 @@ def run_stages(settings) -> None:
     )
   except CCDDError as e:
     one_line_exit(e, sharding.shutdown_distributed)
+  except Preempted as stopped:  # Not an error: the state is saved, the same command resumes.
+    from ccdd_jax.run import preemption
+
+    close_progress_bars()
+    print(preemption.message(stopped), file=sys.stderr, flush=True)
+    sharding.shutdown_distributed()
+    sys.exit(preemption.EXIT_CODE)
   except Exception as e:  # In a multi-process run: one line when another process is gone.
     if not sharding.multi_process():
       raise

@@ -31,6 +31,8 @@ streams are its own and are named where they are drawn:
   experts.train_kinds_resumable    fold_in(key, group index), then split per epoch
   trajectory_pairs.make_pair_sampler  split(key, 3): expert, start epoch, the update's key;
                                    fold_in(key, CLEAN_POOL): whether a clean expert replaces it
+  trajectory_pairs.pair_keys       with distill.pairs_per_iteration = k > 1: split(key, k), pair
+                                   p's key, drawn and used as an iteration's key is (k = 1: the key)
   distill.make_meta_loss           fold_in(key, DIRECT_OBJECTIVE): the direct objective's batches
   suite.run_suite                  fold_in(key, ATTACK_INIT): the extraction's fresh networks;
                                    fold_in(key, attack index): each attack

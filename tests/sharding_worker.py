@@ -81,8 +81,9 @@ def run_experts(mesh):
   return store.stacked("fp_enhanced")
 
 
-def run_distill(mesh):
-  """3 iterations on 8 images, minibatches of 4, beta and a clean pool (both paths drawn)."""
+def run_distill(mesh, pairs=1):
+  """3 iterations on 8 images, minibatches of 4, beta and a clean pool (both paths drawn);
+  with `pairs` per iteration a multiple of the devices, the pairs are split instead."""
   net, apply = network()
   params = models.init_params(net, (8, 8, 1), jax.random.PRNGKey(0))
   flat, unravel = ravel_pytree(params)
@@ -100,6 +101,7 @@ def run_distill(mesh):
     max_start_epoch=1,
     clean_expert_fraction=0.5,
     lr_img=10.0,
+    pairs_per_iteration=pairs,
   )
   images = noise(4, (8, 8, 8, 1)).astype(np.float32)
   labels = np.arange(8) % 3
@@ -129,7 +131,13 @@ def main(argv):
     sys.exit(f"{len(jax.devices())} devices: set XLA_FLAGS=--xla_force_host_platform_device_count")
   one, many = sharding.make_mesh(jax.devices()[:1]), sharding.make_mesh(jax.devices()[:n])
   checked = []
-  for name, fn in (("experts", run_experts), ("distill", run_distill), ("evaluate", run_evaluate)):
+  pairs = lambda mesh: run_distill(mesh, pairs=n)  # The pair axis split over the devices.
+  for name, fn in (
+    ("experts", run_experts),
+    ("distill", run_distill),
+    ("distill_pairs", pairs),
+    ("evaluate", run_evaluate),
+  ):
     start = time.time()
     single, spread = fn(one), fn(many)
     chex.assert_trees_all_close(spread, single, **TOL)

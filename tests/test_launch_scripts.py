@@ -11,6 +11,7 @@ starts JAX.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ import pytest
 
 from ccdd_jax import CCDDError
 from ccdd_jax.devices import hosts
+from ccdd_jax.run import preemption
 
 REPO = conftest.REPO
 LAUNCHER_VARIABLES = ("SLURM_", "OMPI_", "TPU_", "CLOUD_TPU_", "MEGASCALE_", "JAX_COORDINATOR")
@@ -39,6 +41,12 @@ for ((i = 0; i < ntasks; i++)); do
   SLURM_NTASKS=$ntasks SLURM_STEP_NUM_TASKS=$ntasks SLURM_PROCID=$i SLURM_LOCALID=0 \
     SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST "$@" || exit $?
 done
+exit "${FAKE_SRUN_STATUS:-0}"  # What the step's tasks exit with, for the script to act on.
+"""
+
+SCONTROL = r"""#!/usr/bin/env bash
+# scontrol, faked: its arguments, one call a line, in $HOME/scontrol.log.
+echo "$*" >> "$HOME/scontrol.log"
 """
 
 GCLOUD = r"""#!/usr/bin/env bash
@@ -59,10 +67,10 @@ done
 
 
 def stubs(tmp_path) -> pathlib.Path:
-  """A directory with the `srun` and `gcloud` stubs."""
+  """A directory with the `srun`, `scontrol` and `gcloud` stubs."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(parents=True)
-  for name, text in (("srun", SRUN), ("gcloud", GCLOUD)):
+  for name, text in (("srun", SRUN), ("gcloud", GCLOUD), ("scontrol", SCONTROL)):
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
   return bin_dir
@@ -128,6 +136,31 @@ def test_slurm_script_starts_keygen_alone_then_one_process_per_task(tmp_path):
   lines = dry_run(["bash", "launch/slurm_2nodes.sbatch"], env)
   assert [line["initialize"]["coordinator_address"] for line in lines] == 2 * ["gpu017:23456"]
   assert [line["initialize"]["process_id"] for line in lines] == [0, 1]
+
+
+def test_slurm_script_asks_for_the_signal_and_requeues_a_run_stopped_by_it(tmp_path):
+  script = (REPO / "launch/slurm_2nodes.sbatch").read_text()
+  assert re.search(r"^#SBATCH --signal=TERM@\d+$", script, re.M)  # Ahead of the time limit.
+  assert "#SBATCH --requeue\n" in script and "#SBATCH --open-mode=append\n" in script
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "owner.key").write_text("made before\n")
+  env = clean_env(
+    tmp_path,
+    SLURM_JOB_ID="4242",
+    SLURM_NTASKS="2",
+    SLURM_JOB_NODELIST="gpu[017-018]",
+    SLURM_SUBMIT_DIR=str(REPO),
+    WORKDIR=str(workdir),
+  )
+  requeued = tmp_path / "scontrol.log"
+  for status, calls in ((preemption.EXIT_CODE, ["requeue 4242"]), (1, []), (0, [])):
+    requeued.unlink(missing_ok=True)
+    env["FAKE_SRUN_STATUS"] = str(status)
+    argv = ["bash", "launch/slurm_2nodes.sbatch"]
+    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == status, out.stdout + out.stderr
+    assert (requeued.read_text().splitlines() if requeued.exists() else []) == calls
 
 
 def test_tpu_pod_script_makes_the_key_on_worker_0_then_runs_every_worker(tmp_path):

@@ -186,6 +186,7 @@ def _distill() -> ml_collections.ConfigDict:
   # default: "nested" where the params vector is large against one step's
   # activations, as at IPC 1 on CIFAR, else "full").
   c.remat = "auto"
+  _distill_at_scale(c)
   # Resume: the distillation state (images, lr, optimiser, PRNG, iteration) is
   # saved every this many iterations (Orbax, <workdir>/resume/); 0 = only at the end.
   # Checkpoints never change a result; a non-finite loss is caught at each one.
@@ -194,6 +195,19 @@ def _distill() -> ml_collections.ConfigDict:
   # many iterations and at the last (0 = never). Never changes a result.
   c.tensorboard_images_every = 100
   return c
+
+
+def _distill_at_scale(c: ml_collections.ConfigDict) -> None:
+  """The distill fields of large runs: pairs per iteration, where the trajectories stay."""
+  # Beyond MTT: (expert, start epoch) pairs matched per iteration; each iteration averages
+  # eq. 10 and its meta-gradient over them (vmapped; split over the devices when their
+  # count divides it, else data parallel within each pair). 1 = MTT (one pair).
+  c.pairs_per_iteration = 1
+  # Where the trajectories stay during distillation (run/trajectory_store.py): "memory"
+  # (numpy), "file" (one flat float32 .npy per kind under trajectories/flat/, built once from
+  # the Orbax checkpoints; each iteration reads its 4 vectors), or "auto" (a file when they
+  # would take more than half of the host's memory). Never changes a result.
+  c.trajectory_store = "auto"
 
 
 def _eval() -> ml_collections.ConfigDict:

@@ -1,8 +1,9 @@
 """Config validation: one-line errors for values that would otherwise fail late.
 
 Each check names its field. Lists of names (forms of eq. 10, embeddings,
-models, attacks, cleansers, remat policies) are read from the registries of
-the modules that implement them; those modules never import the config.
+models, attacks, cleansers, remat policies, trajectory stores) are read from
+the registries of the modules that implement them; those modules never import
+the config.
 """
 
 import ml_collections
@@ -13,6 +14,7 @@ from ccdd_jax.method import embedding
 from ccdd_jax.method import evaluate
 from ccdd_jax.method import inner_loop
 from ccdd_jax.method import models
+from ccdd_jax.method import trajectory_pairs
 from ccdd_jax.threats import data_attacks
 from ccdd_jax.threats import suite
 
@@ -35,6 +37,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(
     d.remat in inner_loop.REMAT_POLICIES,
     f"distill.remat = {d.remat!r}: use one of {', '.join(inner_loop.REMAT_POLICIES)}",
+  )
+  pairs, stores = d.pairs_per_iteration, trajectory_pairs.TRAJECTORY_STORES
+  require(pairs >= 1, f"distill.pairs_per_iteration = {pairs} must be >= 1")
+  require(
+    d.trajectory_store in stores,
+    f"distill.trajectory_store = {d.trajectory_store!r}: use one of {', '.join(stores)}",
   )
   try:
     inner_loop.resolve_unroll(d.unroll, d.syn_steps)

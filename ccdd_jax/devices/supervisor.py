@@ -14,7 +14,8 @@ by one `error: ...` line, then exits 1. A child that printed its own
 `error: ...` line keeps it, and the supervisor adds nothing. The child dies
 with the supervisor (PR_SET_PDEATHSIG on Linux), and the supervisor passes
 SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 on, so a launcher that stops the
-process it started stops the run.
+process it started stops the run; the child's exit status is the supervisor's
+(a run stopped by SIGTERM with its state saved exits 75 through it, run/preemption.py).
 """
 
 import ctypes

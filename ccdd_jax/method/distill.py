@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from ccdd_jax import CCDDError
+from ccdd_jax import Preempted
 from ccdd_jax import streams
 from ccdd_jax.devices import sharding
 from ccdd_jax.method import augment
@@ -208,21 +209,54 @@ def make_pair_update(
   is a watermarked expert's, 0 = only when it is a clean one's, "beta_weight"
   0). The terms are (expert, twin, direct).
   `mesh`: make_meta_loss's (data parallel over the synthetic minibatch).
+  With k = distill.pairs_per_iteration > 1, `pair`'s leaves lead with k pairs (pair_feeder):
+  their losses and gradients (keys: trajectory_pairs.pair_keys) are averaged before one
+  optimiser step (mean_over_pairs: vmapped, or in turn on XLA:CPU without a split); where
+  pairs_split says so the pairs are spread over the mesh.
   """
-  meta_loss = make_meta_loss(
-    distill_config,
-    apply_flat,
-    dsa_config,
-    num_syn,
-    unroll=distill_config.unroll,
-    remat=distill_config.remat,
-    with_terms=True,
-    mesh=mesh,
-  )
+  pairs = distill_config.get("pairs_per_iteration", 1)
+  split = trajectory_pairs.pairs_split(pairs, mesh)
+  if split:
+    mesh = None  # The pair axis is split over the devices: each pair's students run whole.
+  pair_grads = _make_pair_grads(distill_config, apply_flat, dsa_config, num_syn, mesh)
+  batched = split or jax.default_backend() != "cpu"  # vmapped, else one pair after another.
+  pair_grads = trajectory_pairs.mean_over_pairs(pair_grads, pairs, batched)  # Itself for 1.
   soft = bool(distill_config.get("soft_labels"))
   optimizer = make_optimizer(distill_config, soft)
 
   def update(state, pair, rng, aux=None):
+    history, grad_tree = pair_grads(state, pair, rng, aux)
+    trainable = {"images": state["images"], "lr": state["lr"]}
+    if soft:
+      trainable["label_logits"] = state["label_logits"]
+    updates, opt_state = optimizer.update(grad_tree, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    # A negative step size would make the student climb the loss.
+    new_state = {
+      **trainable,
+      "lr": jnp.maximum(trainable["lr"], 1e-6),
+      "opt_state": opt_state,
+      "labels": state["labels"],
+    }
+    return new_state, history
+
+  return update
+
+
+def _make_pair_grads(
+  distill_config: ml_collections.ConfigDict,
+  apply_flat: Callable,
+  dsa_config: ml_collections.ConfigDict,
+  num_syn: int,
+  mesh: Any,
+):
+  """`grads(state, pair, rng, aux) -> ([loss, terms], gradients)`: make_pair_update's, one pair."""
+  args = (distill_config, apply_flat, dsa_config, num_syn, distill_config.unroll)
+  meta_loss = make_meta_loss(*args, distill_config.remat, with_terms=True, mesh=mesh)
+  soft = bool(distill_config.get("soft_labels"))
+
+  def pair_grads(state, pair, rng, aux):
+    """One pair's [loss, terms] and the (masked) gradients of what the optimiser updates."""
     aux = (aux or Aux())._replace(beta_weight=pair.get("beta_weight"))
     rng_loss = jax.random.split(rng, 3)[2]  # [0] and [1] drew the expert and the epoch.
     grad_mask, trigger_slots = aux.grad_mask, aux.trigger_slots
@@ -249,25 +283,14 @@ def make_pair_update(
     if trigger_slots is not None:  # split_roles: which slots this expert's kind updates.
       watermarked = pair.get("beta_weight", 1.0)
       image_grads *= watermarked * trigger_slots + (1.0 - watermarked) * (1.0 - trigger_slots)
-    trainable = {"images": state["images"], "lr": state["lr"]}
     grad_tree = {"images": image_grads, "lr": grads[1]}
     if soft:
-      trainable["label_logits"] = state["label_logits"]
       # freeze_trigger keeps the trigger slots' labels too (rows whose corner is frozen).
       keep_rows = 1.0 if grad_mask is None else jnp.min(grad_mask, axis=(1, 2, 3))[:, None]
       grad_tree["label_logits"] = grads[2] * keep_rows
-    updates, opt_state = optimizer.update(grad_tree, state["opt_state"], trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    # A negative step size would make the student climb the loss.
-    new_state = {
-      **trainable,
-      "lr": jnp.maximum(trainable["lr"], 1e-6),
-      "opt_state": opt_state,
-      "labels": state["labels"],
-    }
-    return new_state, jnp.stack([loss, *terms])
+    return jnp.stack([loss, *terms]), grad_tree
 
-  return update
+  return pair_grads
 
 
 def make_distill_update(
@@ -289,11 +312,7 @@ def make_distill_update(
   pair_update = make_pair_update(distill_config, apply_flat, dsa_config, num_syn, mesh)
 
   def update(state, trajectories, rng, aux=None):
-    num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
-    sample = trajectory_pairs.make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
-    pair = trajectory_pairs.select_pair(
-      trajectories, sample(rng), distill_config.expert_epochs, jnp
-    )
+    pair = trajectory_pairs.draw_pairs(distill_config, trajectories, rng)
     return pair_update(state, pair, rng, aux)
 
   return update
@@ -361,6 +380,7 @@ def distill(
   mesh: Any = None,
   label_logits: np.ndarray | None = None,
   monitor: Callable[[int, jax.Array, dict], None] | None = None,
+  should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
   """Runs all distillation iterations; returns images, learned lr, history [it, 4], label logits.
 
@@ -381,19 +401,10 @@ def distill(
   devices the state is replicated and each student step's minibatch split
   over the devices (make_meta_loss); the synthetic minibatch must split evenly.
   `monitor(it, history row, state)` sees device arrays; the next step donates `state`.
+  `should_stop()`, asked after each iteration but the last: True saves there, raises Preempted.
   """
-  needed = trajectory_pairs.trajectory_epochs(distill_config) - 1
-  available = trajectories[0].shape[1] - 1
-  if needed > available:
-    raise CCDDError(
-      f"distill.max_start_epoch + distill.expert_epochs = {needed} exceeds the "
-      f"{available} expert epochs stored"
-    )
-  if bool(distill_config.get("soft_labels")) != (label_logits is not None):
-    raise ValueError("label_logits go with distill.soft_labels (initial_label_logits)")
   num_syn = init_images.shape[0]
-  batch = min(distill_config.batch_syn or num_syn, num_syn)
-  sharding.check_batch(batch, mesh, "the synthetic minibatch (distill.batch_syn, or all images)")
+  _check_inputs(distill_config, trajectories, num_syn, label_logits, mesh)
   step = make_distill_step(distill_config, apply_flat, dsa_config, num_syn, mesh)
   state = init_state(distill_config, init_images, labels, label_logits)
   state = sharding.put_replicated(state, mesh)
@@ -418,15 +429,34 @@ def distill(
       progress(it, loss[0])  # A device scalar: the callback decides when to fetch it.
     if monitor is not None:
       monitor(it, loss, state)  # It copies what it keeps and fetches in batches.
-    if store is not None and ((every and (it + 1) % every == 0) or it + 1 == len(rngs)):
+    stop = it + 1 < len(rngs) and should_stop is not None and should_stop()
+    if store is not None and (stop or (every and (it + 1) % every == 0) or it + 1 == len(rngs)):
       _check_finite(losses, checked, store)
       store.save(it + 1, _saved(state, losses, rng))
       checked = it + 1
+    if stop:
+      raise Preempted(f"at iteration {it + 1} of {len(rngs)}")
   _check_finite(losses, checked, store)
   losses = np.asarray(sharding.to_host(losses), np.float64)
   learned_labels = sharding.to_host(state["label_logits"]) if label_logits is not None else None
   images, lr = sharding.to_host(state["images"]), float(sharding.to_host(state["lr"]))
   return images, lr, losses, learned_labels
+
+
+def _check_inputs(distill_config, trajectories: tuple, num_syn: int, label_logits, mesh) -> None:
+  """Enough stored epochs, label logits with soft labels, a minibatch the devices split."""
+  needed = trajectory_pairs.trajectory_epochs(distill_config) - 1
+  available = trajectories[0].shape[1] - 1
+  if needed > available:
+    raise CCDDError(
+      f"distill.max_start_epoch + distill.expert_epochs = {needed} exceeds the "
+      f"{available} expert epochs stored"
+    )
+  if bool(distill_config.get("soft_labels")) != (label_logits is not None):
+    raise ValueError("label_logits go with distill.soft_labels (initial_label_logits)")
+  batch = min(distill_config.batch_syn or num_syn, num_syn)
+  if not trajectory_pairs.pairs_split(distill_config.get("pairs_per_iteration", 1), mesh):
+    sharding.check_batch(batch, mesh, "the synthetic minibatch (distill.batch_syn, or all images)")
 
 
 def _resumed(store: Any, state: dict, rng: jax.Array, mesh: Any) -> tuple[dict, list]:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ccdd_jax import Preempted
 from ccdd_jax.devices import parallel
 from ccdd_jax.devices import sharding
 from ccdd_jax.method import augment
@@ -259,6 +260,7 @@ def train_experts_resumable(
   concurrency: int = 0,
   on_group_done: Callable[[int, int], None] | None = None,
   mesh: Any = None,
+  should_stop: Callable[[], bool] | None = None,
 ) -> None:
   """`train_experts`, one jitted epoch at a time: each epoch of each group goes to `store`.
 
@@ -269,7 +271,8 @@ def train_experts_resumable(
   one bit for bit (both run this same per-epoch program). The trajectories
   [size, epochs + 1, ...] go to `store.finish`, not back to the caller.
   With a `mesh` of several devices, each group's expert axis is split over it
-  (sharding.py); on one device the program is the same as without.
+  (sharding.py); on one device the program is the same as without. `should_stop()` is
+  asked before each epoch: if True, Preempted is raised (the epochs so far are saved).
   """
   epoch_fn = jax.jit(
     jax.vmap(
@@ -306,6 +309,8 @@ def train_experts_resumable(
     done = store.epochs_done(kind, s, sizes[s])
     params = done[-1] if done else take(init_params, s)
     for e in range(len(done), epochs):
+      if should_stop is not None and should_stop():
+        raise Preempted(f"at epoch {e} of {epochs} ({kind} experts {s + 1}-{s + sizes[s]})")
       out = compiled[sizes[s]](*inputs(s, params, e))
       params = sharding.unpad(sharding.to_host(out), sizes[s])
       store.save_epoch(kind, s, e + 1, params)
@@ -330,13 +335,14 @@ def train_kinds_resumable(
   on_group_done: Callable[[str, int, int], None] | None = None,
   mesh: Any = None,
   kinds: tuple = KINDS,
+  should_stop: Callable[[], bool] | None = None,
 ) -> None:
   """Trains each of `kinds` (default KINDS) in turn into `store`; theta0 of eq. 4 =
   `store.final_params("clean")`.
 
   Expert i of every kind starts from `init_params[i]`; theta0 for the watermarked and
   fp-enhanced expert i is the final state of clean expert i. A kind's PRNG stream is
-  its place in KINDS, whichever `kinds` are trained.
+  its place in KINDS, whichever `kinds` are trained. `should_stop`: train_experts_resumable.
   """
   if kinds[0] != "clean" or not set(kinds) <= set(KINDS):
     raise ValueError(f"kinds {kinds} must start with 'clean' and be some of {KINDS}")
@@ -358,6 +364,7 @@ def train_kinds_resumable(
       concurrency=concurrency,
       on_group_done=progress,
       mesh=mesh,
+      should_stop=should_stop,
     )
     if kind == "clean":
       anchors = store.final_params("clean")

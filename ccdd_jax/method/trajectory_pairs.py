@@ -1,22 +1,32 @@
 """Which part of the expert trajectories each distillation iteration matches.
 
 Trajectories are flat parameter vectors [E, T, P] per expert kind, kept on the
-host. Every iteration's (expert, start epoch) is drawn from its own key
-(`make_pair_sampler`), so a resumed run draws the same; `select_pair` cuts
-the (start, target) vectors of the expert and its fine-pruning-enhanced twin
-(or of a clean expert of the pool), and `pair_feeder` sends only those to the
-devices.
+host: numpy arrays in memory, or any object with `shape` and `[e, t]` indexing
+that reads one vector at a time (run/trajectory_store.py's file-backed store,
+`distill.trajectory_store`). Every iteration's (expert, start epoch) is drawn
+from its own key (`make_pair_sampler`), so a resumed run draws the same;
+`select_pair` cuts the (start, target) vectors of the expert and its
+fine-pruning-enhanced twin (or of a clean expert of the pool), and
+`pair_feeder` sends only those to the devices. With `distill.pairs_per_iteration`
+= k > 1 an iteration matches k pairs, drawn from `pair_keys(key, k)`, stacked on
+a leading pair axis (split over the devices where `pairs_split` says so).
 """
 
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from ccdd_jax import streams
 from ccdd_jax.devices import sharding
+
+# Where distillation keeps the trajectories (distill.trajectory_store, run/trajectory_store.py):
+# "memory" (numpy), "file" (a flat .npy per kind, read one vector at a time), "auto" (a file
+# when they would take more than half of the host's memory).
+TRAJECTORY_STORES = ("auto", "memory", "file")
 
 
 def trajectory_epochs(distill_config: ml_collections.ConfigDict) -> int:
@@ -48,6 +58,16 @@ def make_pair_sampler(distill_config: ml_collections.ConfigDict, num_experts: in
   return sample
 
 
+def pair_keys(rng: jax.Array, pairs: int) -> jax.Array:
+  """The keys of an iteration's pairs: its key itself for one pair, else split(key, pairs)."""
+  return rng if pairs == 1 else jax.random.split(rng, pairs)
+
+
+def pairs_split(pairs: int, mesh: Any) -> bool:
+  """Whether an iteration's pair axis is split over the mesh (a multiple of its devices, > 1)."""
+  return pairs > 1 and sharding.size(mesh) > 1 and pairs % sharding.size(mesh) == 0
+
+
 def select_pair(trajectories: tuple, index: dict, expert_epochs: int, xp=np) -> dict:
   """The (start, target) pairs one iteration matches: the expert's (or clean one's) and twin's.
 
@@ -72,17 +92,72 @@ def select_pair(trajectories: tuple, index: dict, expert_epochs: int, xp=np) -> 
   return pair
 
 
+def draw_pairs(distill_config: ml_collections.ConfigDict, trajectories: tuple, rng) -> dict:
+  """Inside jit, from whole trajectories on the device: the pairs of the iteration with key
+  `rng` (with distill.pairs_per_iteration = k > 1 stacked on a leading axis of k)."""
+  num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
+  sample = make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
+  draw = lambda key: select_pair(trajectories, sample(key), distill_config.expert_epochs, jnp)
+  pairs = distill_config.get("pairs_per_iteration", 1)
+  return draw(rng) if pairs == 1 else jax.vmap(draw)(pair_keys(rng, pairs))
+
+
+def mean_over_pairs(pair_fn: Callable, pairs: int, batched: bool = True) -> Callable:
+  """`pair_fn(state, pair, rng, aux)` itself for one pair; for k, mapped over the pair axis
+  (keys pair_keys(rng, k)) and every output averaged over it: the meta-gradient of the mean.
+
+  `batched`: jax.vmap (one batched program: what accelerators and a pair axis split over
+  devices want), else lax.map (the pairs one after another: XLA:CPU runs a vmapped pair
+  2.7x slower than one alone, docs/scaling.md). The same values up to float rounding.
+  """
+  if pairs == 1:
+    return pair_fn
+
+  def mean(state, pair, rng, aux):
+    keys = pair_keys(rng, pairs)
+    if batched:
+      per_pair = jax.vmap(pair_fn, in_axes=(None, 0, 0, None))(state, pair, keys, aux)
+    else:
+      per_pair = jax.lax.map(lambda p_k: pair_fn(state, *p_k, aux), (pair, keys))
+    return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), per_pair)
+
+  return mean
+
+
 def pair_feeder(distill_config, trajectories: tuple, rngs: jax.Array, mesh: Any) -> Callable:
   """`pair_at(iteration)`: that iteration's (start, target) pairs, sent to the devices.
 
   The trajectories stay on the host; every iteration's (expert, epoch) is drawn
-  up front from its key (make_pair_sampler), so only 4 flat vectors move.
+  up front from its key (make_pair_sampler), so only 4 flat vectors per pair
+  move. With k = distill.pairs_per_iteration > 1 every leaf gets a leading
+  axis of k pairs (pair_keys), split over the mesh where pairs_split says so.
   """
-  trajectories = tuple(np.asarray(t) for t in trajectories)  # Host-resident.
+  trajectories = tuple(_on_host(t) for t in trajectories)
   num_clean = trajectories[2].shape[0] if len(trajectories) > 2 else 0
   sampler = make_pair_sampler(distill_config, trajectories[0].shape[0], num_clean)
-  plan = jax.device_get(jax.jit(jax.vmap(sampler))(rngs))  # Every iteration's indices.
+  pairs = distill_config.get("pairs_per_iteration", 1)
+  if pairs > 1:
+    sampler = jax.vmap(sampler)
+  draw = lambda rng: sampler(pair_keys(rng, pairs))
+  plan = jax.device_get(jax.jit(jax.vmap(draw))(rngs))  # Every iteration's indices.
   m = distill_config.expert_epochs
-  return lambda it: sharding.to_device(
-    select_pair(trajectories, {k: v[it] for k, v in plan.items()}, m), mesh
+  put = (
+    (lambda tree: sharding.put_leading(tree, mesh))
+    if pairs_split(pairs, mesh)
+    else (lambda tree: sharding.to_device(tree, mesh))
   )
+
+  def pair_at(it):
+    if pairs == 1:
+      return put(select_pair(trajectories, {k: v[it] for k, v in plan.items()}, m))
+    each = [
+      select_pair(trajectories, {k: v[it, p] for k, v in plan.items()}, m) for p in range(pairs)
+    ]
+    return put(jax.tree_util.tree_map(lambda *x: np.stack(x), *each))
+
+  return pair_at
+
+
+def _on_host(trajectories: Any) -> Any:
+  """Device arrays fetched to numpy; numpy and lazy (file-backed) stores as they are."""
+  return np.asarray(trajectories) if isinstance(trajectories, (jax.Array, list)) else trajectories

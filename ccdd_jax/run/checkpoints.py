@@ -25,7 +25,7 @@ are saved stacked (leading axis = seeds) as one Orbax checkpoint
 (`save_networks` / `restore_networks`).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 import json
 import logging
 import os
@@ -35,7 +35,6 @@ import shutil
 from typing import Any
 
 import jax
-from jax.flatten_util import ravel_pytree
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -372,6 +371,18 @@ def restore_params(root: PathLike, kind: str, index: int, epoch: int, like: PyTr
     ckptr.close()
 
 
+def restore_epochs(
+  root: PathLike, kind: str, index: int, epochs: Sequence[int], like: PyTree
+) -> dict[int, PyTree]:
+  """Restores the given epochs of one expert as numpy trees shaped like `like` (no other read)."""
+  epochs = [_check_index(e, "epoch") for e in epochs]
+  ckptr = _checkpointer()
+  try:
+    return _restore_epochs(ckptr, root, kind, index, epochs, _abstract(like))
+  finally:
+    ckptr.close()
+
+
 def load_trajectories(
   root: PathLike,
   kind: str,
@@ -418,11 +429,35 @@ def load_trajectories(
   return jax.tree.unflatten(treedef, out_leaves)
 
 
+def flat_experts(root: PathLike, kind: str, like: PyTree, epochs: int) -> Iterator[np.ndarray]:
+  """Each expert of `kind` in turn (list_experts' order): epochs 0..epochs-1 flat [epochs, P].
+
+  The leaves are concatenated in `ravel_pytree`'s order (no arithmetic: the same bits), in
+  numpy, so that only one expert's epochs are in memory at a time.
+  """
+  if not pathlib.Path(root).is_dir():
+    raise CCDDError(f"no trajectories directory {root}: {_HINT}")
+  indices = list_experts(root, kind)
+  if not indices:
+    raise CCDDError(f"no {kind} expert trajectories under {root}: {_HINT}")
+  for index in indices:
+    restored = restore_epochs(root, kind, index, range(epochs), like)
+    yield np.stack(
+      [
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(restored.pop(e))])
+        for e in range(epochs)
+      ]
+    )
+
+
 def load_flat_trajectories(root: PathLike, kind: str, like: PyTree, epochs: int) -> np.ndarray:
   """Epochs 0..epochs-1 of every expert of `kind` as flat vectors [experts, epochs, P]."""
-  stacked = load_trajectories(root, kind, like, epochs=range(epochs))
-  flatten = lambda p: ravel_pytree(p)[0]
-  return np.asarray(jax.vmap(jax.vmap(flatten))(stacked))
+  out = None
+  for a, flat in enumerate(flat_experts(root, kind, like, epochs)):
+    if out is None:  # Filled in place: the trajectories are held once.
+      out = np.empty((len(list_experts(root, kind)), *flat.shape), flat.dtype)
+    out[a] = flat
+  return out
 
 
 def save_networks(path: PathLike, stacked_params: PyTree) -> None:

@@ -15,8 +15,9 @@ over with a log line saying so, when
     (a requeued job) frees the workdir after that.
 
 A takeover is serialised by a second file, run.lock.takeover (O_EXCL): its
-holder re-reads the lock, removes it only if it is still the stale one, and
-creates its own; a racer that finds a live lock refuses. Only process 0 of a
+holder re-reads the lock and, only if it is still the stale one, replaces it
+by its own in one rename (the path is never free in between, so no O_EXCL
+racer slips in); a racer that finds a live lock refuses. Only process 0 of a
 multi-process run takes the lock (`sharding.is_writer`): the others share it.
 """
 
@@ -230,8 +231,12 @@ def _take_over(path: pathlib.Path, stale: dict | None, mine: dict) -> bool:
     )
     if not same:
       return False  # Taken over or released meanwhile: look again.
-    path.unlink(missing_ok=True)
-    return _create(path, mine)
+    # Replaced in one rename, never removed: a racer's O_EXCL create cannot slip in between.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{mine['token']}.tmp")
+    if not _create(tmp, mine):
+      return False
+    os.replace(tmp, path)
+    return True
   finally:
     guard.unlink(missing_ok=True)
 

@@ -39,6 +39,7 @@ IGNORED = (
   "data.tfds_data_dir",
   "distill.checkpoint_every",
   "distill.tensorboard_images_every",
+  "distill.trajectory_store",  # Bitwise the same results (run/trajectory_store.py).
   "experts.tensorboard_every",
 )
 

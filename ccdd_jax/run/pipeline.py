@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from ccdd_jax import CCDDError
+from ccdd_jax import Preempted
 from ccdd_jax import streams
 from ccdd_jax.config import validation
 from ccdd_jax.devices import parallel
@@ -32,11 +33,13 @@ from ccdd_jax.run import checkpoints
 from ccdd_jax.run import context
 from ccdd_jax.run import lock as run_lock
 from ccdd_jax.run import manifest
+from ccdd_jax.run import preemption
 from ccdd_jax.run import reporting
 from ccdd_jax.run import resume
 from ccdd_jax.run import sets
 from ccdd_jax.run import stages
 from ccdd_jax.run import tensorboard
+from ccdd_jax.run import trajectory_store
 from ccdd_jax.run import workdir as workdir_lib
 from ccdd_jax.threats import data_suite
 from ccdd_jax.threats import suite
@@ -81,7 +84,8 @@ def stage_experts(ctx: Context) -> dict:
   )
   start, progress = time.time(), reporting.group_progress("experts")
   args = (init, rng_train, inputs, store, cfg.concurrency, progress, ctx.mesh)
-  experts.train_kinds_resumable(e, ctx.net.apply, cfg.dsa, *args, kinds=kinds)
+  stop = preemption.should_stop
+  experts.train_kinds_resumable(e, ctx.net.apply, cfg.dsa, *args, kinds=kinds, should_stop=stop)
   summary = {"d_w_size": num_wm, "d_c_size": num, "seconds": time.time() - start}
   for kind in kinds:
     acc, acc_w = store.metrics(kind)
@@ -99,7 +103,7 @@ def stage_distill(ctx: Context) -> dict:
   epochs = trajectory_pairs.trajectory_epochs(cfg.distill)
   kinds = embedding.expert_kinds(cfg.distill, matched=True)
   # Loaded up front: a bad checkpoint fails before either set starts.
-  loaded = {k: checkpoints.load_flat_trajectories(root, k, like, epochs) for k in kinds}
+  loaded = trajectory_store.load(root, kinds, like, epochs, cfg.distill.trajectory_store)
   resume_dir, _ = resume.stage_dir(ctx.workdir, "distill", ctx.fingerprint("distill"))
   before = resume.sets_digest(ctx.workdir)
   appended = cfg.distill.watermark_embedding == "appended"
@@ -132,7 +136,8 @@ def stage_evaluate(ctx: Context) -> dict:
   data["real"] = {"images": ctx.train_x, "labels": ds.train_labels}
   summary = reporting.read_json(ctx.workdir / "evaluation.json")
   done = resume.evaluated(ctx.workdir, ctx.fingerprint("evaluate"))
-  for arch in models.eval_architectures(ecfg.models, cfg.model.name):
+  archs = models.eval_architectures(ecfg.models, cfg.model.name)
+  for arch in archs:
     primary = arch == cfg.model.name or ecfg.real_all_models
     names = evaluate.SETS if primary else evaluate.DISTILLED_SETS
     old, net = summary.get(arch, {}), ctx.network(arch)
@@ -156,6 +161,8 @@ def stage_evaluate(ctx: Context) -> dict:
         f"[evaluate] {arch} on {name}: Acc {reporting.fmt_pct(entry['acc'])} "
         f"Acc_W {reporting.fmt_pct(entry['acc_w'])} ({entry['seconds']:.0f} s)"
       )
+      if (arch, name) != (archs[-1], list(todo)[-1]) and preemption.should_stop():
+        raise Preempted(f"after {arch} on {name}")  # Written: it resumes with the next one.
   return summary
 
 
@@ -192,6 +199,7 @@ def stage_attacks(ctx: Context) -> dict:
   return result
 
 
+@preemption.handled  # SIGTERM / SIGINT: the stage stops at its next step, its state saved.
 @run_lock.released_at_return
 def run(
   config: ml_collections.ConfigDict,
@@ -235,11 +243,14 @@ def run(
     if name != "keygen":  # After the checks; the key exists from here on.
       manifest.write(workdir, ctx.fields())
     function = globals()[f"stage_{name}"]  # Every row of stages.TABLE has one.
-    result = verify_predictions(ctx, predictions) if predictions else function(ctx)
+    with preemption.stage(name):
+      result = verify_predictions(ctx, predictions) if predictions else function(ctx)
     tensorboard.stage_done(workdir, name, None if predictions else result)
     sharding.barrier(f"ccdd stage {name}")  # Process 0's files are written (sharding.is_writer).
     timings[name] = time.time() - start
     reporting.write_json(workdir / "timings.json", timings)
+    if name != names[-1]:
+      preemption.between_stages(name)
   if stage not in ("all", "verify", "attacks") or predictions:
     return result
   timings["total"] = sum(timings.get(s, 0.0) for s in stages.NAMES)

@@ -19,6 +19,7 @@ from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
 from ccdd_jax.method import watermark
 from ccdd_jax.run import context
+from ccdd_jax.run import preemption
 from ccdd_jax.run import reporting
 from ccdd_jax.run import resume
 from ccdd_jax.run import tensorboard
@@ -51,23 +52,25 @@ def distill_set(
     ds.num_classes,
     lambda: ctx.net.apply_flat(expert[0, -1], init_images),  # Epoch t_max + M (DATM).
   )
-  images, lr, losses, label_logits = distill.distill(
-    set_cfg,
-    ctx.net.apply_flat,
-    cfg.dsa,
-    init_images,
-    labels,
-    matched,
-    ctx.jax_key(streams.DISTILL),
-    reporting.progress_printer(name, set_cfg.iterations),
-    aux,
-    store,
-    ctx.mesh,
-    label_logits=init_logits,
-    monitor=tensorboard.distill_monitor(
-      ctx.workdir, name, set_cfg, ctx.preprocess.to_pixels, labels, from_trigger
-    ),
-  )
+  with preemption.naming(name):  # Stopped: "at iteration 37 of 200 (distilled)".
+    images, lr, losses, label_logits = distill.distill(
+      set_cfg,
+      ctx.net.apply_flat,
+      cfg.dsa,
+      init_images,
+      labels,
+      matched,
+      ctx.jax_key(streams.DISTILL),
+      reporting.progress_printer(name, set_cfg.iterations),
+      aux,
+      store,
+      ctx.mesh,
+      label_logits=init_logits,
+      monitor=tensorboard.distill_monitor(
+        ctx.workdir, name, set_cfg, ctx.preprocess.to_pixels, labels, from_trigger
+      ),
+      should_stop=preemption.should_stop,
+    )
   arrays = (images, labels, lr, from_trigger, losses, label_logits)
   return save(ctx, name, set_cfg, arrays, start)
 

@@ -54,6 +54,7 @@ import numpy as np
 
 from ccdd_jax.devices import sharding
 from ccdd_jax.run import checkpoints
+from ccdd_jax.run import preemption
 
 DIR = "tensorboard"
 FLUSH_EVERY = 50  # Iterations between transfers when distill.checkpoint_every is 0.
@@ -173,8 +174,8 @@ class DistillBoard:
     if self.images_every and (it % self.images_every == 0 or it + 1 == self.total):
       images = np.asarray(state["images"].addressable_data(0))  # Waits for this step only.
       self.writer.add_image("distill/images", self.to_grid(images), it)
-    if (it + 1) % self.every == 0 or it + 1 == self.total:  # Where distill saves (and waits).
-      self.flush()
+    if (it + 1) % self.every == 0 or it + 1 == self.total or preemption.received():
+      self.flush()  # Where distill saves (and waits); a signalled run may save at this step.
     if it + 1 == self.total:
       self.writer.close()
 

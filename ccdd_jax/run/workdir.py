@@ -7,6 +7,7 @@ owner.commitment                its SHA-256 commitment, public (blackbox.py)
 queries.npz                     stamped queries for a black-box suspect (blackbox.py)
 verification_blackbox.json      the verdict on a suspect's answers (verify --predictions)
 trajectories/<kind>/NNNN/       experts (checkpoints.py)
+trajectories/flat/<kind>.npy    the file trajectory store, if used (trajectory_store.py)
 <set>.npz                       a distilled set: images, labels, lr, preprocessing
 models/<architecture>/<set>/    evaluated networks (checkpoints.py)
 attacks.json, attacks.png       --stage=attacks (threats/suite.py, reporting.write_attacks)
