@@ -11,6 +11,7 @@ from conftest import config_section
 import jax
 import numpy as np
 import pytest
+from test_data_threats import planted_features
 
 from ccdd_jax import CCDDError
 from ccdd_jax.config import schema
@@ -69,16 +70,6 @@ def test_every_cleanser_is_listed_by_default_with_a_rule_and_its_attacks():
     assert "|" not in data_attacks.FLAG_RULES[name]  # A cell of report.md's table.
   assert acfg.data_drop_flagged is True
   validation.validate(schema.base_config())
-
-
-def planted_features(seed=0):
-  """Two classes of 40 Gaussian feature vectors; 4 of class 0 shifted far along one axis."""
-  rng = np.random.default_rng(seed)
-  feats = rng.normal(size=(80, 20))
-  labels = np.repeat([0, 1], 40)
-  planted = np.array([3, 11, 25, 37])
-  feats[planted, 5] += 8.0
-  return feats, labels, planted
 
 
 def test_spectral_and_clustering_flag_exactly_a_planted_cluster():

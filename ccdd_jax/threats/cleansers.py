@@ -72,6 +72,20 @@ def ensemble_network(config, arch: str, network: models.Network, num_classes: in
   return net
 
 
+def clean_model_trainer(config, apply: Callable) -> Callable:
+  """The trainer of the pirate's clean models on its own data (eval.real_* batch, the attacks'
+  data_clean_model_epochs): its single model and each ensemble member."""
+  acfg, ecfg = config.attacks, config.eval
+  return evaluate.make_networks_trainer(
+    apply,
+    config.dsa,
+    epochs=acfg.data_clean_model_epochs,
+    batch_size=ecfg.real_batch_size,
+    momentum=ecfg.momentum,
+    weight_decay=ecfg.weight_decay,
+  )
+
+
 def train_ensemble(config, network, num_classes: int, inputs, labels, key) -> list[tuple]:
   """The pirate's clean ensemble on its data (`inputs`, `labels`): [(Network, stacked params)],
   `attacks.data_ensemble_seeds` networks of each architecture of `data_ensemble_models`."""
@@ -79,14 +93,7 @@ def train_ensemble(config, network, num_classes: int, inputs, labels, key) -> li
   members = []
   for i, arch in enumerate(suite.parse_list(acfg.data_ensemble_models)):
     net = ensemble_network(config, arch, network, num_classes)
-    trainer = evaluate.make_networks_trainer(
-      net.apply,
-      config.dsa,
-      epochs=acfg.data_clean_model_epochs,
-      batch_size=ecfg.real_batch_size,
-      momentum=ecfg.momentum,
-      weight_decay=ecfg.weight_decay,
-    )
+    trainer = clean_model_trainer(config, net.apply)
     member_key = jax.random.fold_in(key, i)
     init = net.init_params(jax.random.fold_in(member_key, 0), acfg.data_ensemble_seeds)
     rng = jax.random.fold_in(member_key, 1)

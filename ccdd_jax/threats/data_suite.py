@@ -103,14 +103,7 @@ def _pirate_model(config, network, verifier, attacker, key: jax.Array) -> tuple[
   """The pirate's clean model: one network on its held-out data (eval.real_* recipe)."""
   acfg, ecfg, tick = config.attacks, config.eval, time.time()
   images, labels = attacker
-  trainer = evaluate.make_networks_trainer(
-    network.apply,
-    config.dsa,
-    epochs=acfg.data_clean_model_epochs,
-    batch_size=ecfg.real_batch_size,
-    momentum=ecfg.momentum,
-    weight_decay=ecfg.weight_decay,
-  )
+  trainer = cleansers.clean_model_trainer(config, network.apply)
   init = network.init_params(jax.random.fold_in(key, 0), 1)
   stacked = jax.device_get(
     trainer(init, verifier.to_inputs(images), labels, ecfg.real_lr, jax.random.fold_in(key, 1))
