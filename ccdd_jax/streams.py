@@ -25,6 +25,8 @@ reproduces, so numbers are never reused or renumbered):
                                  start epoch, minibatches and DSA
   EVAL_INIT       JAX    3       evaluated networks' initial params    context.evaluation_rngs
   EVAL_BATCHES    JAX    4       evaluated networks' batches and DSA   context.evaluation_rngs
+  CRAFT           JAX    5       the "clean_label" crafting: each      sets.craft_set
+                                 iteration's network, batches, DSA
 
 Inside the method, a function splits or folds the key it is given; those
 streams are its own and are named where they are drawn:
@@ -37,6 +39,8 @@ streams are its own and are named where they are drawn:
   suite.run_suite                  fold_in(key, ATTACK_INIT): the extraction's fresh networks;
                                    fold_in(key, attack index): each attack
   model_attacks._train_path        fold_in(key, epoch): each attack epoch
+  crafting.craft                   fold_in(key, iteration), split(2): the fresh network, the step;
+                                   the step splits(3): its batches, DSA families, real batch
   data_suite.run                   fold_in(key, 0 / 1 / 2): the pirate's model's init / batches,
                                    Neural Cleanse
 """
@@ -56,6 +60,7 @@ EXPERTS = 1
 DISTILL = 2
 EVAL_INIT = 3
 EVAL_BATCHES = 4
+CRAFT = 5
 
 # Streams folded into a key a method function is given.
 CLEAN_POOL = 7

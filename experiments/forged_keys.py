@@ -7,8 +7,8 @@ For every network saved under <workdir>/models/<arch>/<set> (every seed, every
 architecture of evaluation.json) and --keys keys per network, derived from
 --seed (SHA-256("ccdd/forged-keys\x00" ‖ seed ‖ index), one fresh key per pair,
 none of which any network saw), it builds that key's black-box queries
-(`blackbox.make_queries`), predicts, and decides with the exact test
-(`blackbox.verify_predictions`, the same `watermark.decide` as the pipeline).
+(`blackbox.query_set`: either query protocol), predicts, and decides with the exact test
+(`verify.file_answers_result`, the same `verify.decide` as the pipeline).
 Networks trained on the watermarked distilled set carry the owner's watermark:
 against other keys they are the hardest forgery case. The owner's own key is
 run too, on the same queries path, as the power check (not counted as forged).
@@ -36,6 +36,7 @@ from scipy import stats
 from ccdd_jax.config import loader as config_loader
 from ccdd_jax.method import verify
 from ccdd_jax.method import watermark
+from ccdd_jax.run import blackbox
 from ccdd_jax.run import checkpoints
 from ccdd_jax.run import context
 from ccdd_jax.run import reporting
@@ -61,16 +62,10 @@ def verify_pair(ctx, predict, params, key) -> dict:
   """Black-box verification of one network against one key (queries built from the key)."""
   ds, wcfg = ctx.dataset, ctx.config.watermark
   patterns, pattern_labels = ctx.patterns(key)
-  queries = verify.make_queries(key, ds.test_images, patterns, wcfg.queries_per_pattern)[0]
+  queries, plan = blackbox.query_set(key, ds, patterns, wcfg)  # Either query protocol.
   predictions = predict(params, ctx.preprocess.apply(queries))[0].astype(np.int64)
-  return verify.verify_predictions(
-    predictions,
-    key,
-    ds.test_labels,
-    pattern_labels,
-    num_classes=ds.num_classes,
-    m=wcfg.queries_per_pattern,
-    alpha=wcfg.alpha,
+  return verify.file_answers_result(
+    predictions, key, plan, pattern_labels, ds.num_classes, wcfg.queries_per_pattern, wcfg.alpha
   )
 
 

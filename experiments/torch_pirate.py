@@ -1,6 +1,12 @@
 r"""A pirate outside the package: PyTorch, its own ConvNet and training loop, on a released set.
 
   python -m experiments.torch_pirate --set ROOT/crafted.npz --queries ROOT/queries.npz
+  python -m experiments.torch_pirate --workdir RUN [--config NAME] [--key_file F]
+
+The second form takes a finished run of the package: it trains on RUN/distilled.npz, answers
+RUN/queries.npz (the released query file, whatever the protocol) in its order, writes each
+network's answers to RUN/torch_pirate/answers_<seed>.txt, and the owner verifies each with the
+key alone (`--stage=verify --predictions`, the black-box path; the run's --config is needed).
 
 It trains on the set's [0, 1] `pixels` and `labels` only (standardised by the set's own mean
 and std; SGD momentum 0.9, weight decay 5e-4, cosine schedule, batch 64, a random shift of up
@@ -11,10 +17,15 @@ Needs `pip install -e '.[bench]'` (torch).
 
 import argparse
 import json
+import pathlib
 
 import numpy as np
 
+from ccdd_jax.config import loader
 from ccdd_jax.method import exact_tests
+from ccdd_jax.run import blackbox
+from ccdd_jax.run import context
+from ccdd_jax.run import pipeline
 
 
 def make_net(torch, channels: int, classes: int):
@@ -28,8 +39,9 @@ def make_net(torch, channels: int, classes: int):
   )  # fmt: skip
 
 
-def train_and_answer(torch, released, queries, seed: int, epochs: int) -> dict:
-  """One pirate network: its test accuracy, its answers' key accuracy and p-value."""
+def train_and_answer(torch, released, queries, seed: int, epochs: int, score=True) -> dict:
+  """One pirate network: its test accuracy, its answers' key accuracy and p-value (its test
+  accuracy and raw answers with `score` False)."""
   x = torch.tensor(released["pixels"], dtype=torch.float32).permute(0, 3, 1, 2)
   y = torch.tensor(released["labels"], dtype=torch.long)
   mean, std = x.mean(), x.std()
@@ -56,6 +68,8 @@ def train_and_answer(torch, released, queries, seed: int, epochs: int) -> dict:
   with torch.no_grad():
     acc = model(to_input(queries["test_pixels"])).argmax(1).numpy() == queries["test_labels"]
     answers = model(to_input(queries["q_pixels"])).argmax(1).numpy()
+  if not score:
+    return {"acc": float(acc.mean()), "answers": answers}
   labels, pid = queries["ylab"], queries["q_pid"]
   counts = exact_tests.pattern_counts(answers, pid, len(labels), 10)
   return {
@@ -65,18 +79,49 @@ def train_and_answer(torch, released, queries, seed: int, epochs: int) -> dict:
   }
 
 
+def verify_run(torch, args) -> list[dict]:
+  """The --workdir form: each pirate network's answers to queries.npz, verified by the owner."""
+  workdir, config = pathlib.Path(args.workdir), loader.load(args.config)
+  key_file = args.key_file or str(workdir / "owner.key")
+  ds = context.Context(config, workdir, key_file).dataset
+  released = dict(np.load(workdir / "distilled.npz"))
+  images = blackbox.read_queries(workdir / blackbox.QUERIES_FILE).astype(np.float32) / 255.0
+  test = ds.test_images.astype(np.float32) / 255.0
+  out = workdir / "torch_pirate"
+  out.mkdir(exist_ok=True)
+  results = []
+  for seed in range(args.seeds):
+    queries = {"test_pixels": test, "test_labels": ds.test_labels, "q_pixels": images}
+    model_answers = train_and_answer(torch, released, queries, seed, args.epochs, score=False)
+    path = out / f"answers_{seed}.txt"
+    np.savetxt(path, model_answers["answers"], fmt="%d")
+    verdict = pipeline.run(config, str(workdir), "verify", key_file, predictions=str(path))
+    results.append(
+      {"acc": model_answers["acc"], "acc_key": verdict["acc_w"], "p": verdict["p_value"]}
+    )
+  return results
+
+
 def main(argv=None):
   """Trains `--seeds` pirate networks and prints each one's figures and the verdict count."""
   import torch  # pylint: disable=g-import-not-at-top  # Only this script needs it.
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--set", required=True)
-  p.add_argument("--queries", required=True)
+  p.add_argument("--set", help="A prototype's crafted.npz (with --queries).")
+  p.add_argument("--queries", help="The prototype's queries.npz (pattern ids and labels).")
+  p.add_argument("--workdir", help="A finished run of the package (instead of --set).")
+  p.add_argument("--config", default="digits", help="The run's config (with --workdir).")
+  p.add_argument("--key_file", default=None, help="The owner's key (with --workdir).")
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--epochs", type=int, default=300)
   args = p.parse_args(argv)
-  released, queries = np.load(args.set), np.load(args.queries)
-  results = [train_and_answer(torch, released, queries, s, args.epochs) for s in range(args.seeds)]
+  if args.workdir:
+    results = verify_run(torch, args)
+  else:
+    released, queries = np.load(args.set), np.load(args.queries)
+    results = [
+      train_and_answer(torch, released, queries, s, args.epochs) for s in range(args.seeds)
+    ]
   for r in results:
     print(json.dumps(r))
   print(

@@ -241,7 +241,7 @@ def test_queries_of_another_key_or_config_are_refused(owner, tmp_path):
   other.mkdir()
   watermark.write_key_file(other / "owner.key", KEY)
   patterns = watermark.expand_key(SPEC_KEY, 10, 4, 1, 10)[0]
-  blackbox.write_queries(other, SPEC_KEY, ds.test_images, patterns, 30)
+  blackbox.write_queries(other, SPEC_KEY, ds, patterns, config.watermark)
   answers = tmp_path / "answers.npy"
   np.save(answers, np.zeros(300, np.int64))
   with pytest.raises(CCDDError, match="not the query set of this key and config"):

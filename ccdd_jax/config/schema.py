@@ -83,7 +83,13 @@ def _watermark() -> ml_collections.ConfigDict:
   c.n_patterns = 10
   c.patch_size = 0  # 0: half the image side (paper, Stage I).
   c.ratio = 0.1  # |D_W| / |D_C| (paper, "Further Details").
-  c.queries_per_pattern = 100  # m held-out test images per pattern.
+  c.queries_per_pattern = 100  # m queries per pattern (held-out test images when stamped).
+  # The query protocol (verify.QUERY_PROTOCOLS; docs/watermark-spec.md sections 6, 9):
+  # "stamped" (the pattern on held-out images of other classes) or "key_derived" (the
+  # pattern tiled over the image plus N(0, query_noise) pixel noise, no held-out image;
+  # what the "clean_label" embedding is crafted for).
+  c.queries = "stamped"
+  c.query_noise = 0.05
   c.alpha = 1e-6  # Significance level, fixed in advance.
   return c
 
@@ -138,7 +144,8 @@ def _distill() -> ml_collections.ConfigDict:
   # split_roles, freeze_trigger, trigger_safe_dsa, experts.lambda*) do not apply.
   # Or "matching" (the paper, config.paper.paper_config): the set is distilled
   # against watermarked experts (eq. 10), with the levers below.
-  c.watermark_embedding = "appended"
+  c.watermark_embedding = "appended"  # Or "clean_label": _distill_crafting below.
+  _distill_crafting(c)
   # The levers of "matching" (their defaults are the paper's eq. 10).
   # eq. 10's form: "literal" (the paper), "second_student" (a second student from
   # th^Idx_t on the same minibatches, measured against its own expert), or
@@ -195,6 +202,26 @@ def _distill() -> ml_collections.ConfigDict:
   # many iterations and at the last (0 = never). Never changes a result.
   c.tensorboard_images_every = 100
   return c
+
+
+def _distill_crafting(c: ml_collections.ConfigDict) -> None:
+  # distill.watermark_embedding = "clean_label" (method/crafting.py): the clean distilled
+  # set, each image moved within craft_eps per pixel (no stamp, labels kept) so that
+  # networks trained on it by the evaluation's recipe answer the key's key-derived queries
+  # (watermark.queries = "key_derived") with y_i; only clean experts are trained, and
+  # carriers_per_pattern and the "matching" levers do not apply. The crafting: each step
+  # trains a fresh network on the whole set for
+  # craft_epochs epochs (0 = eval.epochs) by the evaluation's recipe and differentiates
+  # through it; signed Adam steps of craft_lr (input units) projected into the l_inf ball
+  # of craft_eps (pixel scale [0, 1]); objective CE(key-derived queries, y_i), craft_queries
+  # per pattern, + craft_clean_weight * CE(a real batch of craft_clean_batch images).
+  c.craft_eps = 0.15
+  c.craft_iterations = 150
+  c.craft_epochs = 0
+  c.craft_lr = 0.02
+  c.craft_queries = 16
+  c.craft_clean_weight = 1.0
+  c.craft_clean_batch = 256
 
 
 def _distill_at_scale(c: ml_collections.ConfigDict) -> None:

@@ -15,6 +15,7 @@ from ccdd_jax.method import evaluate
 from ccdd_jax.method import inner_loop
 from ccdd_jax.method import models
 from ccdd_jax.method import trajectory_pairs
+from ccdd_jax.method import verify
 from ccdd_jax.threats import data_attacks
 from ccdd_jax.threats import suite
 
@@ -28,6 +29,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   _validate_sizes(config)
   _validate_levers(config.distill, config.experts)
+  _validate_crafting(config.distill, config.watermark, bool(config.data.zca))
   d, v = config.distill, config.eval
   require(
     0.0 <= config.data.attacker_fraction < 1.0,
@@ -154,6 +156,33 @@ def _validate_levers(d: ml_collections.ConfigDict, e: ml_collections.ConfigDict)
     "distill.lr_label and distill.label_logit_scale must be > 0",
   )
   require(d.objective_batch >= 1, f"distill.objective_batch = {d.objective_batch} must be >= 1")
+
+
+def _validate_crafting(d, w, zca: bool) -> None:
+  """The query protocol and the "clean_label" embedding's crafting (method/crafting.py)."""
+  require(
+    w.queries in verify.QUERY_PROTOCOLS,
+    f"watermark.queries = {w.queries!r}: use one of {', '.join(verify.QUERY_PROTOCOLS)}",
+  )
+  require(0.0 <= w.query_noise <= 1.0, f"watermark.query_noise = {w.query_noise}: use [0, 1]")
+  if d.watermark_embedding != "clean_label":
+    return
+  require(
+    w.queries == "key_derived",
+    "distill.watermark_embedding = 'clean_label' is crafted for key-derived queries: set "
+    "watermark.queries=key_derived (stamped queries are not taught within a pixel budget)",
+  )
+  require(not zca, "distill.watermark_embedding = 'clean_label' bounds pixels: set data.zca=False")
+  require(not d.soft_labels, "distill.watermark_embedding = 'clean_label' keeps hard labels")
+  require(0.0 < d.craft_eps <= 1.0, f"distill.craft_eps = {d.craft_eps}: use (0, 1]")
+  require(
+    min(d.craft_iterations, d.craft_queries, d.craft_clean_batch) >= 1 and d.craft_epochs >= 0,
+    "distill.craft_iterations, craft_queries, craft_clean_batch must be >= 1, craft_epochs >= 0",
+  )
+  require(
+    d.craft_lr > 0.0 and d.craft_clean_weight >= 0.0,
+    "distill.craft_lr must be > 0 and craft_clean_weight >= 0",
+  )
 
 
 def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int) -> None:

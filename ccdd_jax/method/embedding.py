@@ -7,7 +7,9 @@ beyond IPC, `initial_set`) and is distilled against watermarked experts
 and `set_config` turns the levers off for the clean set. "appended" (beyond
 the paper): the clean distilled set plus stamped carriers that are never
 distilled (`appended_set`), so only clean experts are trained
-(`expert_kinds`). Learned soft labels start from `initial_label_logits`.
+(`expert_kinds`). "clean_label" (beyond the paper): the clean distilled set
+with every image moved within an l_inf ball, crafted by method/crafting.py
+(clean experts only too). Learned soft labels start from `initial_label_logits`.
 """
 
 from collections.abc import Callable
@@ -23,7 +25,9 @@ from ccdd_jax.method import experts
 from ccdd_jax.method import watermark
 
 # How the watermark enters the distilled set (distill.watermark_embedding).
-WATERMARK_EMBEDDINGS = ("matching", "appended")
+WATERMARK_EMBEDDINGS = ("matching", "appended", "clean_label")
+# The embeddings built from the clean distilled set, which need clean experts only.
+FROM_CLEAN_SET = ("appended", "clean_label")
 
 
 # How the distilled set's labels start (distill.soft_labels): "" = hard labels, not learned.
@@ -47,10 +51,10 @@ WATERMARK_ONLY = {
 def expert_kinds(distill_config: ml_collections.ConfigDict, matched: bool = False) -> tuple:
   """The expert kinds the experts stage trains, or with `matched` those distillation reads.
 
-  "appended" needs clean experts only; "matching" trains every kind and
-  reads the fine-pruning-enhanced twins only where beta > 0.
+  "appended" and "clean_label" need clean experts only; "matching" trains every
+  kind and reads the fine-pruning-enhanced twins only where beta > 0.
   """
-  if distill_config.get("watermark_embedding") == "appended":
+  if distill_config.get("watermark_embedding") in FROM_CLEAN_SET:
     return ("clean",)
   if not matched:
     return experts.KINDS

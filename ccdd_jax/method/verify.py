@@ -10,6 +10,10 @@ exact tests; the paper's eq. 11 would accept a random model with probability
               (queries.npz); `verify_predictions` regroups a suspect's answers
               by pattern with the key alone, then `decide`.
   `decide`    both exact tests of exact_tests.py and the verdict, p <= alpha.
+  key-derived `Verifier(protocol="key_derived")`: the queries are the key's
+              patterns tiled over whole images with key-seeded noise
+              (key_queries.py, protocol v2 of the spec, section 9); they have
+              no class of their own, so every answer counts.
 Acc_W, the paper's watermark accuracy (`watermark_accuracy`,
 `accuracy_and_acc_w`), is measured on every test image stamped with every
 pattern of another class; it is reported, never tested.
@@ -26,9 +30,13 @@ import numpy as np
 
 from ccdd_jax import CCDDError
 from ccdd_jax.method import exact_tests
+from ccdd_jax.method import key_queries
 from ccdd_jax.method import watermark
 
 QUERY_TAG = b"ccdd/queries\x00"
+# How the owner queries a suspect: stamped held-out images, or key-derived images
+# (key_queries.py; docs/watermark-spec.md sections 6 and 9).
+QUERY_PROTOCOLS = ("stamped", "key_derived")
 
 
 def verification_queries(
@@ -156,7 +164,9 @@ def decide(
     predictions: the suspect's class for each query, integers [Q].
     pattern_ids: the pattern each query carries [Q].
     carrier_labels: each query's own class [Q]; a query predicted as its own
-      class is not counted (docs/watermark-spec.md, section 6.1).
+      class is not counted (docs/watermark-spec.md, section 6.1). None for
+      key-derived queries (key_queries.py), which have no class: every answer
+      counts.
     pattern_labels: the key's labels y_i [n].
     num_classes: C.
     alpha: the false-claim probability allowed; `verified` is p_conditional <=
@@ -174,14 +184,15 @@ def decide(
   predictions, pattern_ids, carrier_labels = exact_tests.check_predictions(
     predictions, pattern_ids, n_patterns, num_classes, carrier_labels
   )
-  if carrier_labels is None:
-    raise ValueError("decide needs each query's carrier_labels")
   counts = exact_tests.pattern_counts(
     predictions, pattern_ids, n_patterns, num_classes, carrier_labels=carrier_labels
   )
   matches = exact_tests.plurality_matches(counts, pattern_labels)
   label_hits = counts[np.arange(n_patterns), pattern_labels]
-  eligible = carrier_labels != pattern_labels[pattern_ids]
+  if carrier_labels is None:
+    eligible = np.ones(predictions.size, bool)
+  else:
+    eligible = carrier_labels != pattern_labels[pattern_ids]
   eligible_per_pattern = np.bincount(pattern_ids[eligible], minlength=n_patterns)
   k_majority = int(matches.sum())
   p_conditional = exact_tests.conditional_label_pvalue(counts, pattern_labels)
@@ -305,6 +316,8 @@ class Verifier:
   query_rng: Callable[[int], np.random.Generator] = dataclasses.field(
     default=np.random.default_rng, repr=False
   )  # Network index -> the generator of its verification queries.
+  protocol: str = "stamped"  # QUERY_PROTOCOLS: stamped held-out images, or key-derived ones.
+  query_noise: float = 0.05  # Key-derived queries' pixel noise (key_queries.py).
 
   def with_key(self, key: bytes) -> "Verifier":
     """The same measurements with another key (the pirate's, for overwriting)."""
@@ -312,10 +325,17 @@ class Verifier:
 
   @functools.cached_property
   def triggers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Acc_W's queries: every test image stamped with each pattern of another class."""
+    """Acc_W's queries: every test image stamped with each pattern of another class; with
+    key-derived queries, the exact test's: m noisy tilings of each pattern (every one counts)."""
     patterns, labels = watermark.expand_key(
       self.key, self.n_patterns, self.patch_size, self.test_images.shape[-1], self.num_classes
     )
+    if self.protocol == "key_derived":
+      m, shape = self.m or len(self.test_images), self.test_images.shape[1:]
+      images, ids = key_queries.key_query_images(
+        self.key, patterns, shape, m, self.query_noise, "verify"
+      )
+      return images, ids, labels
     images, ids = watermark.trigger_set(
       self.test_images, self.test_labels, patterns, labels, None, np.random.default_rng(0)
     )
@@ -345,6 +365,11 @@ class Verifier:
 
   def verify_networks(self, stacked_params: Any, transform: Callable | None = None) -> dict:
     """`verify_networks` of each network k with the queries of `query_rng(k)`."""
+    if self.protocol == "key_derived":
+      images, ids, labels = self.triggers
+      answers = self.predict(stacked_params, self._to_inputs(transform)(images))
+      kwargs = {"num_classes": self.num_classes, "alpha": self.alpha}
+      return key_queries.verify_answers(answers, ids, labels, decide, **kwargs)
     count = jax.tree_util.tree_leaves(stacked_params)[0].shape[0]
     return verify_networks(
       self.predict,
@@ -423,13 +448,29 @@ def verify_predictions(
   """
   labels = np.asarray(labels)
   carrier_ids, pattern_ids = query_plan(key, len(labels), len(pattern_labels), m)
+  plan = (pattern_ids, labels[carrier_ids])
+  return file_answers_result(predictions, key, plan, pattern_labels, num_classes, m, alpha)
+
+
+def file_answers_result(
+  predictions: np.ndarray,
+  key: bytes,
+  plan: tuple[np.ndarray, np.ndarray | None],
+  pattern_labels: np.ndarray,
+  num_classes: int,
+  m: int | None,
+  alpha: float,
+) -> dict:
+  """`decide` on answers in file order, `plan` = (pattern_ids, the queries' own classes or
+  None for key-derived queries) in that order; verification_blackbox.json's dict."""
+  pattern_ids, carrier_labels = plan
   predictions = np.asarray(predictions)
-  if predictions.shape != carrier_ids.shape:
-    raise ValueError(f"{carrier_ids.size} predictions expected, got shape {predictions.shape}")
+  if predictions.shape != pattern_ids.shape:
+    raise ValueError(f"{pattern_ids.size} predictions expected, got shape {predictions.shape}")
   stats = decide(
     predictions,
     pattern_ids,
-    labels[carrier_ids],
+    carrier_labels,
     pattern_labels,
     num_classes=num_classes,
     alpha=alpha,

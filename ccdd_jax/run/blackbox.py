@@ -34,6 +34,7 @@ from ccdd_jax import CCDDError
 from ccdd_jax.data import datasets
 from ccdd_jax.devices import sharding
 from ccdd_jax.log import log
+from ccdd_jax.method import key_queries
 from ccdd_jax.method import verify
 from ccdd_jax.method import watermark
 from ccdd_jax.run import stages
@@ -52,19 +53,43 @@ _HEX_COMMITMENT = re.compile(r"[0-9a-fA-F]{64}")
 # ----------------------------------------------------------------------------
 
 
+def query_set(
+  key: bytes, dataset: datasets.Dataset, patterns: np.ndarray, wcfg: ml_collections.ConfigDict
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray | None]]:
+  """The queries uint8 [Q, H, W, C] in file order and their plan: (pattern ids, own classes).
+
+  `watermark.queries` picks the protocol: "stamped" (held-out images, `verify.make_queries`;
+  own classes = the held-out labels) or "key_derived" (`key_queries.key_query_images`,
+  shuffled by `verify.query_rng(key)`; no own class: None).
+  """
+  m = wcfg.queries_per_pattern
+  if wcfg.queries == "key_derived":
+    m, shape = m or len(dataset.test_labels), dataset.image_shape
+    images, ids = key_queries.key_query_images(key, patterns, shape, m, wcfg.query_noise, "verify")
+    order = verify.query_rng(key).permutation(len(ids))
+    return images[order], (ids[order], None)
+  images, carrier_ids, ids = verify.make_queries(key, dataset.test_images, patterns, m)
+  return images, (ids, dataset.test_labels[carrier_ids])
+
+
 def write_queries(
-  workdir: pathlib.Path, key: bytes, images: np.ndarray, patterns: np.ndarray, m: int | None
+  workdir: pathlib.Path,
+  key: bytes,
+  dataset: datasets.Dataset,
+  patterns: np.ndarray,
+  wcfg: ml_collections.ConfigDict,
 ) -> dict:
   """Writes `workdir/queries.npz` holding one array, `images` (nothing else); returns a summary."""
-  queries = verify.make_queries(key, images, patterns, m)[0]
+  queries = query_set(key, dataset, patterns, wcfg)[0]
   path = pathlib.Path(workdir) / QUERIES_FILE
   if sharding.is_writer():  # Process 0 only.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
       np.savez(f, images=queries)
     os.replace(tmp, path)
-  log(f"[queries] wrote {len(queries)} stamped, shuffled held-out images to {path}")
-  return {"n_queries": int(len(queries)), "path": str(path)}
+  kind = "key-derived" if wcfg.queries == "key_derived" else "stamped held-out"
+  log(f"[queries] wrote {len(queries)} {kind}, shuffled images to {path}")
+  return {"n_queries": int(len(queries)), "path": str(path), "protocol": wcfg.queries}
 
 
 def read_queries(path: str | os.PathLike) -> np.ndarray:
@@ -179,24 +204,16 @@ def verify_file(
   """
   workdir, m = pathlib.Path(workdir), wcfg.queries_per_pattern
   queries_file = workdir / QUERIES_FILE
-  if queries_file.exists():
-    expected = verify.make_queries(key, dataset.test_images, patterns[0], m)[0]
-    if not np.array_equal(read_queries(queries_file), expected):
-      raise CCDDError(
-        f"{queries_file} is not the query set of this key and config "
-        "(verify with the key and config that made it)"
-      )
-  n_queries = len(patterns[1]) * (len(dataset.test_labels) if m is None else m)
-  predictions = read_predictions(predictions_file, n_queries, dataset.num_classes)
-  result = verify.verify_predictions(
-    predictions,
-    key,
-    dataset.test_labels,
-    patterns[1],
-    num_classes=dataset.num_classes,
-    m=m,
-    alpha=wcfg.alpha,
-  )
+  expected, plan = query_set(key, dataset, patterns[0], wcfg)
+  if queries_file.exists() and not np.array_equal(read_queries(queries_file), expected):
+    raise CCDDError(
+      f"{queries_file} is not the query set of this key and config "
+      "(verify with the key and config that made it)"
+    )
+  predictions = read_predictions(predictions_file, len(expected), dataset.num_classes)
+  args = (predictions, key, plan, patterns[1], dataset.num_classes, m, wcfg.alpha)
+  result = verify.file_answers_result(*args)
+  result["protocol"] = wcfg.queries
   result["predictions_file"] = os.fspath(predictions_file)
   write_json(workdir / RESULT_FILE, result)
   log(f"[verify] black box: {verify.verdict_line(result)}")

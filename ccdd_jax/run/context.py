@@ -254,5 +254,7 @@ class Context:
         m=wcfg.queries_per_pattern,
         alpha=wcfg.alpha,
         query_rng=lambda index: self.np_rng(streams.VERIFY_QUERIES, index),
+        protocol=wcfg.queries,
+        query_noise=wcfg.query_noise,
       )
     return self._verifiers[apply]

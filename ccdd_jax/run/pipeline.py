@@ -61,9 +61,9 @@ def stage_keygen(ctx: Context) -> dict:
 
 
 def stage_queries(ctx: Context) -> dict:
-  """Writes queries.npz: held-out images stamped by the key, shuffled (blackbox.py)."""
-  ds, m = ctx.dataset, ctx.config.watermark.queries_per_pattern
-  return blackbox.write_queries(ctx.workdir, ctx.key, ds.test_images, ctx.patterns()[0], m)
+  """Writes queries.npz: held-out images stamped by the key, or key-derived ones, shuffled."""
+  wcfg = ctx.config.watermark
+  return blackbox.write_queries(ctx.workdir, ctx.key, ctx.dataset, ctx.patterns()[0], wcfg)
 
 
 def stage_experts(ctx: Context) -> dict:
@@ -97,7 +97,8 @@ def stage_experts(ctx: Context) -> dict:
 
 def stage_distill(ctx: Context) -> dict:
   """Distils the watermarked set (eq. 9, 10) and, for comparison, a clean one; with the
-  "appended" embedding the watermarked set is the clean one plus stamped carriers."""
+  "appended" embedding the watermarked set is the clean one plus stamped carriers, with
+  "clean_label" the clean one crafted within a pixel budget."""
   cfg = ctx.config
   root, like = workdir_lib.trajectories_dir(ctx.workdir), ctx.net.like_params()
   epochs = trajectory_pairs.trajectory_epochs(cfg.distill)
@@ -106,8 +107,8 @@ def stage_distill(ctx: Context) -> dict:
   loaded = trajectory_store.load(root, kinds, like, epochs, cfg.distill.trajectory_store)
   resume_dir, _ = resume.stage_dir(ctx.workdir, "distill", ctx.fingerprint("distill"))
   before = resume.sets_digest(ctx.workdir)
-  appended = cfg.distill.watermark_embedding == "appended"
-  jobs = [("distilled", ("watermarked", "fp_enhanced"))] * (not appended)
+  from_clean = cfg.distill.watermark_embedding in embedding.FROM_CLEAN_SET
+  jobs = [("distilled", ("watermarked", "fp_enhanced"))] * (not from_clean)
   jobs += [("clean_distilled", ("clean", "clean"))]
   # The two sets are independent: on CPU they run at once (`concurrency`).
   results = parallel.run_concurrently(
@@ -116,8 +117,10 @@ def stage_distill(ctx: Context) -> dict:
     parallel.resolve_concurrency(cfg.concurrency),
   )
   summary = dict(zip([name for name, _ in jobs], results))
-  if appended:
+  if cfg.distill.watermark_embedding == "appended":
     summary = {"distilled": sets.append_carriers(ctx), **summary}
+  elif from_clean:
+    summary = {"distilled": sets.craft_set(ctx, resume_dir), **summary}
   reporting.write_json(ctx.workdir / "distill.json", summary)
   resume.drop_stale(ctx.workdir, before)  # Evaluations of other sets, if they changed.
   return summary

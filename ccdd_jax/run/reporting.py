@@ -1,7 +1,6 @@
 """What a run shows people: progress lines, JSON files, the report and its pictures.
 
-Everything here takes plain data (dicts, arrays, paths); nothing knows the
-pipeline's Context, so the stages can call it without an import cycle.
+Everything here takes plain data (dicts, arrays, paths), never the pipeline's Context.
 
   report.json  the figures of every stage (see `build_report`)
   report.md    its short table (`report_markdown`), with the attacks' (`attacks_markdown`)
@@ -157,7 +156,7 @@ def distill_summary(
     "trigger_visibility": {
       "mean": float(visibility.mean()),
       "trigger_slots": float(visibility[from_trigger].mean()) if from_trigger.any() else None,
-      "real_slots": float(visibility[~from_trigger].mean()),
+      "real_slots": float(visibility[~from_trigger].mean()) if not from_trigger.all() else None,
     },
     "lr": lr,
     "loss_first": float(first[0]),
@@ -197,6 +196,8 @@ def report_header(
     "n_patterns": config.watermark.n_patterns,
     "patch_size": patch_size,
     "alpha": config.watermark.alpha,
+    "embedding": config.distill.watermark_embedding,
+    "queries": config.watermark.queries,
     "queries_per_pattern": config.watermark.queries_per_pattern,
     "key_fingerprint": key_fingerprint,
     "wall_seconds": timings,
@@ -245,7 +246,8 @@ def report_markdown(report: dict) -> str:
   """The short human-readable table of report.json."""
   lines = [
     f"# CCDD run: {report['dataset']}, IPC {report['ipc']}, "
-    f"n = {report['n_patterns']} patterns, alpha = {report['alpha']:g}",
+    f"n = {report['n_patterns']} patterns, alpha = {report['alpha']:g}, "
+    f"{report.get('embedding')} embedding, {report.get('queries')} queries (Acc_W: spec 5, 9.2)",
     "",
     "| model | set | Acc | Acc_W | verified | median p (conditional) | median p (majority) |",
     "|---|---|---|---|---|---|---|",

@@ -201,8 +201,9 @@ class ExpertStore:
 class DistillStore:
   """The distillation state of one set (distill.distill's `store`): an Orbax CheckpointManager."""
 
-  def __init__(self, path: pathlib.Path):
+  def __init__(self, path: pathlib.Path, columns: int = distill.HISTORY_COLUMNS):
     self.path = pathlib.Path(path)
+    self.columns = columns  # Of the loss history (crafting.HISTORY_COLUMNS for a crafted set).
 
   def latest(self) -> int:
     """The last saved iteration (0 if none)."""
@@ -219,7 +220,7 @@ class DistillStore:
     step = self.latest()
     if not step:
       return None
-    like = dict(like, losses=np.zeros((step, distill.HISTORY_COLUMNS), np.float32))
+    like = dict(like, losses=np.zeros((step, self.columns), np.float32))
     manager = _manager(self.path, 2)
     try:
       return _restore(manager, step, like, "distillation")

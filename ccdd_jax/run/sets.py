@@ -3,20 +3,25 @@
 `distill_set` runs trajectory matching (distill.distill, eq. 9, 10) for one
 set from its starting images (embedding.initial_set); `append_carriers`
 builds the "appended" embedding's watermarked set from the clean one
-(embedding.appended_set). Both write `<name>.npz` and `<name>.png` and return
+(embedding.appended_set); `craft_set` the "clean_label" embedding's
+(crafting.craft). Each writes `<name>.npz` and `<name>.png` and returns
 the set's distill.json entry.
 """
 
 import pathlib
 import time
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from ccdd_jax import streams
 from ccdd_jax.log import log
+from ccdd_jax.method import crafting
 from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
+from ccdd_jax.method import key_queries
 from ccdd_jax.method import watermark
 from ccdd_jax.run import context
 from ccdd_jax.run import preemption
@@ -87,6 +92,65 @@ def append_carriers(ctx: context.Context) -> dict:
   log(f"[distill] distilled: the clean distilled set + {carriers.sum()} stamped carriers")
   arrays = (images, labels, float(clean["lr"]), carriers, clean["losses"], None)
   return {**save(ctx, "distilled", set_cfg, arrays, start), "embedding": "appended"}
+
+
+def craft_set(ctx: context.Context, resume_dir) -> dict:
+  """The "clean_label" embedding's watermarked set: the clean distilled set, every image moved
+  within distill.craft_eps by crafting.craft against the key's "craft" queries (resumes)."""
+  cfg, ds, d, start = ctx.config, ctx.dataset, ctx.config.distill, time.time()
+  set_cfg = embedding.set_config(d, True)
+  clean = workdir_lib.load_distilled(ctx.workdir, "clean_distilled")
+  labels, lr = np.asarray(clean["labels"]), float(clean["lr"])
+  patterns, pattern_labels = ctx.patterns()
+  noise = cfg.watermark.query_noise
+  pixels, ids = key_queries.key_query_images(
+    ctx.key, patterns, ds.image_shape, d.craft_queries, noise, "craft"
+  )
+  arrays = (clean["images"], labels, lr, ctx.preprocess.apply(pixels), pattern_labels[ids])
+  arrays += (ctx.train_x, ds.train_labels)
+  data = tuple(
+    jnp.asarray(a, jnp.int32 if np.asarray(a).dtype.kind in "iu" else jnp.float32) for a in arrays
+  )
+  eps = np.float32(d.craft_eps) / np.asarray(ctx.preprocess.std, np.float32)  # Input units.
+  objective = crafting.make_objective(ctx.net.apply, cfg.dsa, cfg.eval, d)
+  one_network = lambda k: jax.tree_util.tree_map(lambda x: x[0], ctx.net.init_params(k, 1))
+  store = resume.DistillStore(pathlib.Path(resume_dir) / "distilled", crafting.HISTORY_COLUMNS)
+  log(
+    f"[distill] distilled: crafting the {len(labels)} clean distilled images within "
+    f"{d.craft_eps:g} per pixel, {d.craft_iterations} iterations x "
+    f"{d.craft_epochs or cfg.eval.epochs} epochs of training"
+    + (f", resuming at iteration {store.latest()}" if store.latest() else "")
+  )
+  bar = reporting.progress_printer("distilled (crafting)", d.craft_iterations)
+  with preemption.naming("distilled"):
+    images, history = crafting.craft(
+      d,
+      objective,
+      one_network,
+      data,
+      eps,
+      ctx.jax_key(streams.CRAFT),
+      store=store,
+      progress=lambda it, terms, _: bar(it, terms[0]),
+      should_stop=preemption.should_stop,
+    )
+  carriers = np.ones(len(labels), bool)  # Every image carries the watermark; none is stamped.
+  entry = save(
+    ctx, "distilled", set_cfg, (images, labels, lr, carriers, clean["losses"], None), start
+  )
+  moved = np.abs(
+    ctx.preprocess.to_pixels(images, clip=False)
+    - ctx.preprocess.to_pixels(clean["images"], clip=False)
+  )
+  entry["crafting"] = {
+    "eps": d.craft_eps,
+    "max_pixel_change": float(moved.max()),
+    "mean_pixel_change": float(moved.mean()),
+    "query_ce_first": float(history[:10, 0].mean()),
+    "query_ce_last": float(history[-10:, 0].mean()),
+    "clean_ce_last": float(history[-10:, 1].mean()),
+  }
+  return {**entry, "embedding": "clean_label"}
 
 
 def save(
