@@ -44,7 +44,7 @@ def key_query_images(
 ) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 queries [n·m, H, W, C], pattern_ids [n·m]), pattern-major, for one purpose."""
   m = watermark.check_int("m", m, 1)
-  if not 0.0 <= noise:
+  if noise < 0.0:
     raise ValueError(f"noise must be >= 0, got {noise}")
   tiles = tiled_patterns(np.asarray(patterns, np.uint8), image_shape).astype(np.float64)
   draws = noise_rng(key, purpose).standard_normal((len(tiles), m, *tiles.shape[1:]))

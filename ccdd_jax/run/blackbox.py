@@ -5,7 +5,10 @@ A data owner in a dispute rarely holds the suspect's weights or framework.
 them, shuffled, as the only array of `queries.npz`; the suspect's operator
 runs any model on them and returns one predicted class per query, in order;
 `verify_file` regroups the answers by pattern with the key alone and decides
-with the same exact test as the white-box path (`watermark.decide`).
+with the same exact test as the white-box path (`verify.decide`). With
+`watermark.queries = "key_derived"` the file holds the key-derived queries
+instead (`query_set`; docs/watermark-spec.md section 9), in the same kind of
+key-seeded order.
 
 Nothing but the key file need be kept: which held-out image carries which
 pattern, and the shuffle, come from a generator seeded with
