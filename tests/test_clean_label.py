@@ -11,6 +11,7 @@ import pytest
 from test_distill import enable_x64
 
 from ccdd_jax import CCDDError
+from ccdd_jax import Preempted
 from ccdd_jax.config import loader as config_loader
 from ccdd_jax.config import validation
 from ccdd_jax.data import datasets
@@ -164,7 +165,7 @@ def test_crafting_stays_in_the_ball_and_resumes_bit_for_bit(tmp_path):
   assert moved.max() <= eps + 1e-6 and moved.max() > 0.9 * eps  # 4 steps of 0.3 reach it.
   stops = iter([False, True])
   store = resume.DistillStore(tmp_path / "craft", crafting.HISTORY_COLUMNS)
-  with pytest.raises(Exception, match="at crafting iteration 2 of 4"):
+  with pytest.raises(Preempted, match="at crafting iteration 2 of 4"):
     crafting.craft(
       d, objective, init_fn, data, eps, jax.random.PRNGKey(7), store=store,
       should_stop=lambda: next(stops),
