@@ -76,3 +76,9 @@ def numpy_rng(seed: int, stream: int, *sub: int) -> np.random.Generator:
 def jax_key(seed: int, stream: int) -> jax.Array:
   """The JAX key of one stream of the table."""
   return jax.random.fold_in(jax.random.PRNGKey(seed), stream)
+
+
+def key_bits(key: jax.Array) -> np.ndarray:
+  """The uint32 words of a PRNG key (raw or typed): what a checkpoint stores to name its seed."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return np.asarray(jax.random.key_data(key) if typed else key)

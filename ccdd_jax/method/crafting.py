@@ -32,6 +32,7 @@ import optax
 
 from ccdd_jax import CCDDError
 from ccdd_jax import Preempted
+from ccdd_jax import streams
 from ccdd_jax.method import evaluate
 from ccdd_jax.method import inner_loop
 
@@ -105,7 +106,7 @@ def craft(
   optimizer = optax.adam(d.craft_lr)
   step = make_step(objective, optimizer, jnp.asarray(eps, x0.dtype))
   delta = jnp.zeros_like(x0)
-  state, history, bits = (delta, optimizer.init(delta)), [], _key_bits(key)
+  state, history, bits = (delta, optimizer.init(delta)), [], streams.key_bits(key)
   like = {"state": state, "rng": bits}
   if store is not None and (saved := store.restore(like)) is not None:
     if not np.array_equal(saved["rng"], bits):
@@ -126,9 +127,3 @@ def craft(
       raise Preempted(f"at crafting iteration {it + 1} of {d.craft_iterations}")
   losses = np.stack(history) if history else np.zeros((0, HISTORY_COLUMNS), np.float32)
   return np.asarray(x0 + state[0]), losses
-
-
-def _key_bits(rng: jax.Array) -> np.ndarray:
-  """The uint32 words of a PRNG key (raw or typed)."""
-  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-  return np.asarray(jax.random.key_data(rng) if typed else rng)

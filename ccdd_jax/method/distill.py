@@ -463,7 +463,7 @@ def _resumed(store: Any, state: dict, rng: jax.Array, mesh: Any) -> tuple[dict, 
   """The saved state and loss history where `store` holds one, else `state` and []."""
   if store is None or (saved := store.restore(_saved(state, [], rng))) is None:
     return state, []
-  if not np.array_equal(saved["rng"], _key_bits(rng)):
+  if not np.array_equal(saved["rng"], streams.key_bits(rng)):
     raise CCDDError(f"the distillation checkpoint in {store.path} was made with another seed")
   return sharding.to_device(saved["state"], mesh), list(saved["losses"])
 
@@ -473,14 +473,8 @@ def _saved(state: dict, losses: list, rng: jax.Array) -> dict:
   return {
     "state": state,
     "losses": np.asarray(jax.device_get(losses), np.float32).reshape(-1, HISTORY_COLUMNS),
-    "rng": _key_bits(rng),
+    "rng": streams.key_bits(rng),
   }
-
-
-def _key_bits(rng: jax.Array) -> np.ndarray:
-  """The uint32 words of a PRNG key (raw or typed)."""
-  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-  return np.asarray(jax.random.key_data(rng) if typed else rng)
 
 
 def _check_finite(losses: list, since: int, store: Any) -> None:
