@@ -11,7 +11,6 @@ against ("craft", 1) are disjoint, and neither depends on the labels y_i
 (domain separated from H_x, H_y, the fingerprint and the stamped plan).
 """
 
-from collections.abc import Callable
 import hashlib
 
 import numpy as np
@@ -50,18 +49,3 @@ def key_query_images(
   draws = noise_rng(key, purpose).standard_normal((len(tiles), m, *tiles.shape[1:]))
   pixels = np.rint(tiles[:, None] + 255.0 * noise * draws).clip(0, 255).astype(np.uint8)
   return pixels.reshape(-1, *tiles.shape[1:]), np.repeat(np.arange(len(tiles)), m)
-
-
-def verify_answers(
-  answers: np.ndarray, pattern_ids: np.ndarray, pattern_labels: np.ndarray, decide: Callable, **kw
-) -> dict:
-  """Each network's answers [S, Q] to the same key-derived queries, tested by `decide`
-  (verify.decide, every answer counted); verify.verify_networks' dict."""
-  m = int(len(pattern_ids) // len(pattern_labels))
-  runs = [{"m": m, **decide(a, pattern_ids, None, pattern_labels, **kw)} for a in answers]
-  return {
-    "p_values": [r["p_conditional"] for r in runs],
-    "p_values_majority": [r["p_majority"] for r in runs],
-    "verified": [r["verified"] for r in runs],
-    "runs": runs,
-  }

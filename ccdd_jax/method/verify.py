@@ -10,9 +10,8 @@ exact tests; the paper's eq. 11 would accept a random model with probability
               (queries.npz); `verify_predictions` regroups a suspect's answers
               by pattern with the key alone, then `decide`.
   `decide`    both exact tests of exact_tests.py and the verdict, p <= alpha.
-  key-derived `Verifier(protocol="key_derived")`: the queries are the key's
-              patterns tiled over whole images with key-seeded noise
-              (key_queries.py, protocol v2 of the spec, section 9); they have
+  key-derived `Verifier(protocol="key_derived")`: the key's patterns tiled over
+              whole images with key-seeded noise (key_queries.py, spec section 9):
               no class of their own, so every answer counts.
 Acc_W, the paper's watermark accuracy (`watermark_accuracy`,
 `accuracy_and_acc_w`), is measured on every test image stamped with every
@@ -34,8 +33,7 @@ from ccdd_jax.method import key_queries
 from ccdd_jax.method import watermark
 
 QUERY_TAG = b"ccdd/queries\x00"
-# How the owner queries a suspect: stamped held-out images, or key-derived images
-# (key_queries.py; docs/watermark-spec.md sections 6 and 9).
+# How the owner queries a suspect (docs/watermark-spec.md sections 6 and 9, key_queries.py).
 QUERY_PROTOCOLS = ("stamped", "key_derived")
 
 
@@ -165,8 +163,7 @@ def decide(
     pattern_ids: the pattern each query carries [Q].
     carrier_labels: each query's own class [Q]; a query predicted as its own
       class is not counted (docs/watermark-spec.md, section 6.1). None for
-      key-derived queries (key_queries.py), which have no class: every answer
-      counts.
+      key-derived queries (key_queries.py): no class, every answer counts.
     pattern_labels: the key's labels y_i [n].
     num_classes: C.
     alpha: the false-claim probability allowed; `verified` is p_conditional <=
@@ -243,6 +240,11 @@ def verify_networks(
         **verify_kwargs,
       )
     )
+  return networks_result(runs)
+
+
+def networks_result(runs: list[dict]) -> dict:
+  """Per-network p-values and verdicts of `decide`-shaped runs, and the runs themselves."""
   return {
     "p_values": [r["p_conditional"] for r in runs],
     "p_values_majority": [r["p_majority"] for r in runs],
@@ -368,8 +370,8 @@ class Verifier:
     if self.protocol == "key_derived":
       images, ids, labels = self.triggers
       answers = self.predict(stacked_params, self._to_inputs(transform)(images))
-      kwargs = {"num_classes": self.num_classes, "alpha": self.alpha}
-      return key_queries.verify_answers(answers, ids, labels, decide, **kwargs)
+      kw, m = {"num_classes": self.num_classes, "alpha": self.alpha}, len(ids) // len(labels)
+      return networks_result([{"m": m, **decide(a, ids, None, labels, **kw)} for a in answers])
     count = jax.tree_util.tree_leaves(stacked_params)[0].shape[0]
     return verify_networks(
       self.predict,
