@@ -44,27 +44,36 @@ config_section = schema.section  # Tests build configs from the real schema.
 TINY_BASE = "digits_matching"
 
 
+# The tiny runs' sizes as loader overrides: tiny_config()'s, and the tiny runs of other configs
+# (each adds its own distill.ipc and embedding fields). 200 evaluation epochs on the 60 images
+# and the digits' 30 queries per pattern: both networks trained on the tiny run's distilled set
+# are verified (p about 1e-10 over several keys, alpha 1e-6); at 4 epochs and 10 queries none was.
+TINY_SIZES = (
+  "model.width=8",
+  "experts.num_experts=2",
+  "experts.epochs=3",
+  "distill.iterations=4",
+  "distill.syn_steps=3",
+  "distill.max_start_epoch=1",
+  "eval.num_seeds=2",
+  "eval.epochs=200",
+  "eval.real_epochs=2",
+  "eval.real_lr=0.1",
+  "watermark.queries_per_pattern=30",
+)
+
+
 def tiny_config():
   """The digits_matching config scaled down to seconds."""
-  config = config_loader.load(TINY_BASE)
-  config.model.width = 8
-  config.experts.num_experts = 2
-  config.experts.epochs = 3
-  config.experts.fp_normal_last_epochs = 1  # The default's 5 exceed 3 epochs.
-  config.distill.iterations = 4
-  config.distill.syn_steps = 3
-  config.distill.max_start_epoch = 1
-  config.distill.ipc = 2
-  config.eval.num_seeds = 2
-  # 200 epochs on the 60 images and the digits' 30 queries per pattern: both networks
-  # trained on the distilled set are verified (p about 1e-10 over several keys, alpha
-  # 1e-6); at 4 epochs and 10 queries none was.
-  config.eval.epochs = 200
-  config.eval.real_epochs = 2
-  config.eval.real_lr = 0.1
-  config.watermark.queries_per_pattern = 30
-  config.distill.triggers_per_pattern = 0  # ipc 2 cannot hold a random key's slots.
-  return config
+  return config_loader.load(
+    TINY_BASE,
+    [
+      *TINY_SIZES,
+      "experts.fp_normal_last_epochs=1",  # The default's 5 exceed 3 epochs.
+      "distill.ipc=2",
+      "distill.triggers_per_pattern=0",  # ipc 2 cannot hold a random key's slots.
+    ],
+  )
 
 
 # The tiny runs' key (keygen keeps a key it finds): a failing verdict replays exactly.

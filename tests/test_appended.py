@@ -20,21 +20,7 @@ from ccdd_jax.run import workdir as workdir_lib
 
 # conftest.tiny_config()'s sizes over the default (appended) config; 4 carriers per
 # pattern make the set as large as the tiny run's, so evaluation reuses its programs.
-TINY_APPENDED = (
-  "model.width=8",
-  "experts.num_experts=2",
-  "experts.epochs=3",
-  "distill.iterations=4",
-  "distill.syn_steps=3",
-  "distill.max_start_epoch=1",
-  "distill.ipc=2",
-  "distill.carriers_per_pattern=4",
-  "eval.num_seeds=2",
-  "eval.epochs=200",
-  "eval.real_epochs=2",
-  "eval.real_lr=0.1",
-  "watermark.queries_per_pattern=30",
-)
+TINY_APPENDED = (*conftest.TINY_SIZES, "distill.ipc=2", "distill.carriers_per_pattern=4")
 
 
 def _clean_set(rng, num=6, classes=3):

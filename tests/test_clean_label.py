@@ -206,24 +206,14 @@ def test_clean_label_config_errors_are_one_line(overrides, message):
 # trainings let 30 images of a width-8 network carry the watermark in about a minute (both
 # networks verified, p about 3e-9; at IPC 2 and clean weight 1, one of two, p 1.7e-5).
 TINY_CLEAN_LABEL = (
-  "model.width=8",
-  "experts.num_experts=2",
-  "experts.epochs=3",
-  "distill.iterations=4",
-  "distill.syn_steps=3",
-  "distill.max_start_epoch=1",
+  *conftest.TINY_SIZES,
   "distill.ipc=3",
   "distill.watermark_embedding=clean_label",
   "distill.craft_clean_weight=0.5",
   "distill.craft_eps=1.0",
   "distill.craft_lr=0.1",
   "distill.craft_iterations=150",
-  "eval.num_seeds=2",
-  "eval.epochs=200",
-  "eval.real_epochs=2",
-  "eval.real_lr=0.1",
   "watermark.queries=key_derived",
-  "watermark.queries_per_pattern=30",
 )
 
 
