@@ -4,6 +4,8 @@ r"""The ablation of the watermarked distillation's levers, alone and together, i
   python -m experiments.ablation --variants default,paper --iterations_scale 0.5
   python -m experiments.ablation --setting cifar10_cpu            # configs/cifar10_cpu_paper.py
   python -m experiments.ablation --list                           # the variants and their fields
+  python -m experiments.ablation --variants clean_label,clean_label_eps010 --attacks \
+      --root runs/frontier_k1                                     # a frontier's runs, one key
 
 Every variant (experiments/variants.py) runs the pipeline's own stages
 (`pipeline.run`) in <root>/<variant>/ with one key (<root>/owner.key) and
@@ -99,12 +101,21 @@ def _link_experts(
 
 
 def run_variant(
-  name: str, config: ml_collections.ConfigDict, root: pathlib.Path, key_file: pathlib.Path
+  name: str,
+  config: ml_collections.ConfigDict,
+  root: pathlib.Path,
+  key_file: pathlib.Path,
+  attacks: bool = False,
 ) -> dict:
-  """Runs, resumes or reads back one variant; returns its row (also <root>/<name>/ablation.json)."""
+  """Runs, resumes or reads back one variant; returns its row (also <root>/<name>/ablation.json).
+
+  `attacks`: also its attacks stage (the cleansers that experiments/stealth_frontier.py reads).
+  """
   workdir = root / name
   done = _read_back(name, config, workdir)
   if done:  # Read back only if the workdir was made with this very config.
+    if attacks and not (workdir / "attacks.json").exists():
+      pipeline.run(config, str(workdir), "attacks", str(key_file))
     return done
   _link_experts(name, config, root, key_file)
   log(f"== {name}: {config.distill.iterations} iterations -> {workdir}")
@@ -113,6 +124,8 @@ def run_variant(
     pipeline.run(config, str(workdir), stage, str(key_file))
   report = pipeline.run(config, str(workdir), "verify", str(key_file))
   result = row(name, config, report, time.time() - start)
+  if attacks:
+    pipeline.run(config, str(workdir), "attacks", str(key_file))
   reporting.write_json(workdir / "ablation.json", result)
   return result
 
@@ -194,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     "--tag", default="", help="names the plot (ablation_<setting>_<tag>.png) and the heading"
   )
   parser.add_argument("--set", action="append", default=[], help="field=value for every variant")
+  parser.add_argument(
+    "--attacks", action="store_true", help="also run each variant's attacks stage (cleansers)"
+  )
   parser.add_argument("--list", action="store_true", help="print the variants and exit")
   return parser
 
@@ -220,7 +236,7 @@ def main(argv=None):
   key_file = root / "owner.key"
   rows = []
   for n in names:
-    rows.append(run_variant(n, configs[n], root, key_file))
+    rows.append(run_variant(n, configs[n], root, key_file, args.attacks))
     reporting.write_json(root / "ablation.json", rows)
     ablation_report.write(root, args.setting, rows, _meta(args, argv, key_file), args.tag)
   print(json.dumps([{k: r[k] for k in ("variant", "acc", "acc_w", "verified")} for r in rows]))

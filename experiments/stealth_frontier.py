@@ -2,6 +2,10 @@ r"""The stealth frontier: Acc_W against Acc of finished runs, each with its wors
 
   python -m experiments.stealth_frontier --out runs/frontier \
       --run "appended, key e=runs/default_e" --run "clean_label eps 0.15, key 1=runs/cl_k1" ...
+  python -m experiments.stealth_frontier --out runs/frontier --ablation runs/frontier_k1
+
+Each --ablation is the root of `python -m experiments.ablation ... --attacks`: every finished
+variant under it becomes a run labelled "<variant> (<root's name>)".
 
 Each --run is LABEL=WORKDIR of a finished run of the package. From it: the distilled set's Acc
 and Acc_W (with key-derived queries, the key accuracy) over the evaluation seeds, how many seeds
@@ -167,19 +171,39 @@ def plot(rows: list[dict], path: pathlib.Path, pictures: int) -> None:
   fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
-  """Reads the runs, writes the JSON, the table and the plot."""
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--run", action="append", required=True, help="LABEL=WORKDIR (repeat)")
-  p.add_argument("--out", required=True)
-  p.add_argument("--pictures", type=int, default=3, help="Runs whose images are shown (first).")
-  args = p.parse_args(argv)
-  rows = []
-  for spec in args.run:
+def runs(specs: list[str], ablation_roots: list[str]) -> list[tuple[str, pathlib.Path]]:
+  """(label, workdir) of each --run LABEL=WORKDIR, then of each finished variant of each
+  --ablation root, labelled "<variant> (<root's name>)"."""
+  found = []
+  for spec in specs:
     label, sep, workdir = spec.rpartition("=")
     if not sep:
       raise SystemExit(f"--run {spec!r}: use LABEL=WORKDIR")
-    rows.append(row(label, pathlib.Path(workdir)))
+    found.append((label, pathlib.Path(workdir)))
+  for root in map(pathlib.Path, ablation_roots):
+    variants = sorted(path.parent for path in root.glob("*/ablation.json"))
+    if not variants:
+      raise SystemExit(f"--ablation {root}: no finished variant (<root>/<variant>/ablation.json)")
+    found += [(f"{workdir.name} ({root.name})", workdir) for workdir in variants]
+  if not found:
+    raise SystemExit("give runs: --run LABEL=WORKDIR or --ablation ROOT")
+  return found
+
+
+def main(argv=None):
+  """Reads the runs, writes the JSON, the table and the plot."""
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--run", action="append", default=[], help="LABEL=WORKDIR (repeat)")
+  p.add_argument(
+    "--ablation",
+    action="append",
+    default=[],
+    help="ROOT of experiments.ablation: each finished variant, labelled by its name (repeat)",
+  )
+  p.add_argument("--out", required=True)
+  p.add_argument("--pictures", type=int, default=3, help="Runs whose images are shown (first).")
+  args = p.parse_args(argv)
+  rows = [row(label, workdir) for label, workdir in runs(args.run, args.ablation)]
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "stealth_frontier.json").write_text(json.dumps(rows, indent=1))

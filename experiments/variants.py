@@ -56,6 +56,16 @@ APPENDED = {
   "distill.triggers_per_pattern": 0,
   "distill.carrier_source": "set",
 }
+# The "clean_label" embedding (method/crafting.py) as configs/digits_clean_label.py sets it:
+# the clean distilled set, every image moved within craft_eps, key-derived queries.
+CLEAN_LABEL = {
+  "distill.watermark_embedding": "clean_label",
+  "distill.triggers_per_pattern": 0,
+  "watermark.queries": "key_derived",
+  "watermark.queries_per_pattern": 30,
+  "distill.craft_eps": 0.15,
+  "distill.craft_iterations": 150,
+}
 # Each setting's default over its paper-literal config (configs/digits.py on digits, with
 # its own iterations): the appended embedding, with the carriers per pattern chosen per
 # setting (9 on digits; 5 on the CIFAR-10 scale-down, where 7 patterns instead of 10 cut
@@ -73,6 +83,8 @@ VARIANT_ITERATIONS = {
   ("digits", "appended"): 600,
   ("cifar10_cpu", "matching"): 200,
   ("cifar10_cpu", "appended"): 200,
+  ("digits", "clean_label"): 600,
+  ("cifar10_cpu", "clean_label"): 200,
 }
 
 
@@ -257,7 +269,47 @@ APPENDED_VARIANTS = (
   ),
 )
 
-VARIANTS = SINGLE_LEVERS + COMBINATIONS + LEVERS_B_DIRECT_TRADES + POOLS + APPENDED_VARIANTS
+# The clean-label frontier: the budget, the crafting's length, the patterns and the set's size.
+CLEAN_LABEL_VARIANTS = (
+  Variant("clean_label", "clean_label: ε 0.15, 150 crafting iterations", dict(CLEAN_LABEL)),
+  *(
+    Variant(
+      f"clean_label_eps{round(eps * 100):03d}",
+      f"clean_label, ε {eps}",
+      {**CLEAN_LABEL, "distill.craft_eps": eps},
+    )
+    for eps in (0.05, 0.1, 0.2, 0.3)
+  ),
+  Variant(
+    "clean_label_craft300",
+    "clean_label, 300 crafting iterations",
+    {**CLEAN_LABEL, "distill.craft_iterations": 300},
+  ),
+  Variant(
+    "clean_label_n20",
+    "clean_label, 20 patterns",
+    {**CLEAN_LABEL, "watermark.n_patterns": 20},
+  ),
+  Variant(
+    "clean_label_n20_craft300",
+    "clean_label, 20 patterns, 300 crafting iterations",
+    {**CLEAN_LABEL, "watermark.n_patterns": 20, "distill.craft_iterations": 300},
+  ),
+  Variant(
+    "clean_label_ipc20",
+    "clean_label over a clean set of IPC 20",
+    {**CLEAN_LABEL, "distill.ipc": 20},
+  ),
+)
+
+VARIANTS = (
+  SINGLE_LEVERS
+  + COMBINATIONS
+  + LEVERS_B_DIRECT_TRADES
+  + POOLS
+  + APPENDED_VARIANTS
+  + CLEAN_LABEL_VARIANTS
+)
 BY_NAME = {v.name: v for v in VARIANTS}
 
 

@@ -18,6 +18,7 @@ from ccdd_jax.run import manifest
 from ccdd_jax.run import reporting
 from experiments import ablation
 from experiments import ablation_report
+from experiments import stealth_frontier
 from experiments import tradeoff
 from experiments import variants
 
@@ -86,6 +87,24 @@ def test_cifar_default_is_the_scale_down_plus_its_levers():
   assert by_variant.to_dict() == default.to_dict()
 
 
+def test_clean_label_variant_is_the_shipped_config():
+  """The frontier's base variant is configs/digits_clean_label.py but for the fields that
+  clean_label does not read (it carries the watermark in the set's own images)."""
+  shipped = config_loader.load(str(REPO / "configs" / "digits_clean_label.py")).to_dict()
+  variant = variants.variant_config("digits", variants.BY_NAME["clean_label"]).to_dict()
+  differ = {
+    f"{section}.{name}"
+    for section, fields in shipped.items()
+    if isinstance(fields, dict)
+    for name, value in fields.items()
+    if variant[section][name] != value
+  }
+  assert differ == {"distill.carriers_per_pattern", "distill.carrier_source"}
+  for v in variants.CLEAN_LABEL_VARIANTS:  # Each changes one or two levers of the base.
+    changed = {k for k, value in v.fields.items() if variants.CLEAN_LABEL.get(k) != value}
+    assert 1 <= len(changed) <= 2 or v.name == "clean_label", v.name
+
+
 def _argv(tmp_path, variants):
   return ["--root", str(tmp_path / "runs"), "--variants", variants, "--eval_seeds", "1"]
 
@@ -149,6 +168,47 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
   assert (runs / "ablation.md").read_text().count("## Ablation") == 1  # Rewritten, not appended.
   with pytest.raises(CCDDError, match="beta0 was made with other values of distill.lr_img"):
     ablation.main(_argv(tmp_path, "beta0") + ["--set", "distill.lr_img=50"])
+
+
+def test_attacks_flag_runs_the_attacks_stage_once(tmp_path, monkeypatch):
+  """--attacks: each variant's attacks stage after verify; a finished variant without
+  attacks.json gets it on the next call; the frontier reads the finished variants back."""
+  calls = []
+
+  def fake_run(config, workdir, stage, key_file):
+    calls.append((pathlib.Path(workdir).name, stage))
+    workdir = pathlib.Path(workdir)
+    if stage == "keygen" and not pathlib.Path(key_file).exists():
+      watermark.write_key_file(pathlib.Path(key_file), watermark.generate_key())
+    if stage == "experts":
+      (workdir / "trajectories").mkdir(parents=True, exist_ok=True)
+      reporting.write_json(workdir / "experts.json", {"clean": {}})
+    if stage == "attacks":
+      reporting.write_json(workdir / "attacks.json", {})
+    if stage != "keygen":
+      reporting.write_json(workdir / "manifest.json", {"fields": manifest.record(config, "k", 10)})
+    return _fake_report(config.eval.num_seeds) if stage == "verify" else {}
+
+  monkeypatch.setattr(ablation.pipeline, "run", fake_run)
+  ablation.main(_argv(tmp_path, "clean_label,clean_label_eps010"))
+  assert ("clean_label", "attacks") not in calls
+  calls.clear()
+  ablation.main(_argv(tmp_path, "clean_label,clean_label_eps010") + ["--attacks"])
+  assert calls == [("clean_label", "attacks"), ("clean_label_eps010", "attacks")]
+  calls.clear()
+  ablation.main(_argv(tmp_path, "clean_label") + ["--attacks"])
+  assert calls == []
+  root = tmp_path / "runs"
+  found = stealth_frontier.runs(["appended=runs/x"], [str(root)])
+  assert found == [
+    ("appended", pathlib.Path("runs/x")),
+    ("clean_label (runs)", root / "clean_label"),
+    ("clean_label_eps010 (runs)", root / "clean_label_eps010"),
+  ]
+  with pytest.raises(SystemExit, match="no finished variant"):
+    stealth_frontier.runs([], [str(root / "clean_label")])
+  with pytest.raises(SystemExit, match="use LABEL=WORKDIR"):
+    stealth_frontier.runs(["runs/x"], [])
 
 
 @pytest.mark.slow
