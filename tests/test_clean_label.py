@@ -115,7 +115,7 @@ def test_key_derived_verifier_and_black_box_agree():
   assert acc_w == pytest.approx((240 + 30 * np.sum(labels[8:] == 0)) / 300)
 
 
-def _tiny_crafting_problem(dtype):
+def _tiny_crafting_problem(dtype, remat="auto"):
   net = models.build_network("convnet", 3, (4, 4, 1), config_section("model", width=4, depth=1))
   init = jax.tree_util.tree_map(
     lambda p: p[0].astype(dtype), net.init_params(jax.random.PRNGKey(0), 1)
@@ -131,7 +131,9 @@ def _tiny_crafting_problem(dtype):
     jax.random.normal(jax.random.fold_in(key, 2), (9, 4, 4, 1), dtype),
     jnp.arange(9) % 3,
   )
-  d = config_section("distill", craft_epochs=3, craft_clean_batch=5, craft_clean_weight=0.5)
+  d = config_section(
+    "distill", craft_epochs=3, craft_clean_batch=5, craft_clean_weight=0.5, remat=remat
+  )
   e = config_section("eval", batch_size=4)
   objective = crafting.make_objective(net.apply, NO_AUG, e, d)
   return objective, init, data, d
@@ -152,6 +154,20 @@ def test_crafting_gradient_matches_finite_differences():
       bump = jnp.zeros_like(delta).at[idx].set(eps)
       fd = (f(delta + bump) - f(delta - bump)) / (2 * eps)
       np.testing.assert_allclose(grad[idx], fd, rtol=1e-4, atol=1e-9)
+
+
+def test_crafting_gradient_does_not_depend_on_remat():
+  """distill.remat sets what the unrolled training's backward pass stores, not the gradient."""
+
+  def gradient(remat):
+    objective, init, data, _ = _tiny_crafting_problem(jnp.float32, remat)
+    loss = lambda delta: objective(delta, *data[:3], init, jax.random.PRNGKey(3), *data[3:])[0]
+    return np.asarray(jax.grad(loss)(jnp.full_like(data[0], 0.05)))
+
+  grads = {remat: gradient(remat) for remat in ("none", "full", "nested")}
+  assert np.abs(grads["none"]).max() > 1e-4
+  for remat in ("full", "nested"):
+    np.testing.assert_allclose(grads[remat], grads["none"], rtol=1e-4, atol=1e-6, err_msg=remat)
 
 
 def test_crafting_stays_in_the_ball_and_resumes_bit_for_bit(tmp_path):

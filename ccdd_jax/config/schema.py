@@ -186,7 +186,7 @@ def _distill() -> ml_collections.ConfigDict:
   # Scan steps of eq. 9 per loop iteration: "auto" (per backend, see
   # inner_loop.resolve_unroll), "full", or a count ("1" = rolled).
   c.unroll = "auto"
-  # What the backward pass through eq. 9 stores (inner_loop.REMAT_POLICIES):
+  # What the backward pass through eq. 9 or the crafting's training stores (REMAT_POLICIES):
   # "none" every activation, "full" one params vector per step (17x less
   # memory, no slower on CPU), "dots", "nested" (~2 sqrt(N) params vectors:
   # memory nearly flat in syn_steps, 1.1-1.2x the time), or "auto" (the

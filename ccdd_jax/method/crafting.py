@@ -55,6 +55,7 @@ def make_objective(
     batch_size=eval_config.batch_size,
     momentum=eval_config.momentum,
     weight_decay=eval_config.weight_decay,
+    remat=d.remat,  # The unrolled training's backward pass: what it stores per step.
   )
 
   def objective(delta, x0, labels, lr, init, rng, queries, query_labels, real_x, real_y):

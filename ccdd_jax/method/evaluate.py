@@ -37,13 +37,15 @@ def make_set_trainer(
   weight_decay: float,
   label_smoothing: float = 0.0,
   extra_augment: Callable | None = None,
+  remat: str = "none",
 ):
   """Returns `train(init_params, images, labels, lr, rng, family_rng) -> params`.
 
   `family_rng` picks the DSA family per step; it is shared by vmapped seeds.
   Robust training (data_threats.py) adds `label_smoothing` (inner_loop.smooth_targets)
   and `extra_augment(images, rng) -> images`, applied to every batch after DSA;
-  without them the trainer is exactly MTT's evaluation.
+  without them the trainer is exactly MTT's evaluation. `remat` (inner_loop.REMAT_POLICIES)
+  matters only to a caller that differentiates through the training (crafting.py).
   """
 
   def train(init_params, images, labels, lr, rng, family_rng):
@@ -75,6 +77,7 @@ def make_set_trainer(
       lrs,
       momentum=momentum,
       weight_decay=weight_decay,
+      remat=remat,
     )
     return params
 
