@@ -1,7 +1,8 @@
 r"""A pirate outside the package: PyTorch, its own ConvNet and training loop, on a released set.
 
   python -m experiments.torch_pirate --set ROOT/crafted.npz --queries ROOT/queries.npz
-  python -m experiments.torch_pirate --workdir RUN [--config NAME] [--key_file F]
+  python -m experiments.torch_pirate --workdir RUN [--config NAME] [--key_file F] \
+      [--override distill.ipc=20 ...]
 
 The second form takes a finished run of the package: it trains on RUN/distilled.npz, answers
 RUN/queries.npz (the released query file, whatever the protocol) in its order, writes each
@@ -81,7 +82,7 @@ def train_and_answer(torch, released, queries, seed: int, epochs: int, score=Tru
 
 def verify_run(torch, args) -> list[dict]:
   """The --workdir form: each pirate network's answers to queries.npz, verified by the owner."""
-  workdir, config = pathlib.Path(args.workdir), loader.load(args.config)
+  workdir, config = pathlib.Path(args.workdir), loader.load(args.config, args.override)
   key_file = args.key_file or str(workdir / "owner.key")
   ds = context.Context(config, workdir, key_file).dataset
   released = dict(np.load(workdir / "distilled.npz"))
@@ -112,6 +113,9 @@ def main(argv=None):
   p.add_argument("--workdir", help="A finished run of the package (instead of --set).")
   p.add_argument("--config", default="digits", help="The run's config (with --workdir).")
   p.add_argument("--key_file", default=None, help="The owner's key (with --workdir).")
+  p.add_argument(
+    "--override", action="append", default=[], help="field=value the run was made with (repeat)"
+  )
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--epochs", type=int, default=300)
   args = p.parse_args(argv)

@@ -196,6 +196,23 @@ def test_crafting_stays_in_the_ball_and_resumes_bit_for_bit(tmp_path):
     crafting.craft(d, objective, init_fn, data, eps, jax.random.PRNGKey(8), store=store)
 
 
+def test_crafting_takes_the_architectures_in_turn():
+  """Tuples of objectives and init_fns (distill.craft_models): iteration t uses entry t mod k."""
+  objective, init, data, d = _tiny_crafting_problem(jnp.float32)
+  d.update(craft_iterations=5, craft_lr=0.1, checkpoint_every=0)
+  calls = []
+  init_fn = lambda name: lambda k: calls.append(name) or init
+  key, eps = jax.random.PRNGKey(7), np.float32(0.25)
+  images, history = crafting.craft(
+    d, (objective, objective), (init_fn("a"), init_fn("b")), data, eps, key
+  )
+  assert calls == ["a", "b", "a", "b", "a"] and history.shape == (5, crafting.HISTORY_COLUMNS)
+  single, _ = crafting.craft(d, objective, init_fn("a"), data, eps, key)
+  np.testing.assert_array_equal(images, single)  # The same network twice: the same result.
+  with pytest.raises(ValueError, match="2 objectives for 1 init_fns"):
+    crafting.craft(d, (objective, objective), (init_fn("a"),), data, eps, key)
+
+
 @pytest.mark.parametrize(
   "overrides, message",
   [
@@ -203,6 +220,8 @@ def test_crafting_stays_in_the_ball_and_resumes_bit_for_bit(tmp_path):
     ({"data.zca": True}, "set data.zca=False"),
     ({"distill.craft_eps": 0.0}, "craft_eps"),
     ({"watermark.queries": "both"}, "watermark.queries = 'both'"),
+    ({"distill.craft_models": "convnet,convnet:batch"}, "distill.craft_models entry"),
+    ({"distill.craft_models": "convnet,convnet"}, "distill.craft_models lists"),
   ],
 )
 def test_clean_label_config_errors_are_one_line(overrides, message):

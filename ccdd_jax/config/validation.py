@@ -183,6 +183,7 @@ def _validate_crafting(d, w, zca: bool) -> None:
     d.craft_lr > 0.0 and d.craft_clean_weight >= 0.0,
     "distill.craft_lr must be > 0 and craft_clean_weight >= 0",
   )
+  models.eval_architectures(d.craft_models, "convnet", "distill.craft_models")
 
 
 def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int) -> None:

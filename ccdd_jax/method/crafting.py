@@ -84,8 +84,8 @@ def make_step(objective: Callable, optimizer: optax.GradientTransformation, eps:
 
 def craft(
   distill_config: ml_collections.ConfigDict,
-  objective: Callable,
-  init_fn: Callable[[jax.Array], Any],
+  objective: Callable | tuple[Callable, ...],
+  init_fn: Callable[[jax.Array], Any] | tuple[Callable, ...],
   data: tuple,
   eps: np.ndarray,
   key: jax.Array,
@@ -97,7 +97,9 @@ def craft(
   """The crafted images x0 + delta and the history [iterations, HISTORY_COLUMNS].
 
   `data` = (x0, labels, lr, queries, query_labels, real_x, real_y) as arrays;
-  `init_fn(key)` a fresh network's parameters; `eps` the budget in input units
+  `init_fn(key)` a fresh network's parameters; tuples of objectives and init_fns (one per
+  architecture, distill.craft_models) take turns, iteration t using entry t mod their
+  number; `eps` the budget in input units
   (broadcast over the images). `store` (resume.DistillStore) saves the state
   every distill.checkpoint_every iterations, at the end, and where
   `should_stop()` (asked after each iteration but the last) stops the loop,
@@ -105,7 +107,11 @@ def craft(
   """
   d, x0 = distill_config, jnp.asarray(data[0])
   optimizer = optax.adam(d.craft_lr)
-  step = make_step(objective, optimizer, jnp.asarray(eps, x0.dtype))
+  objectives = objective if isinstance(objective, tuple) else (objective,)
+  init_fns = init_fn if isinstance(init_fn, tuple) else (init_fn,)
+  if len(objectives) != len(init_fns):
+    raise ValueError(f"{len(objectives)} objectives for {len(init_fns)} init_fns")
+  steps = [make_step(o, optimizer, jnp.asarray(eps, x0.dtype)) for o in objectives]
   delta = jnp.zeros_like(x0)
   state, history, bits = (delta, optimizer.init(delta)), [], streams.key_bits(key)
   like = {"state": state, "rng": bits}
@@ -116,7 +122,8 @@ def craft(
   start, every = time.time(), d.checkpoint_every
   for it in range(len(history), d.craft_iterations):
     k_init, k_step = jax.random.split(jax.random.fold_in(key, it))
-    *state, terms = step(*state, init_fn(k_init), k_step, *data)
+    turn = it % len(steps)
+    *state, terms = steps[turn](*state, init_fns[turn](k_init), k_step, *data)
     history.append(np.asarray(terms, np.float32))
     if progress is not None:
       progress(it, terms, time.time() - start)

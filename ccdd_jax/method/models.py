@@ -383,16 +383,17 @@ def parse_arch(arch: str) -> tuple[str, str]:
   return name, norm
 
 
-def eval_architectures(eval_models: str, primary: str) -> list[str]:
-  """The architectures an `eval.models` list names ("" = `primary` only), `primary` first."""
+def eval_architectures(eval_models: str, primary: str, field: str = "eval.models") -> list[str]:
+  """The architectures a list such as `eval.models` names ("" = `primary` only), `primary`
+  first; `field` names the list in errors."""
   archs = [a.strip() for a in eval_models.split(",") if a.strip()] or [primary]
   for arch in archs:
     try:
       parse_arch(arch)
     except CCDDError as e:
-      raise CCDDError(f"eval.models entry {arch!r}: {e}") from e
+      raise CCDDError(f"{field} entry {arch!r}: {e}") from e
   if len(set(archs)) != len(archs):
-    raise CCDDError(f"eval.models lists an architecture twice: {eval_models!r}")
+    raise CCDDError(f"{field} lists an architecture twice: {eval_models!r}")
   return sorted(archs, key=lambda a: a != primary)
 
 

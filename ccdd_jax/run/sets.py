@@ -22,6 +22,7 @@ from ccdd_jax.method import crafting
 from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
 from ccdd_jax.method import key_queries
+from ccdd_jax.method import models
 from ccdd_jax.method import watermark
 from ccdd_jax.run import context
 from ccdd_jax.run import preemption
@@ -112,21 +113,28 @@ def craft_set(ctx: context.Context, resume_dir) -> dict:
     jnp.asarray(a, jnp.int32 if np.asarray(a).dtype.kind in "iu" else jnp.float32) for a in arrays
   )
   eps = np.float32(d.craft_eps) / np.asarray(ctx.preprocess.std, np.float32)  # Input units.
-  objective = crafting.make_objective(ctx.net.apply, cfg.dsa, cfg.eval, d)
-  one_network = lambda k: jax.tree_util.tree_map(lambda x: x[0], ctx.net.init_params(k, 1))
+  networks = [
+    ctx.network(arch)
+    for arch in models.eval_architectures(d.craft_models, cfg.model.name, "distill.craft_models")
+  ]
+  objectives = tuple(crafting.make_objective(n.apply, cfg.dsa, cfg.eval, d) for n in networks)
+  init_fns = tuple(
+    lambda k, n=n: jax.tree_util.tree_map(lambda x: x[0], n.init_params(k, 1)) for n in networks
+  )
   store = resume.DistillStore(pathlib.Path(resume_dir) / "distilled", crafting.HISTORY_COLUMNS)
   log(
     f"[distill] distilled: crafting the {len(labels)} clean distilled images within "
     f"{d.craft_eps:g} per pixel, {d.craft_iterations} iterations x "
-    f"{d.craft_epochs or cfg.eval.epochs} epochs of training"
+    f"{d.craft_epochs or cfg.eval.epochs} epochs of training "
+    f"({', '.join(n.arch for n in networks)} in turn)"
     + (f", resuming at iteration {store.latest()}" if store.latest() else "")
   )
   bar = reporting.progress_printer("distilled (crafting)", d.craft_iterations)
   with preemption.naming("distilled"):
     images, history = crafting.craft(
       d,
-      objective,
-      one_network,
+      objectives,
+      init_fns,
       data,
       eps,
       ctx.jax_key(streams.CRAFT),
