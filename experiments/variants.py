@@ -57,8 +57,9 @@ APPENDED = {
   "distill.carrier_source": "set",
 }
 # The "clean_label" embedding (method/crafting.py) as configs/digits_clean_label.py sets it:
-# the clean distilled set, every image moved within craft_eps, key-derived queries.
+# the clean distilled set of IPC 20, every image moved within craft_eps, key-derived queries.
 CLEAN_LABEL = {
+  "distill.ipc": 20,
   "distill.watermark_embedding": "clean_label",
   "distill.triggers_per_pattern": 0,
   "watermark.queries": "key_derived",
@@ -269,9 +270,10 @@ APPENDED_VARIANTS = (
   ),
 )
 
-# The clean-label frontier: the budget, the crafting's length, the patterns and the set's size.
+# The clean-label frontier: the budget, the crafting's length, the patterns, the set's size and
+# the architectures crafted against.
 CLEAN_LABEL_VARIANTS = (
-  Variant("clean_label", "clean_label: ε 0.15, 150 crafting iterations", dict(CLEAN_LABEL)),
+  Variant("clean_label", "clean_label: IPC 20, ε 0.15, 150 crafting iterations", dict(CLEAN_LABEL)),
   *(
     Variant(
       f"clean_label_eps{round(eps * 100):03d}",
@@ -296,9 +298,14 @@ CLEAN_LABEL_VARIANTS = (
     {**CLEAN_LABEL, "watermark.n_patterns": 20, "distill.craft_iterations": 300},
   ),
   Variant(
-    "clean_label_ipc20",
-    "clean_label over a clean set of IPC 20",
-    {**CLEAN_LABEL, "distill.ipc": 20},
+    "clean_label_ipc10",
+    "clean_label over a clean set of IPC 10",
+    {**CLEAN_LABEL, "distill.ipc": 10},
+  ),
+  Variant(
+    "clean_label_two_archs",
+    "clean_label crafted against ConvNet with and without instance norm in turn",
+    {**CLEAN_LABEL, "distill.craft_models": "convnet,convnet:none"},
   ),
 )
 
