@@ -223,7 +223,7 @@ def _distill_crafting(c: ml_collections.ConfigDict) -> None:
   c.craft_clean_weight = 1.0
   c.craft_clean_batch = 256
   # Architectures crafted against, one per iteration in turn (eval.models' names, e.g.
-  # "convnet,convnet:batch"; "" = model.name only): a set crafted for one network's training
+  # "convnet,convnet:none"; "" = model.name only): a set crafted for one network's training
   # teaches others less (Sleeper Agent's ensembles).
   c.craft_models = ""
 
