@@ -8,9 +8,9 @@ A crafting step (method/crafting.py) differentiates through a whole evaluation t
 per training step decides whether it fits in memory at all. For each policy: XLA's planned
 scratch memory (temp; what the backward pass stores lives there, exact and load-independent),
 the compile time, and the median wall time of --steps steps with its ratio to the fastest.
-A policy whose planned memory exceeds --max_gib is compiled but not run. The config's own
-fields (set size, image shape, network, epochs) are used; images and queries are random,
-since the time and the memory do not depend on their values.
+A policy whose planned memory exceeds --max_gib is compiled but not run (--steps 0: none is).
+The config's own fields (set size, image shape, network, epochs) are used; images and queries
+are random, since the time and the memory do not depend on their values.
 """
 
 import argparse
@@ -119,6 +119,8 @@ def main(argv=None):
     if r["times"]:
       median = statistics.median(r["times"])
       timing = f"{median:.2f} | {median / fastest:.2f}"
+    elif args.steps == 0:
+      timing = "compiled only (--steps 0) | –"
     else:
       timing = f"not run (> {args.max_gib:g} GiB) | –"
     print(f"| {r['remat']} | {temp:.2f} | {r['compile_s']:.1f} | {timing} |")
