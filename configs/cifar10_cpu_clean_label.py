@@ -11,9 +11,9 @@ scale-down's appended default uses 7, for its carriers' cost; here no image is a
 keep the p floor at 1e-10).
 
 Cost on 2 CPU cores: one crafting iteration is one 300-epoch training of a width-16 ConvNet on
-100 32x32x3 images and its backward pass, 40-80 s with distill.remat "full"
-(benchmarks/crafting.py; the default "auto" also checkpoints the steps: with "none" the backward
-pass plans 30 GiB), so 150 iterations take about 2-3 hours. Crafting saves its state every
+100 32x32x3 images and its backward pass: 23 s alone, 40-80 s beside other runs
+(benchmarks/crafting.py; the default distill.remat "auto" checkpoints the steps: with "none" the
+backward pass plans 30 GiB), so 150 iterations take about an hour. Crafting saves its state every
 distill.checkpoint_every iterations and resumes after a stop (rerun the same command).
 """
 
