@@ -122,9 +122,9 @@ def _fake_report(seeds):
   }
 
 
-def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypatch, capsys):
-  """The orchestration alone, over a stand-in for pipeline.run (no training)."""
-  calls = []
+def _fake_pipeline(calls: list):
+  """A stand-in for pipeline.run that records (workdir name, stage) and writes what the
+  ablation reads back: key, experts.json, attacks.json, the manifest, a report."""
 
   def fake_run(config, workdir, stage, key_file):
     calls.append((pathlib.Path(workdir).name, stage))
@@ -133,14 +133,21 @@ def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypa
       watermark.write_key_file(pathlib.Path(key_file), watermark.generate_key())
     if stage == "experts":
       (workdir / "trajectories").mkdir(parents=True, exist_ok=True)
-      (workdir / "manifest.json").write_text("{}")
       kinds = embedding.expert_kinds(config.distill)
       reporting.write_json(workdir / "experts.json", {kind: {} for kind in kinds})
+    if stage == "attacks":
+      reporting.write_json(workdir / "attacks.json", {})
     if stage != "keygen":  # As pipeline.run: the manifest of the config the stage ran with.
       reporting.write_json(workdir / "manifest.json", {"fields": manifest.record(config, "k", 10)})
     return _fake_report(config.eval.num_seeds) if stage == "verify" else {}
 
-  monkeypatch.setattr(ablation.pipeline, "run", fake_run)
+  return fake_run
+
+
+def test_variants_share_experts_and_finished_ones_are_skipped(tmp_path, monkeypatch, capsys):
+  """The orchestration alone, over a stand-in for pipeline.run (no training)."""
+  calls = []
+  monkeypatch.setattr(ablation.pipeline, "run", _fake_pipeline(calls))
   argv = _argv(tmp_path, "paper,beta0,default,levers_fp_normal") + ["--tag", "t"]
   ablation.main(argv)
   runs = tmp_path / "runs"
@@ -174,22 +181,7 @@ def test_attacks_flag_runs_the_attacks_stage_once(tmp_path, monkeypatch):
   """--attacks: each variant's attacks stage after verify; a finished variant without
   attacks.json gets it on the next call; the frontier reads the finished variants back."""
   calls = []
-
-  def fake_run(config, workdir, stage, key_file):
-    calls.append((pathlib.Path(workdir).name, stage))
-    workdir = pathlib.Path(workdir)
-    if stage == "keygen" and not pathlib.Path(key_file).exists():
-      watermark.write_key_file(pathlib.Path(key_file), watermark.generate_key())
-    if stage == "experts":
-      (workdir / "trajectories").mkdir(parents=True, exist_ok=True)
-      reporting.write_json(workdir / "experts.json", {"clean": {}})
-    if stage == "attacks":
-      reporting.write_json(workdir / "attacks.json", {})
-    if stage != "keygen":
-      reporting.write_json(workdir / "manifest.json", {"fields": manifest.record(config, "k", 10)})
-    return _fake_report(config.eval.num_seeds) if stage == "verify" else {}
-
-  monkeypatch.setattr(ablation.pipeline, "run", fake_run)
+  monkeypatch.setattr(ablation.pipeline, "run", _fake_pipeline(calls))
   ablation.main(_argv(tmp_path, "clean_label,clean_label_eps010"))
   assert ("clean_label", "attacks") not in calls
   calls.clear()
