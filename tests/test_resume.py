@@ -25,6 +25,7 @@ from ccdd_jax.config import loader as config_loader
 from ccdd_jax.method import distill
 from ccdd_jax.method import inner_loop
 from ccdd_jax.run import manifest
+from ccdd_jax.run import reporting
 from ccdd_jax.run import resume
 
 REPO = conftest.REPO
@@ -224,3 +225,10 @@ def test_sigkill_in_each_stage_then_rerun_gives_the_uninterrupted_results(
   expected_figures, expected_arrays = _figures(reference)
   assert figures == expected_figures
   chex.assert_trees_all_equal(arrays, expected_arrays)  # Bit for bit.
+
+
+def test_a_resumed_progress_bar_counts_from_the_resumed_iteration(capsys):
+  progress = reporting.progress_printer("distilled", 150, start=100)
+  progress(100, 0.5)
+  shown = capsys.readouterr().err
+  assert "100/150" in shown and "0/150" not in shown.replace("100/150", "")

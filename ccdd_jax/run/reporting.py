@@ -76,12 +76,20 @@ def read_json(path: pathlib.Path) -> dict:
   return content
 
 
-def progress_printer(name: str, total: int) -> Callable[[int, Any], None]:
-  """A callback `progress(iteration, loss)` that shows distillation progress with tqdm."""
+def progress_printer(name: str, total: int, start: int = 0) -> Callable[[int, Any], None]:
+  """A callback `progress(iteration, loss)` that shows distillation progress with tqdm.
+
+  `start` = the iteration a resumed run begins at, so that the bar and its ETA count from it.
+  """
   from tqdm import auto as tqdm  # Imported on first use: only distillation shows a bar.
 
   bar = tqdm.tqdm(
-    total=total, desc=f"[distill] {name}", file=sys.stderr, mininterval=2.0, leave=False
+    total=total,
+    initial=start,
+    desc=f"[distill] {name}",
+    file=sys.stderr,
+    mininterval=2.0,
+    leave=False,
   )
 
   def progress(it, loss):

@@ -67,7 +67,7 @@ def distill_set(
       labels,
       matched,
       ctx.jax_key(streams.DISTILL),
-      reporting.progress_printer(name, set_cfg.iterations),
+      reporting.progress_printer(name, set_cfg.iterations, store.latest()),
       aux,
       store,
       ctx.mesh,
@@ -129,7 +129,7 @@ def craft_set(ctx: context.Context, resume_dir) -> dict:
     f"({', '.join(n.arch for n in networks)} in turn)"
     + (f", resuming at iteration {store.latest()}" if store.latest() else "")
   )
-  bar = reporting.progress_printer("distilled (crafting)", d.craft_iterations)
+  bar = reporting.progress_printer("distilled (crafting)", d.craft_iterations, store.latest())
   with preemption.naming("distilled"):
     images, history = crafting.craft(
       d,
