@@ -1,6 +1,7 @@
 """Key-derived queries and the "clean_label" embedding (crafting within an l_inf ball)."""
 
 import hashlib
+import types
 
 import conftest
 from conftest import config_section
@@ -25,6 +26,7 @@ from ccdd_jax.run import context
 from ccdd_jax.run import pipeline
 from ccdd_jax.run import reporting
 from ccdd_jax.run import resume
+from ccdd_jax.run import sets
 from ccdd_jax.run import workdir as workdir_lib
 
 KEY = hashlib.sha256(b"ccdd_jax tests: key-derived queries").digest()
@@ -222,6 +224,9 @@ def test_crafting_takes_the_architectures_in_turn():
     ({"watermark.queries": "both"}, "watermark.queries = 'both'"),
     ({"distill.craft_models": "convnet,convnet:batch"}, "distill.craft_models entry"),
     ({"distill.craft_models": "convnet,convnet"}, "distill.craft_models lists"),
+    ({"distill.craft_augmentations": "crop,blur"}, "distill.craft_augmentations entry 'blur'"),
+    ({"distill.craft_augmentations": "none,crop,"}, None),
+    ({"distill.craft_augmentations": "crop,none,crop"}, "craft_augmentations lists a strategy"),
   ],
 )
 def test_clean_label_config_errors_are_one_line(overrides, message):
@@ -231,9 +236,41 @@ def test_clean_label_config_errors_are_one_line(overrides, message):
   for name, value in overrides.items():
     section, field = name.split(".")
     config[section][field] = value
+  if message is None:  # A valid value.
+    validation.validate(config)
+    return
   with pytest.raises(CCDDError, match=message) as err:
     validation.validate(config)
   assert "\n" not in str(err.value)
+
+
+def test_crafting_turns_pair_each_architecture_with_each_augmentation():
+  """Two architectures and three DSA strategies: six turns, t -> (arch t mod 2, DSA t mod 3)."""
+  config = config_loader.load("digits_clean_label")
+  config.distill.craft_models = "convnet,convnet:none"
+  config.distill.craft_augmentations = "none,crop,color"
+  nets = {}
+
+  def network(arch):
+    nets[arch] = types.SimpleNamespace(arch=arch, apply=lambda p, x: x, init_params=None)
+    return nets[arch]
+
+  ctx = types.SimpleNamespace(config=config, network=network)
+  objectives, init_fns, description = sets.crafting_turns(ctx)
+  assert len(objectives) == len(init_fns) == 6
+  assert description.split(", ") == [
+    f"{arch} with DSA {dsa}"
+    for arch, dsa in [
+      ("convnet", "none"),
+      ("convnet:none", "crop"),
+      ("convnet", "color"),
+      ("convnet:none", "none"),
+      ("convnet", "crop"),
+      ("convnet:none", "color"),
+    ]
+  ]
+  config.distill.craft_augmentations = ""
+  assert sets.crafting_turns(ctx)[2] == "convnet, convnet:none"  # dsa.strategy alone.
 
 
 # conftest.tiny_config()'s sizes over the digits config, with the "clean_label" embedding.

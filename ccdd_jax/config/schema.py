@@ -226,6 +226,11 @@ def _distill_crafting(c: ml_collections.ConfigDict) -> None:
   # "convnet,convnet:none"; "" = model.name only): a set crafted for one network's training
   # teaches others less (Sleeper Agent's ensembles).
   c.craft_models = ""
+  # DSA strategies crafted through, one per iteration in turn (comma-separated, "none" = no
+  # augmentation; "" = dsa.strategy only): a set crafted through one augmentation teaches a
+  # training with another one less. With craft_models too, iteration t uses architecture
+  # t mod (their number) and strategy t mod (theirs).
+  c.craft_augmentations = ""
 
 
 def _distill_at_scale(c: ml_collections.ConfigDict) -> None:

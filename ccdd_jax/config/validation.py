@@ -9,6 +9,7 @@ the config.
 import ml_collections
 
 from ccdd_jax import CCDDError
+from ccdd_jax.method import augment
 from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
 from ccdd_jax.method import evaluate
@@ -184,6 +185,7 @@ def _validate_crafting(d, w, zca: bool) -> None:
     "distill.craft_lr must be > 0 and craft_clean_weight >= 0",
   )
   models.eval_architectures(d.craft_models, "convnet", "distill.craft_models")
+  augment.strategy_list(d.craft_augmentations, "none", "distill.craft_augmentations")
 
 
 def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int) -> None:

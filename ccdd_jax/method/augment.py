@@ -416,6 +416,20 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
   return names
 
 
+def strategy_list(listing: str, default: str, field: str) -> list[str]:
+  """The DSA strategies a comma-separated `listing` names ("" = [`default`]); `field` names
+  the list in errors."""
+  strategies = [a.strip() for a in listing.split(",") if a.strip()] or [default]
+  for strategy in strategies:
+    try:
+      parse_strategy(strategy)
+    except CCDDError as e:
+      raise CCDDError(f"{field} entry {strategy!r}: {e}") from e
+  if len({parse_strategy(a) for a in strategies}) != len(strategies):
+    raise CCDDError(f"{field} lists a strategy twice: {listing!r}")
+  return strategies
+
+
 def augment(
   images: Array,
   rng: PRNGKey,

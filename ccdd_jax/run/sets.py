@@ -8,6 +8,7 @@ builds the "appended" embedding's watermarked set from the clean one
 the set's distill.json entry.
 """
 
+import math
 import pathlib
 import time
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from ccdd_jax import streams
 from ccdd_jax.log import log
+from ccdd_jax.method import augment
 from ccdd_jax.method import crafting
 from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
@@ -113,20 +115,12 @@ def craft_set(ctx: context.Context, resume_dir) -> dict:
     jnp.asarray(a, jnp.int32 if np.asarray(a).dtype.kind in "iu" else jnp.float32) for a in arrays
   )
   eps = np.float32(d.craft_eps) / np.asarray(ctx.preprocess.std, np.float32)  # Input units.
-  networks = [
-    ctx.network(arch)
-    for arch in models.eval_architectures(d.craft_models, cfg.model.name, "distill.craft_models")
-  ]
-  objectives = tuple(crafting.make_objective(n.apply, cfg.dsa, cfg.eval, d) for n in networks)
-  init_fns = tuple(
-    lambda k, n=n: jax.tree_util.tree_map(lambda x: x[0], n.init_params(k, 1)) for n in networks
-  )
+  objectives, init_fns, turns = crafting_turns(ctx)
   store = resume.DistillStore(pathlib.Path(resume_dir) / "distilled", crafting.HISTORY_COLUMNS)
   log(
     f"[distill] distilled: crafting the {len(labels)} clean distilled images within "
     f"{d.craft_eps:g} per pixel, {d.craft_iterations} iterations x "
-    f"{d.craft_epochs or cfg.eval.epochs} epochs of training "
-    f"({', '.join(n.arch for n in networks)} in turn)"
+    f"{d.craft_epochs or cfg.eval.epochs} epochs of training ({turns} in turn)"
     + (f", resuming at iteration {store.latest()}" if store.latest() else "")
   )
   bar = reporting.progress_printer("distilled (crafting)", d.craft_iterations, store.latest())
@@ -159,6 +153,27 @@ def craft_set(ctx: context.Context, resume_dir) -> dict:
     "clean_ce_last": float(history[-10:, 1].mean()),
   }
   return {**entry, "embedding": "clean_label"}
+
+
+def crafting_turns(ctx: context.Context) -> tuple[tuple, tuple, str]:
+  """The crafting's (objectives, init_fns, description): turn t trains architecture t mod k_a
+  of distill.craft_models with DSA strategy t mod k_s of distill.craft_augmentations."""
+  cfg, d = ctx.config, ctx.config.distill
+  archs = models.eval_architectures(d.craft_models, cfg.model.name, "distill.craft_models")
+  strategies = augment.strategy_list(
+    d.craft_augmentations, cfg.dsa.strategy, "distill.craft_augmentations"
+  )
+  networks = [ctx.network(arch) for arch in archs]
+  objectives, init_fns, names = [], [], []
+  for t in range(math.lcm(len(archs), len(strategies))):
+    net, strategy = networks[t % len(archs)], strategies[t % len(strategies)]
+    dsa = cfg.dsa
+    if strategy != cfg.dsa.strategy:
+      dsa = ml_collections.ConfigDict({**cfg.dsa.to_dict(), "strategy": strategy})
+    objectives.append(crafting.make_objective(net.apply, dsa, cfg.eval, d))
+    init_fns.append(lambda k, n=net: jax.tree_util.tree_map(lambda x: x[0], n.init_params(k, 1)))
+    names.append(net.arch if len(strategies) == 1 else f"{net.arch} with DSA {strategy}")
+  return tuple(objectives), tuple(init_fns), ", ".join(names)
 
 
 def save(
