@@ -271,7 +271,7 @@ APPENDED_VARIANTS = (
 )
 
 # The clean-label frontier: the budget, the crafting's length, the patterns, the set's size and
-# the architectures crafted against.
+# the architectures and augmentations crafted through.
 CLEAN_LABEL_VARIANTS = (
   Variant("clean_label", "clean_label: IPC 20, ε 0.15, 150 crafting iterations", dict(CLEAN_LABEL)),
   *(
@@ -306,6 +306,14 @@ CLEAN_LABEL_VARIANTS = (
     "clean_label_two_archs",
     "clean_label crafted against ConvNet with and without instance norm in turn",
     {**CLEAN_LABEL, "distill.craft_models": "convnet,convnet:none"},
+  ),
+  Variant(
+    "clean_label_three_augmentations",
+    "clean_label crafted through DSA, no augmentation and translations in turn",
+    {
+      **CLEAN_LABEL,
+      "distill.craft_augmentations": "color_crop_cutout_flip_scale_rotate,none,crop",
+    },
   ),
 )
 
