@@ -113,7 +113,7 @@ def pick_carriers(wm: dict, clean: dict) -> tuple[np.ndarray, np.ndarray]:
   return chosen, np.asarray(same)
 
 
-def plot(rows: list[dict], path: pathlib.Path, pictures: int) -> None:
+def plot(rows: list[dict], path: pathlib.Path, pictures: int, title: str) -> None:
   """The frontier beside the first `pictures` runs' carriers and their clean sets' images."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
@@ -150,7 +150,7 @@ def plot(rows: list[dict], path: pathlib.Path, pictures: int) -> None:
   fig.colorbar(points, ax=ax, label="worst cleanser's AUC (0.5: blind)")
   ax.set_xlabel("Acc (%)")
   ax.set_ylabel("Acc_W, or key accuracy for key-derived queries (%)")
-  ax.set_title("Digits: watermark against accuracy")
+  ax.set_title(title)
   ax.margins(0.3)
   for i, r in enumerate(shown):
     wm = workdir_lib.load_distilled(pathlib.Path(r["workdir"]), "distilled")
@@ -202,13 +202,14 @@ def main(argv=None):
   )
   p.add_argument("--out", required=True)
   p.add_argument("--pictures", type=int, default=3, help="Runs whose images are shown (first).")
+  p.add_argument("--title", default="Digits: watermark against accuracy", help="The plot's title.")
   args = p.parse_args(argv)
   rows = [row(label, workdir) for label, workdir in runs(args.run, args.ablation)]
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "stealth_frontier.json").write_text(json.dumps(rows, indent=1))
   (out / "stealth_frontier.md").write_text(table(rows))
-  plot(rows, out / "stealth_frontier.png", args.pictures)
+  plot(rows, out / "stealth_frontier.png", args.pictures, args.title)
   print(table(rows))
 
 
