@@ -249,15 +249,17 @@ def test_crafting_turns_pair_each_architecture_with_each_augmentation():
   config = config_loader.load("digits_clean_label")
   config.distill.craft_models = "convnet,convnet:none"
   config.distill.craft_augmentations = "none,crop,color"
-  nets = {}
+  initialised = []
 
   def network(arch):
-    nets[arch] = types.SimpleNamespace(arch=arch, apply=lambda p, x: x, init_params=None)
-    return nets[arch]
+    init = lambda k, count: initialised.append(arch) or {"w": np.zeros((count, 1))}
+    return types.SimpleNamespace(arch=arch, apply=lambda p, x: x, init_params=init)
 
   ctx = types.SimpleNamespace(config=config, network=network)
   objectives, init_fns, description = sets.crafting_turns(ctx)
   assert len(objectives) == len(init_fns) == 6
+  assert [f(None)["w"].shape for f in init_fns] == [(1,)] * 6  # One network, unstacked.
+  assert initialised == ["convnet", "convnet:none"] * 3
   assert description.split(", ") == [
     f"{arch} with DSA {dsa}"
     for arch, dsa in [
