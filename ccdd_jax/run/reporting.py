@@ -77,20 +77,11 @@ def read_json(path: pathlib.Path) -> dict:
 
 
 def progress_printer(name: str, total: int, start: int = 0) -> Callable[[int, Any], None]:
-  """A callback `progress(iteration, loss)` that shows distillation progress with tqdm.
-
-  `start` = the iteration a resumed run begins at, so that the bar and its ETA count from it.
-  """
+  """A callback `progress(iteration, loss)`: a tqdm bar that counts from `start` (resumed)."""
   from tqdm import auto as tqdm  # Imported on first use: only distillation shows a bar.
 
-  bar = tqdm.tqdm(
-    total=total,
-    initial=start,
-    desc=f"[distill] {name}",
-    file=sys.stderr,
-    mininterval=2.0,
-    leave=False,
-  )
+  style = {"desc": f"[distill] {name}", "file": sys.stderr, "mininterval": 2.0, "leave": False}
+  bar = tqdm.tqdm(total=total, initial=start, **style)
 
   def progress(it, loss):
     bar.update(1)
