@@ -9,7 +9,7 @@ import pytest
 PACKAGE = REPO / "ccdd_jax"
 
 # Layers from the bottom; a module may import its own layer and the layers below.
-# "base" is ccdd_jax/__init__.py (CCDDError), log.py and streams.py.
+# "base" is ccdd_jax/__init__.py (CCDDError), lists.py, log.py and streams.py.
 LAYERS = ("base", "devices", "data", "method", "threats", "config", "run", "main")
 # Modules that must stay light, each with the only ccdd_jax modules it may import:
 # configs/*.py load the schema, and main.py reads the stage table and the config
@@ -30,7 +30,7 @@ def module_name(path: pathlib.Path) -> str:
 def layer(module: str) -> str:
   """The layer of a ccdd_jax module (LAYERS)."""
   parts = module.split(".")
-  if len(parts) == 1 or parts[1] in ("log", "streams"):
+  if len(parts) == 1 or parts[1] in ("lists", "log", "streams"):
     return "base"
   if parts[1] == "configs":
     return "config"

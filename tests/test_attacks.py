@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
+from ccdd_jax import lists
 from ccdd_jax.config import schema
 from ccdd_jax.config import validation
 from ccdd_jax.data import datasets as data_lib
@@ -252,9 +253,9 @@ def test_bad_attack_settings_fail_in_one_line(field, value, message):
 
 
 def test_strength_lists_take_strings_and_tuples():
-  assert suite.parse_list("1, 10,50", int) == (1, 10, 50)
-  assert suite.parse_list((0.5, 0.9), float) == (0.5, 0.9)
-  assert suite.parse_list("", float) == ()
+  assert lists.parse_list("1, 10,50", int) == (1, 10, 50)
+  assert lists.parse_list((0.5, 0.9), float) == (0.5, 0.9)
+  assert lists.parse_list("", float) == ()
   validation.validate(schema.base_config())  # The defaults are valid.
 
 

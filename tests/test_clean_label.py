@@ -226,7 +226,7 @@ def test_crafting_takes_the_architectures_in_turn():
     ({"distill.craft_models": "convnet,convnet"}, "distill.craft_models lists"),
     ({"distill.craft_augmentations": "crop,blur"}, "distill.craft_augmentations entry 'blur'"),
     ({"distill.craft_augmentations": "none,crop,"}, None),
-    ({"distill.craft_augmentations": "crop,none,crop"}, "craft_augmentations lists a strategy"),
+    ({"distill.craft_augmentations": "crop,none,crop"}, "craft_augmentations lists 'crop' twice"),
   ],
 )
 def test_clean_label_config_errors_are_one_line(overrides, message):

@@ -14,6 +14,7 @@ import pytest
 from test_data_threats import planted_features
 
 from ccdd_jax import CCDDError
+from ccdd_jax import lists
 from ccdd_jax.config import schema
 from ccdd_jax.config import validation
 from ccdd_jax.data import datasets
@@ -24,7 +25,6 @@ from ccdd_jax.run import reporting
 from ccdd_jax.threats import cleansers
 from ccdd_jax.threats import data_attacks
 from ccdd_jax.threats import detection
-from ccdd_jax.threats import suite
 
 
 @functools.cache
@@ -247,4 +247,4 @@ def test_bad_cleanser_settings_fail_in_one_line(field, value, message):
   with pytest.raises(CCDDError, match=message) as err:
     validation.validate(config)
   assert "\n" not in str(err.value)
-  assert suite.parse_list(schema.base_config().attacks.data_ensemble_models)
+  assert lists.parse_list(schema.base_config().attacks.data_ensemble_models)

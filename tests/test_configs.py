@@ -113,7 +113,7 @@ def test_invalid_config_is_a_one_line_error():
   with pytest.raises(CCDDError, match="eval.models entry 'alexnet:batch': .* no norm 'batch'"):
     validation.validate(config)
   config.eval.models = "resnet18,resnet18"
-  with pytest.raises(CCDDError, match="lists an architecture twice"):
+  with pytest.raises(CCDDError, match="eval.models lists .resnet18. twice"):
     validation.validate(config)
 
 

@@ -9,6 +9,7 @@ the config.
 import ml_collections
 
 from ccdd_jax import CCDDError
+from ccdd_jax import lists
 from ccdd_jax.method import augment
 from ccdd_jax.method import distill
 from ccdd_jax.method import embedding
@@ -191,7 +192,7 @@ def _validate_crafting(d, w, zca: bool) -> None:
 def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int) -> None:
   """The checks of the `attacks` section (threats.ATTACKS names each strength list's rule)."""
 
-  sets = suite.parse_list(a.sets)
+  sets = lists.parse_list(a.sets)
   require(
     sets and set(sets) <= set(evaluate.SETS) and len(set(sets)) == len(sets),
     f"attacks.sets = {a.sets!r}: list some of {', '.join(evaluate.SETS)}, each once",
@@ -213,7 +214,7 @@ def _validate_attacks(a: ml_collections.ConfigDict, eval_seeds: int) -> None:
   )
   for spec in suite.ATTACKS.values():
     try:
-      values = suite.parse_list(a[spec.field], spec.kind)
+      values = lists.parse_list(a[spec.field], spec.kind)
     except (TypeError, ValueError):
       values = None
     require(
@@ -227,20 +228,20 @@ def _validate_data_threats(a: ml_collections.ConfigDict) -> None:
   """The checks of the `attacks.data_*` fields (data_threats.py)."""
 
   require(isinstance(a.data_threats, bool), "attacks.data_threats must be True or False")
-  cleansers = suite.parse_list(a.data_cleansers)
+  cleansers = lists.parse_list(a.data_cleansers)
   require(
     set(cleansers) <= set(data_attacks.CLEANSERS) and len(set(cleansers)) == len(cleansers),
     f"attacks.data_cleansers = {a.data_cleansers!r}: list some of "
     f"{', '.join(data_attacks.CLEANSERS)}, each once",
   )
-  lists = (
+  fraction_lists = (
     ("data_drop_fractions", lambda v: 0.0 < v < 1.0, "numbers in (0, 1)"),
     ("data_label_smoothing", lambda v: 0.0 < v < 1.0, "numbers in (0, 1)"),
     ("data_strong_augment", lambda v: 0.0 <= v <= 1.0, "probabilities in [0, 1]"),
   )
-  for field, valid, rule in lists:
+  for field, valid, rule in fraction_lists:
     try:
-      values = suite.parse_list(a[field], float)
+      values = lists.parse_list(a[field], float)
     except (TypeError, ValueError):
       values = None
     require(
@@ -248,7 +249,7 @@ def _validate_data_threats(a: ml_collections.ConfigDict) -> None:
       f"attacks.{field} = {a[field]!r}: use comma-separated {rule}",
     )
   require(isinstance(a.data_drop_flagged, bool), "attacks.data_drop_flagged must be True or False")
-  ensemble = suite.parse_list(a.data_ensemble_models)
+  ensemble = lists.parse_list(a.data_ensemble_models)
   try:
     known = all(models.parse_arch(arch) for arch in ensemble)
   except CCDDError:

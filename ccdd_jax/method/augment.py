@@ -47,6 +47,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from ccdd_jax import CCDDError
+from ccdd_jax import lists
 
 Array = jax.Array
 PRNGKey = jax.Array
@@ -419,15 +420,7 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
 def strategy_list(listing: str, default: str, field: str) -> list[str]:
   """The DSA strategies a comma-separated `listing` names ("" = [`default`]); `field` names
   the list in errors."""
-  strategies = [a.strip() for a in listing.split(",") if a.strip()] or [default]
-  for strategy in strategies:
-    try:
-      parse_strategy(strategy)
-    except CCDDError as e:
-      raise CCDDError(f"{field} entry {strategy!r}: {e}") from e
-  if len({parse_strategy(a) for a in strategies}) != len(strategies):
-    raise CCDDError(f"{field} lists a strategy twice: {listing!r}")
-  return strategies
+  return lists.named_list(listing, default, field, parse_strategy)
 
 
 def augment(

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ccdd_jax import CCDDError
+from ccdd_jax import lists
 
 Params = Any
 
@@ -386,14 +387,7 @@ def parse_arch(arch: str) -> tuple[str, str]:
 def eval_architectures(eval_models: str, primary: str, field: str = "eval.models") -> list[str]:
   """The architectures a list such as `eval.models` names ("" = `primary` only), `primary`
   first; `field` names the list in errors."""
-  archs = [a.strip() for a in eval_models.split(",") if a.strip()] or [primary]
-  for arch in archs:
-    try:
-      parse_arch(arch)
-    except CCDDError as e:
-      raise CCDDError(f"{field} entry {arch!r}: {e}") from e
-  if len(set(archs)) != len(archs):
-    raise CCDDError(f"{field} lists an architecture twice: {eval_models!r}")
+  archs = lists.named_list(eval_models, primary, field, parse_arch)
   return sorted(archs, key=lambda a: a != primary)
 
 

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from ccdd_jax import CCDDError
+from ccdd_jax import lists
 from ccdd_jax import streams
 from ccdd_jax.data import datasets
 from ccdd_jax.data import preprocess
@@ -32,7 +33,6 @@ from ccdd_jax.run import manifest
 from ccdd_jax.run import reporting
 from ccdd_jax.run import resume
 from ccdd_jax.run import workdir as workdir_lib
-from ccdd_jax.threats import suite
 
 
 class Context:
@@ -140,7 +140,7 @@ class Context:
   def _check_attacked_networks(self) -> None:
     cfg = self.config
     self._evaluated_pairs()
-    names = set(suite.parse_list(cfg.attacks.sets))
+    names = set(lists.parse_list(cfg.attacks.sets))
     if cfg.attacks.data_threats:  # The data threats read both distilled sets and their networks.
       names |= set(evaluate.DISTILLED_SETS)
       self._check_distilled_sets()

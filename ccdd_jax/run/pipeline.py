@@ -17,6 +17,7 @@ import numpy as np
 
 from ccdd_jax import CCDDError
 from ccdd_jax import Preempted
+from ccdd_jax import lists
 from ccdd_jax import streams
 from ccdd_jax.config import validation
 from ccdd_jax.devices import parallel
@@ -193,7 +194,7 @@ def verify_predictions(ctx: Context, predictions: str) -> dict:
 
 def stage_attacks(ctx: Context) -> dict:
   """Attacks each set's networks (threats.suite) and the distilled data (threats.data_suite)."""
-  networks = {n: ctx.restore_networks(n) for n in suite.parse_list(ctx.config.attacks.sets)}
+  networks = {n: ctx.restore_networks(n) for n in lists.parse_list(ctx.config.attacks.sets)}
   args = (ctx.net, ctx.verifier(), networks, ctx.attacker_data)
   result = suite.run_suite(ctx.config, *args, ctx.np_rng(streams.MODEL_ATTACKS))
   if ctx.config.attacks.data_threats:

@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccdd_jax import CCDDError
+from ccdd_jax import lists
 from ccdd_jax.log import log
 from ccdd_jax.method import evaluate
 from ccdd_jax.method import models
 from ccdd_jax.threats import data_attacks
-from ccdd_jax.threats import suite
 
 ENSEMBLE_WIDTH = 16  # Width of an ensemble's other architectures where eval.width is 0.
 
@@ -91,7 +91,7 @@ def train_ensemble(config, network, num_classes: int, inputs, labels, key) -> li
   `attacks.data_ensemble_seeds` networks of each architecture of `data_ensemble_models`."""
   acfg, ecfg = config.attacks, config.eval
   members = []
-  for i, arch in enumerate(suite.parse_list(acfg.data_ensemble_models)):
+  for i, arch in enumerate(lists.parse_list(acfg.data_ensemble_models)):
     net = ensemble_network(config, arch, network, num_classes)
     trainer = clean_model_trainer(config, net.apply)
     member_key = jax.random.fold_in(key, i)

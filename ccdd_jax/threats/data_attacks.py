@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccdd_jax import lists
 from ccdd_jax.method import augment
 from ccdd_jax.threats import detection
-from ccdd_jax.threats import suite
 
 CLEANSERS = (
   "spectral",
@@ -285,12 +285,12 @@ def strong_augment(
 
 def strengths(acfg, name: str) -> tuple:
   """The strengths of data attack `name` that the `attacks` config lists (() skips it)."""
-  return suite.parse_list(acfg[DATA_ATTACKS[name][1]], float)
+  return lists.parse_list(acfg[DATA_ATTACKS[name][1]], float)
 
 
 def cleansers(acfg) -> tuple:
   """The cleansing scores the `attacks` config names (data_cleansers)."""
-  return suite.parse_list(acfg.data_cleansers)
+  return lists.parse_list(acfg.data_cleansers)
 
 
 def image_scores(

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from ccdd_jax import CCDDError
+from ccdd_jax import lists
 from ccdd_jax.log import log
 from ccdd_jax.method import evaluate
 from ccdd_jax.method import verify
@@ -83,26 +84,10 @@ ATTACKS = {
 }
 
 
-def parse_list(value, kind: type = str) -> tuple:
-  """A comma-separated string (or a tuple / list) as a tuple of `kind`; "" is ()."""
-  items = value.split(",") if isinstance(value, str) else list(value)
-  items = [item.strip() if isinstance(item, str) else item for item in items]
-  out = []
-  for item in items:
-    if item == "" or kind is str:
-      out += [item] if item != "" else []
-      continue
-    number = float(item)  # Raises ValueError for what is no number.
-    if kind is int and number != int(number):
-      raise ValueError(f"{item!r} is not an integer")
-    out.append(kind(number))
-  return tuple(out)
-
-
 def strengths(attacks_config, name: str) -> tuple:
   """The strengths of attack `name` that the `attacks` config lists (() skips it)."""
   spec = ATTACKS[name]
-  return parse_list(attacks_config[spec.field], spec.kind)
+  return lists.parse_list(attacks_config[spec.field], spec.kind)
 
 
 def judge(before: dict, after: dict) -> dict:
