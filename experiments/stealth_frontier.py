@@ -98,7 +98,8 @@ def table(rows: list[dict]) -> str:
 
 def pick_carriers(wm: dict, clean: dict) -> tuple[np.ndarray, np.ndarray]:
   """Up to 10 carriers, one per label where possible, and the clean set's matching images: the
-  same slot where the set is the clean one moved, else the clean set's first of that label."""
+  same slot where the set is the clean one moved, else the clean set's next unused image of
+  that label (a label shown twice shows two different clean images)."""
   carriers = np.flatnonzero(np.asarray(wm["from_trigger"], bool))
   labels = np.asarray(wm["labels"])[carriers]
   _, first = np.unique(labels, return_index=True)
@@ -106,10 +107,15 @@ def pick_carriers(wm: dict, clean: dict) -> tuple[np.ndarray, np.ndarray]:
   if len(chosen) < 10:
     chosen = np.r_[chosen, np.setdiff1d(carriers, chosen)[: 10 - len(chosen)]]
   clean_labels = np.asarray(clean["labels"])
-  same = [
-    k if k < len(clean_labels) else int(np.flatnonzero(clean_labels == wm["labels"][k])[0])
-    for k in chosen
-  ]
+  same, used = [], {}
+  for k in chosen:
+    if k < len(clean_labels):
+      same.append(int(k))
+      continue
+    of_label = np.flatnonzero(clean_labels == wm["labels"][k])
+    label = int(wm["labels"][k])
+    same.append(int(of_label[used.get(label, 0) % len(of_label)]))
+    used[label] = used.get(label, 0) + 1
   return chosen, np.asarray(same)
 
 

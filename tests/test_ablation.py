@@ -7,6 +7,7 @@ import pathlib
 
 from conftest import REPO
 import ml_collections
+import numpy as np
 import pytest
 
 from ccdd_jax import CCDDError
@@ -201,6 +202,17 @@ def test_attacks_flag_runs_the_attacks_stage_once(tmp_path, monkeypatch):
     stealth_frontier.runs([], [str(root / "clean_label")])
   with pytest.raises(SystemExit, match="use LABEL=WORKDIR"):
     stealth_frontier.runs(["runs/x"], [])
+
+
+def test_frontier_pictures_pair_each_carrier_with_its_own_clean_image():
+  clean = {"labels": np.array([0, 0, 1, 1, 2])}
+  appended = {"labels": np.r_[clean["labels"], [0, 0, 1]], "from_trigger": [0] * 5 + [1] * 3}
+  carriers, same = stealth_frontier.pick_carriers(appended, clean)
+  np.testing.assert_array_equal(carriers, [5, 7, 6])  # One per label first, then the rest.
+  np.testing.assert_array_equal(same, [0, 2, 1])  # Label 0 twice: two different clean images.
+  moved = {"labels": clean["labels"], "from_trigger": [1, 0, 1, 0, 1]}
+  carriers, same = stealth_frontier.pick_carriers(moved, clean)
+  np.testing.assert_array_equal(same, carriers)  # Every image moved: the same slots.
 
 
 @pytest.mark.slow
