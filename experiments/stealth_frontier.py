@@ -24,6 +24,7 @@ Nothing goes into docs/: copy a figure there by hand.
 """
 
 import argparse
+import collections
 import json
 import pathlib
 
@@ -107,15 +108,15 @@ def pick_carriers(wm: dict, clean: dict) -> tuple[np.ndarray, np.ndarray]:
   if len(chosen) < 10:
     chosen = np.r_[chosen, np.setdiff1d(carriers, chosen)[: 10 - len(chosen)]]
   clean_labels = np.asarray(clean["labels"])
-  same, used = [], {}
+  same, used = [], collections.Counter()
   for k in chosen:
     if k < len(clean_labels):
       same.append(int(k))
       continue
-    of_label = np.flatnonzero(clean_labels == wm["labels"][k])
     label = int(wm["labels"][k])
-    same.append(int(of_label[used.get(label, 0) % len(of_label)]))
-    used[label] = used.get(label, 0) + 1
+    of_label = np.flatnonzero(clean_labels == label)
+    same.append(int(of_label[used[label] % len(of_label)]))
+    used[label] += 1
   return chosen, np.asarray(same)
 
 
