@@ -41,8 +41,9 @@ streams are its own and are named where they are drawn:
   model_attacks._train_path        fold_in(key, epoch): each attack epoch
   crafting.craft                   fold_in(key, iteration), split(2): the fresh network, the step;
                                    the step splits(3): its batches, DSA families, real batch
-  data_suite.run                   fold_in(key, 0 / 1 / 2): the pirate's model's init / batches,
-                                   Neural Cleanse
+  data_suite.run                   fold_in(key, 0 / 1): the pirate's model's init / batches;
+                                   fold_in(key, 2 / 3 / 4): Neural Cleanse, the cleansers'
+                                   models, drop_random (then fold_in(., fraction index))
 """
 
 import jax

@@ -225,6 +225,13 @@ def test_the_cleansers_table_of_the_report():
     "| perturbation | 0.93 | 7 (6/9; 0) | 2/3 (survived) | 2/3 (survived) "
   )
   assert "| 0/3 (survived) | robust z > 3" in lines[5]
+  assert len(lines) == 6  # No random drop measured: no chance row.
+  chance = {"strength": 0.1, "verified": [True, False, False], "verdict": "removed"}
+  data["points"] = {"drop_random": [chance]}
+  lines = reporting._cleansers_markdown(data)  # pylint: disable=protected-access
+  assert (
+    lines[6] == "| drop_random (chance) | - | - | 1/3 (removed) | - | - | a uniform draw of k% |"
+  )
   assert reporting._cleansers_markdown({"trigger_slots": 0}) == []  # pylint: disable=protected-access
 
 

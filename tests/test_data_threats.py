@@ -89,6 +89,20 @@ def test_cleansing_drops_exactly_k_percent_and_keeps_labels_aligned(fraction, ke
     data_attacks.cleanse(scores, 1.0)
 
 
+def test_random_drop_is_the_keys_uniform_draw_of_k_percent():
+  kept = data_attacks.random_drop(50, 0.3, jax.random.PRNGKey(0))
+  assert len(kept) == 35 and np.all(np.diff(kept) > 0)
+  np.testing.assert_array_equal(kept, data_attacks.random_drop(50, 0.3, jax.random.PRNGKey(0)))
+  others = [data_attacks.random_drop(50, 0.3, jax.random.PRNGKey(s)) for s in range(1, 41)]
+  assert not any(np.array_equal(kept, o) for o in others)
+  # Over 41 keys every image is dropped about 30% of the time: no position is favoured.
+  dropped = np.zeros(50)
+  for o in [kept, *others]:
+    dropped[np.setdiff1d(np.arange(50), o)] += 1
+  assert dropped.sum() == 41 * 15 and dropped.max() <= 25 and dropped.min() >= 2
+  assert len(data_attacks.random_drop(50, 0.0, jax.random.PRNGKey(0))) == 50
+
+
 def test_cutout_covers_the_corner():
   images = jnp.ones((16, 8, 8, 1))
   rng = jax.random.PRNGKey(0)
@@ -247,6 +261,7 @@ def test_data_threats_stage_end_to_end_and_the_key_stays_secret(tiny_run, tmp_pa
       assert len(e["verified"]) == config.eval.num_seeds
       assert e["verdict"] in ("removed", "survived", "destroyed"), (name, e)
   assert data["points"]["cleanse_corner"][0]["dropped"] == round(0.3 * data["num_images"])
+  assert data["points"]["drop_random"][0]["dropped"] == round(0.3 * data["num_images"])
   detection = data["detection"]
   assert set(detection["data"]) == {*data_attacks.CLEANSERS, "trigger_visibility"}
   assert data["points"]["cleanse_disagreement"][0]["dropped"] == round(0.3 * data["num_images"])

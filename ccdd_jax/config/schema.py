@@ -308,7 +308,7 @@ def _attacks() -> ml_collections.ConfigDict:
   c.data_cleansers = (
     "spectral,clustering,corner,disagreement,ensemble_disagreement,self_consistency,perturbation"
   )
-  c.data_drop_fractions = "0.1,0.3"  # Each cleanser drops its top k% ...
+  c.data_drop_fractions = "0.1,0.3"  # Each cleanser drops its top k%, drop_random a random k% ...
   c.data_drop_flagged = True  # ... and exactly the images its rule flags (data_attacks.flags).
   c.data_clean_model_epochs = 100
   # ensemble_disagreement: these architectures (the run's model as it is, the others at

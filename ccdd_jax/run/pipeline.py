@@ -29,6 +29,7 @@ from ccdd_jax.method import experts
 from ccdd_jax.method import models
 from ccdd_jax.method import trajectory_pairs
 from ccdd_jax.method import watermark
+from ccdd_jax.run import attack_plots
 from ccdd_jax.run import blackbox
 from ccdd_jax.run import checkpoints
 from ccdd_jax.run import context
@@ -199,7 +200,7 @@ def stage_attacks(ctx: Context) -> dict:
   result = suite.run_suite(ctx.config, *args, ctx.np_rng(streams.MODEL_ATTACKS))
   if ctx.config.attacks.data_threats:
     result["data"] = data_suite.run(ctx.config, **ctx.data_threats_inputs())
-  reporting.write_attacks(ctx.workdir, result)
+  attack_plots.write_attacks(ctx.workdir, result)
   return result
 
 

@@ -10,7 +10,7 @@ trajectories/<kind>/NNNN/       experts (checkpoints.py)
 trajectories/flat/<kind>.npy    the file trajectory store, if used (trajectory_store.py)
 <set>.npz                       a distilled set: images, labels, lr, preprocessing
 models/<architecture>/<set>/    evaluated networks (checkpoints.py)
-attacks.json, attacks.png       --stage=attacks (threats/suite.py, reporting.write_attacks)
+attacks.json, attacks.png       --stage=attacks (threats/suite.py, attack_plots.write_attacks)
 attacks_data.png                its attacks on the distilled data (threats/data_suite.py)
 *.json, report.md, *.png        figures and pictures (reporting.py)
 manifest.json                   the config and key the outputs were made with (manifest.py)

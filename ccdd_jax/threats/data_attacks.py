@@ -20,6 +20,8 @@ says which images it flags outright (the pirate drops exactly those):
   perturbation crafted-perturbation statistics (high-frequency energy, distance
                to the nearest real image) as robust z-scores against clean
                distilled images, the larger of the two.
+`drop_random` drops a random k% (`random_drop`): the chance a cleanser's top k%
+must beat before its drop says it found anything.
 Robust training: label smoothing (evaluate's trainer) or `strong_augment`
 (a corner cutout with probability `corner_prob`, random crop, flip) on top
 of DSA. data_suite.run measures each and judges it with the owner's key.
@@ -74,6 +76,7 @@ DATA_ATTACKS = {
     f"flagged_{c}": ("flagged", "data_drop_flagged", f"drop exactly the images {c} flags")
     for c in CLEANSERS
   },
+  "drop_random": ("fraction", "data_drop_fractions", "drop a random k% (the cleansers' chance)"),
   "label_smoothing": ("smoothing", "data_label_smoothing", "train with label smoothing"),
   "strong_augment": (
     "corner_prob",
@@ -251,6 +254,11 @@ def cleanse(scores: np.ndarray, fraction: float) -> np.ndarray:
   drop = int(round(fraction * len(scores)))
   order = np.lexsort((-np.arange(len(scores)), -scores))  # Highest first; ties: later first.
   return np.sort(order[drop:])
+
+
+def random_drop(n: int, fraction: float, key: jax.Array) -> np.ndarray:
+  """Indices (sorted) kept after dropping round(fraction n) images drawn uniformly by `key`."""
+  return cleanse(np.asarray(jax.random.uniform(key, (n,))), fraction)
 
 
 def corner_cutout(images: jax.Array, rng: jax.Array, patch: int, corner_prob: float) -> jax.Array:

@@ -159,12 +159,15 @@ def _trainer(config, network, patch: int, wm: dict, init, train_rng) -> Callable
   return train
 
 
-def _attack_points(config, network, verifier, wm, scores, flags, init, train_rng, before) -> dict:
+def _attack_points(
+  config, network, verifier, wm, scores, flags, init, train_rng, before, drop_key
+) -> dict:
   """Every data attack at every strength: {name: [measured points]} (threats.measured_point).
 
   Cleansing drops each cleanser's top k% and (attacks.data_drop_flagged) exactly
   the images its rule flags (strength: how many); a flag rule that flags nothing
   leaves the unattacked networks (`before`), one that flags everything untrained ones.
+  `drop_random` drops k% drawn by `drop_key` folded with the fraction's position.
   """
   acfg, n = config.attacks, len(wm["labels"])
   from_trigger = np.asarray(wm["from_trigger"], bool)
@@ -182,8 +185,9 @@ def _attack_points(config, network, verifier, wm, scores, flags, init, train_rng
       f"{len(point['verified'])}{slots}: {point['verdict']}"
     )
 
+  drops = []
   for cleanser in data_attacks.cleansers(acfg):
-    drops = [
+    drops += [
       (
         f"cleanse_{cleanser}",
         f,
@@ -194,12 +198,15 @@ def _attack_points(config, network, verifier, wm, scores, flags, init, train_rng
     if acfg.data_drop_flagged:
       flagged = np.flatnonzero(flags[cleanser])
       drops.append((f"flagged_{cleanser}", len(flagged), flagged))
-    for name, value, dropped in drops:
-      tick = time.time()
-      keep = np.setdiff1d(np.arange(n), dropped)
-      measured = verifier.measure(train(keep)) if len(dropped) else before
-      slots = int(from_trigger[dropped].sum())
-      record(name, value, measured, tick, dropped=len(dropped), trigger_slots_dropped=slots)
+  for i, f in enumerate(data_attacks.strengths(acfg, "drop_random")):
+    kept = data_attacks.random_drop(n, f, jax.random.fold_in(drop_key, i))
+    drops.append(("drop_random", f, np.setdiff1d(np.arange(n), kept)))
+  for name, value, dropped in drops:
+    tick = time.time()
+    keep = np.setdiff1d(np.arange(n), dropped)
+    measured = verifier.measure(train(keep)) if len(dropped) else before
+    slots = int(from_trigger[dropped].sum())
+    record(name, value, measured, tick, dropped=len(dropped), trigger_slots_dropped=slots)
   everything = np.arange(n)
   for smoothing in data_attacks.strengths(acfg, "label_smoothing"):
     tick = time.time()
@@ -412,6 +419,7 @@ def run(
     first(init_params),
     train_rng,
     before,
+    jax.random.fold_in(key, 4),
   )
   tick = time.time()
   images = attacker[0]
