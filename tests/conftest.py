@@ -18,11 +18,12 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _share_compiled_programs():
-  """One persistent compilation cache for the session and the processes it starts.
+  """One persistent compilation cache for the session, its xdist workers and their children.
 
   Many tests compile the same programs (the tiny pipeline in-process and through
   the CLI); loading them back instead of recompiling saves about a quarter of the
-  suite's time on 2 CPU cores. A fresh directory each session, removed at exit.
+  suite's time on 2 CPU cores. A fresh directory each session, removed at exit;
+  pytest-xdist's workers inherit it from the controller, which loads this module first.
   """
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     directory = tempfile.mkdtemp(prefix="ccdd_jax_test_cache_")
